@@ -1,0 +1,1 @@
+"""Synthetic breast DCE-MRI DICOM archives: the demo input and test fixture."""

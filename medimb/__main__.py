@@ -1,0 +1,5 @@
+import sys
+
+from medimb.cli import main
+
+sys.exit(main())
