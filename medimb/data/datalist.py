@@ -1,0 +1,83 @@
+"""MONAI datalists written by ``medimb-prep datalist``.
+
+``{"training": [...], "validation": [...], "test": [...]}``; each item is
+``{"image": path | [path per channel], "label": int, "subject": "sub-..."}``. Paths are relative to the
+datalist file's folder and are resolved against it, never against the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medimb.data.checks import check_labels
+from medimb.data.errors import DataError
+
+#: datalist key -> our split name
+DATALIST_SPLITS = {"training": "train", "validation": "val", "test": "test"}
+
+
+def _resolve(item: dict, base: Path, where: str) -> list[str]:
+    image = item["image"]
+    paths = image if isinstance(image, list) else [image]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"{where}: 'image' must be a path or a non-empty list of paths, got {image!r}")
+    resolved = []
+    for p in paths:
+        full = (base / p) if not Path(p).is_absolute() else Path(p)
+        if not full.exists():
+            raise DataError(f"{where}: image file does not exist: {full}")
+        resolved.append(str(full))
+    return resolved
+
+
+def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str, list[dict]]:
+    """Read and validate a datalist; returns ``{"train"|"val"|"test": [item, ...]}`` with absolute paths.
+
+    Every item keeps its keys; ``image`` becomes a list of absolute paths (one per channel) and ``label``
+    an int. Raises :class:`DataError` for a missing file or split, wrong keys, a path that does not exist,
+    items with different numbers of channels, labels outside ``[0, num_classes)`` or a one-class split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist does not exist: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a datalist must be a JSON object with keys {list(DATALIST_SPLITS)}")
+    missing = [k for k in DATALIST_SPLITS if k not in data]
+    if missing:
+        raise DataError(f"{path}: datalist has no {missing} split(s); found keys {sorted(data)}")
+    base = path.parent.resolve()
+    splits: dict[str, list[dict]] = {}
+    n_channels = None
+    for key, split in DATALIST_SPLITS.items():
+        items = data[key]
+        if not isinstance(items, list) or not items:
+            raise DataError(f"{path}: split '{key}' must be a non-empty list of items")
+        out = []
+        for i, item in enumerate(items):
+            where = f"{path.name} {key}[{i}]"
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise DataError(f"{where}: items need keys 'image' and 'label', got {keys}")
+            label = item["label"]
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise DataError(f"{where}: 'label' must be an integer class index, got {label!r}")
+            images = _resolve(item, base, where)
+            if n_channels is None:
+                n_channels = len(images)
+            elif len(images) != n_channels:
+                raise DataError(
+                    f"{where}: item has {len(images)} channel image(s) but earlier items have {n_channels}: "
+                    "mismatched channels"
+                )
+            out.append({**item, "image": images, "label": label})
+        splits[split] = out
+    if num_classes is None:
+        num_classes = max(it["label"] for items in splits.values() for it in items) + 1
+    for split, items in splits.items():
+        check_labels([it["label"] for it in items], num_classes, split)
+    return splits

@@ -1,0 +1,207 @@
+"""medimb.data: datalist/MedMNIST loading, clear errors, transforms (incl. inversion), samplers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medimb.data import (
+    ClassBalancedSampler,
+    DataError,
+    build_eval_transforms,
+    check_labels,
+    create_sampler,
+    load_datalist,
+    load_medmnist,
+    load_splits,
+)
+
+SHARED = Path(os.environ.get("MEDIMB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def _nifti(path: Path, shape=(12, 10, 8), value=None, affine=None) -> str:
+    rng = np.random.default_rng(0)
+    data = rng.random(shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 1.0, 1.5, 1.0]) if affine is None else affine), str(path))
+    return path.name
+
+
+def _datalist(tmp_path: Path, channels=1, labels=(0, 1, 0, 1), **override) -> Path:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    items = []
+    for i, lab in enumerate(labels):
+        paths = [f"img/{_nifti(tmp_path / 'img' / f's{i}_c{c}.nii.gz')}" for c in range(channels)]
+        items.append({"image": paths if channels > 1 else paths[0], "label": lab, "subject": f"sub-{i}"})
+    data = json.loads(json.dumps({"training": items, "validation": items[:2], "test": items[2:]}))
+    data.update(override)
+    path = tmp_path / "lists" / "datalist.json"
+    path.parent.mkdir(exist_ok=True)
+    for split in data.values():
+        for it in split:  # paths are relative to the datalist's folder (lists/), one level down from img/
+            it["image"] = [f"../{p}" for p in it["image"]] if isinstance(it["image"], list) else f"../{it['image']}"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_datalist_paths_resolve_against_the_datalist_folder_not_cwd(tmp_path, monkeypatch):
+    path = _datalist(tmp_path)
+    monkeypatch.chdir(tmp_path / "img")  # a cwd where the relative paths would not resolve
+    splits = load_datalist(path)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 2, 2]
+    assert all(Path(p).is_absolute() and Path(p).exists() for it in splits["train"] for p in it["image"])
+
+
+def test_datalist_missing_path_is_a_clear_error(tmp_path):
+    path = _datalist(tmp_path)
+    data = json.loads(path.read_text())
+    data["training"][1]["image"] = "../img/does_not_exist.nii.gz"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"training\[1\].*does not exist.*does_not_exist"):
+        load_datalist(path)
+    with pytest.raises(DataError, match="datalist does not exist"):
+        load_datalist(tmp_path / "nope.json")
+
+
+def test_datalist_wrong_keys_and_mismatched_channels(tmp_path):
+    path = _datalist(tmp_path, channels=2)
+    data = json.loads(path.read_text())
+    data["test"][0]["image"] = data["test"][0]["image"][:1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="mismatched channels"):
+        load_datalist(path)
+    data["test"][0] = {"img": "x", "label": 0}
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="need keys 'image' and 'label'"):
+        load_datalist(path)
+    del data["test"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"no \['test'\] split"):
+        load_datalist(path)
+
+
+def test_label_outside_range_and_one_class_split():
+    with pytest.raises(DataError, match="label 3 .*outside the class range 0..1"):
+        check_labels([0, 1, 3], 2, "train")
+    with pytest.raises(DataError, match="label -1"):
+        check_labels([0, 1, -1], 2, "val")
+    with pytest.raises(DataError, match="split 'val' contains only class 1"):
+        check_labels([1, 1, 1], 2, "val")
+    assert check_labels(np.array([[0], [1]], np.uint8), 2, "train").tolist() == [0, 1]
+
+
+def test_one_class_split_in_datalist(tmp_path):
+    path = _datalist(tmp_path, labels=(1, 1, 0, 1))  # validation = first two = class 1 only
+    with pytest.raises(DataError, match="split 'val' contains only class 1"):
+        load_datalist(path)
+
+
+def test_nan_input_is_a_clear_error(tmp_path):
+    path = _datalist(tmp_path)
+    img = tmp_path / "img" / "s2_c0.nii.gz"
+    arr = np.ones((12, 10, 8), np.float32)
+    arr[3, 3, 3] = np.nan
+    arr[4, 4, 4] = np.inf
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(img))
+    splits = load_splits(path, cache="none", spatial_size=(8, 8, 8))
+    with pytest.raises(Exception) as info:
+        splits.train_eval[2]
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__
+    err = next(e for e in chain if isinstance(e, DataError))
+    assert "s2_c0.nii.gz" in str(err) and "1 NaN and 1 Inf" in str(err)
+
+
+def test_multichannel_nifti_pipeline_and_inversion(tmp_path):
+    from monai.transforms import Invertd
+
+    path = _datalist(tmp_path, channels=2)
+    splits = load_splits(path, cache="memory", spatial_size=(16, 16, 16))
+    pre = splits.preprocessing
+    assert pre.in_channels == 2 and pre.orientation == "RAS"
+    item = splits.val[0]
+    assert item["image"].shape == (2, 16, 16, 16)
+    # z-score per channel
+    assert torch.allclose(item["image"].mean(dim=(1, 2, 3)), torch.zeros(2), atol=0.3)
+    # the eval pipeline rebuilt from the plain dict inverts back to the source grid
+    eval_tf = build_eval_transforms(json.loads(json.dumps(pre.to_dict())))
+    src = load_datalist(path)["val"][0]
+    d = eval_tf(dict(src))
+    d["attention"] = d["image"][:1].clone()
+    inv = Invertd(keys="attention", transform=eval_tf, orig_keys="image", nearest_interp=False)(d)
+    assert tuple(inv["attention"].shape) == (1, 12, 10, 8)
+    assert np.allclose(inv["attention"].affine.numpy(), nib.load(src["image"][0]).affine, atol=1e-4)
+
+
+def test_25d_slab_layout(tmp_path):
+    path = _datalist(tmp_path)
+    splits = load_splits(path, cache="none", spatial_size=(16, 16), slices=3)
+    assert splits.val[0]["image"].shape == (1, 3, 16, 16)  # (C, K, X, Y): slab as the first spatial axis
+
+
+def test_channel_mismatch_with_checkpoint_preprocessing(tmp_path):
+    path = _datalist(tmp_path, channels=1)
+    pre = load_splits(path, cache="none", spatial_size=(8, 8, 8)).preprocessing.to_dict()
+    pre["in_channels"] = 3
+    with pytest.raises(DataError, match="1 channel.*expects 3"):
+        load_splits(path, preprocessing=pre, cache="none")
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_class_balanced_sampler_is_uniform_disjoint_and_deterministic(num_replicas):
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    samplers = [ClassBalancedSampler(labels, num_samples=6000, num_replicas=num_replicas, rank=r, seed=7)
+                for r in range(num_replicas)]
+    for s in samplers:
+        s.set_epoch(3)
+    draws = np.concatenate([list(s) for s in samplers])
+    freq = np.bincount(labels[draws], minlength=3) / draws.size
+    assert np.all(np.abs(freq - 1 / 3) < 0.02), freq
+    assert list(samplers[0]) == list(samplers[0])  # same epoch -> same draws
+    samplers[0].set_epoch(4)
+    assert list(samplers[0]) != list(ClassBalancedSampler(labels, 6000, num_replicas, 0, seed=7))
+    if num_replicas > 1:  # ranks take disjoint positions of one shared sequence
+        ref = list(ClassBalancedSampler(labels, 6000 * num_replicas, seed=7).__iter__())
+        ref_s = ClassBalancedSampler(labels, 6000 * num_replicas, seed=7)
+        ref_s.set_epoch(3)
+        ref = list(ref_s)
+        assert list(samplers[1]) == ref[1::num_replicas]
+
+
+def test_instance_sampler_covers_every_item_once():
+    s = create_sampler("instance", [0, 1] * 10, seed=1)
+    s.set_epoch(2)
+    assert sorted(s) == list(range(20))
+
+
+@pytest.mark.real_data
+def test_medmnist_files_load_with_official_splits():
+    path = SHARED / "medmnist" / "adrenalmnist3d.npz"
+    if not path.exists():
+        pytest.skip(f"MedMNIST data not found at {path}")
+    arrays = load_medmnist(path)
+    assert arrays["train"].images.shape == (1188, 1, 28, 28, 28)
+    assert np.bincount(arrays["test"].labels).tolist() == [229, 69]
+    splits = load_splits(SHARED / "medmnist" / "breastmnist.npz")
+    assert splits.class_counts == [147, 399]
+    x = splits.test[0]["image"]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_medmnist_bad_files(tmp_path):
+    np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match="missing arrays"):
+        load_medmnist(tmp_path / "bad.npz")
+    arrays = {f"{s}_images": np.zeros((4, 4, 4), np.float32) for s in ("train", "val", "test")}
+    arrays |= {f"{s}_labels": np.array([[0], [1], [0], [1]]) for s in ("train", "val", "test")}
+    arrays["val_images"][0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        load_medmnist(tmp_path / "nan.npz")
