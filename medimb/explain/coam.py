@@ -1,0 +1,75 @@
+"""COAM: feature-correlation attention from the last convolutional feature map.
+
+Luo et al. (MICCAI 2019) define the attention of location ``i`` as its mean correlation with every
+location's feature vector, ``A_i = mean_j <f_i, f_j>``. By linearity this equals
+``<f_i, mean_j f_j>``, so it costs O(N*C) (one mean and one dot product per location) instead of
+building the N x N correlation matrix. No gradients and no class weights are involved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .normalize import minmax_per_volume
+
+
+def coam_from_features(feature_map: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+    """Raw COAM on the feature-map grid.
+
+    Args:
+        feature_map: ``(B, C, *S')`` last conv feature map (ReLU applied).
+        cosine: L2-normalise each location's feature vector first, so the map measures direction
+            agreement only (a location with a zero vector gets attention 0).
+    Returns:
+        ``(B, 1, *S')`` attention ``A_i = <f_i, mean_j f_j>`` (unscaled).
+    """
+    b, c = feature_map.shape[:2]
+    spatial = feature_map.shape[2:]
+    f = feature_map.reshape(b, c, -1).float()  # (B, C, N)
+    if cosine:
+        f = F.normalize(f, dim=1, eps=1e-12)
+    mean_vec = f.mean(dim=2, keepdim=True)  # (B, C, 1)
+    attention = (f * mean_vec).sum(dim=1, keepdim=True)  # (B, 1, N)
+    return attention.reshape(b, 1, *spatial)
+
+
+def upsample_to(maps: torch.Tensor, spatial_size) -> torch.Tensor:
+    """Linear (bi/trilinear) upsampling of ``(B, 1, *S')`` maps to ``(B, 1, *spatial_size)``."""
+    spatial_size = tuple(int(s) for s in spatial_size)
+    if tuple(maps.shape[2:]) == spatial_size:
+        return maps
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(spatial_size)]
+    return F.interpolate(maps, size=spatial_size, mode=mode, align_corners=False)
+
+
+class COAM:
+    """Feature-correlation attention map for a model following the medimb model contract.
+
+    ``model.forward_features(x)`` must return the last conv feature map with ReLU applied.
+
+    Example::
+
+        coam = COAM(model)
+        heat = coam(x)  # x: (B, C, D, H, W) -> (B, 1, D, H, W) in [0, 1], 1 = most attended
+    """
+
+    def __init__(self, model: torch.nn.Module, cosine: bool = False) -> None:
+        self.model = model
+        self.cosine = cosine
+
+    def compute_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S)`` input -> ``(B, 1, *S')`` raw attention on the feature-map grid."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                fmap = self.model.forward_features(x)
+        finally:
+            self.model.train(was_training)
+        return coam_from_features(fmap, cosine=self.cosine)
+
+    def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` attention in [0, 1]; ``class_idx`` is ignored (class-free)."""
+        raw = self.compute_map(x)
+        return minmax_per_volume(upsample_to(raw, x.shape[2:]))

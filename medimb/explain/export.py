@@ -1,0 +1,94 @@
+"""Bring attention maps back to the source scan's grid and write them as NIfTI overlays.
+
+The evaluation transforms (``medimb.data.transforms.build_eval_transforms``) record every spatial
+operation (orientation, spacing, crop/pad) on the image's MetaTensor; ``monai.transforms.Invertd``
+replays them backwards on the map, so the map lands voxel for voxel on the source file's grid. The
+file is then written with the *source file's own header* (qform and sform copied), so any reader,
+3D Slicer included, places it exactly where it places the source.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+#: maps are in [0, 1]; the label map / Dice region is ``map >= DEFAULT_THRESHOLD``
+DEFAULT_THRESHOLD = 0.5
+
+
+def invert_to_source(heat: torch.Tensor, data: dict, transform, key: str = "image") -> np.ndarray:
+    """Undo the preprocessing spatial transforms on a map.
+
+    Args:
+        heat: ``(1, *S)`` map on the network-input grid (one channel, no batch axis).
+        data: the preprocessed dict whose ``data[key]`` MetaTensor carries ``applied_operations``.
+        transform: the (invertible) MONAI transform that produced ``data``.
+    Returns:
+        ``(*S_src)`` float32 array on the source file's voxel grid, trilinear (not nearest) resampling.
+    """
+    image = data[key]
+    if not isinstance(image, MetaTensor):
+        raise TypeError("the preprocessed image must be a MetaTensor that tracks its transforms")
+    pred = MetaTensor(torch.as_tensor(heat).detach().float().cpu())
+    inverter = Invertd(keys="heat", transform=transform, orig_keys=key, nearest_interp=False)
+    inverted = inverter({key: image, "heat": pred})["heat"]
+    array = np.asarray(torch.as_tensor(inverted).detach().cpu().numpy(), dtype=np.float32)
+    return array[0] if array.ndim == 4 else array
+
+
+def source_shape(source_path: str | os.PathLike) -> tuple[int, ...]:
+    """Spatial shape of a NIfTI file (trailing singleton axes dropped)."""
+    shape = tuple(nib.load(str(source_path)).shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape[:3]
+
+
+def _write_like(path: Path, array: np.ndarray, source_path, dtype) -> None:
+    source = nib.load(str(source_path))
+    expected = source_shape(source_path)
+    if tuple(array.shape) != expected:
+        raise ValueError(f"map shape {tuple(array.shape)} does not match the source grid {expected}")
+    header = source.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header.set_data_shape(expected)
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), None, header=header)
+    # nibabel rebuilds qform/sform from the header we copied; make that explicit and unchanged
+    image.set_qform(source.get_qform(), code=int(source.header["qform_code"]))
+    image.set_sform(source.get_sform(), code=int(source.header["sform_code"]))
+    if dtype == np.float32:
+        image.header["cal_min"], image.header["cal_max"] = 0.0, 1.0
+    else:
+        image.header["cal_min"], image.header["cal_max"] = 0, 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_heatmap(path: str | os.PathLike, heat: np.ndarray, source_path: str | os.PathLike) -> None:
+    """Write a ``(*S_src)`` map as float32 ``.nii.gz`` with the source's affine, shape and header."""
+    _write_like(Path(path), np.clip(heat, 0.0, 1.0), source_path, np.float32)
+
+
+def threshold_region(heat: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """``(*S)`` map in [0, 1] -> uint8 mask, 1 where ``heat >= threshold``."""
+    return (np.asarray(heat) >= threshold).astype(np.uint8)
+
+
+def write_label(path: str | os.PathLike, mask: np.ndarray, source_path: str | os.PathLike) -> None:
+    """Write a ``(*S_src)`` 0/1 mask as a uint8 label map on the source grid."""
+    _write_like(Path(path), mask.astype(np.uint8), source_path, np.uint8)

@@ -1,0 +1,88 @@
+"""COAM, CAM, Grad-CAM and Grad-CAM++: the O(N*C) identity, polarity and head-specific weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from explain_helpers import BrightSpotNet, bright_cube_input
+from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, cam_classifier
+from medimb.explain.coam import COAM, coam_from_features
+from medimb.explain.methods import METHODS, create_explainer, parse_methods
+from medimb.explain.normalize import minmax_per_volume
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_coam_equals_explicit_mean_correlation(cosine):
+    fmap = torch.relu(torch.randn(2, 5, 3, 4, 2, generator=torch.Generator().manual_seed(1)))
+    f = fmap.reshape(2, 5, -1)
+    if cosine:
+        f = F.normalize(f, dim=1, eps=1e-12)
+    gram = torch.einsum("bci,bcj->bij", f, f)  # the N x N matrix COAM must avoid
+    expected = gram.mean(dim=2).reshape(2, 1, 3, 4, 2)
+    torch.testing.assert_close(coam_from_features(fmap, cosine=cosine), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_minmax_is_per_volume_and_keeps_polarity():
+    maps = torch.stack([torch.arange(8.0), -torch.arange(8.0) * 3]).reshape(2, 1, 2, 2, 2)
+    out = minmax_per_volume(maps)
+    assert out[0].flatten()[-1] == 1 and out[0].flatten()[0] == 0
+    assert out[1].flatten()[0] == 1 and out[1].flatten()[-1] == 0
+    assert torch.equal(minmax_per_volume(torch.ones(1, 1, 2, 2, 2)), torch.zeros(1, 1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine", "cmsl"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_peaks_on_the_bright_region(method, head):
+    model = BrightSpotNet(head=head).eval()
+    corner, size = (10, 3, 6), 4
+    x = bright_cube_input(corner=corner, size=size)
+    heat = create_explainer(method, model)(x, class_idx=1)
+    assert heat.shape == (1, 1, 16, 16, 16)
+    assert float(heat.min()) == pytest.approx(0.0) and float(heat.max()) == pytest.approx(1.0)
+    peak = np.unravel_index(int(heat.argmax()), heat.shape[2:])
+    assert all(c <= p < c + size for p, c in zip(peak, corner)), (method, peak)
+    inside = heat[0, 0, 10:14, 3:7, 6:10].mean()
+    assert inside > 2 * heat.mean(), "high must mean attended"
+
+
+def test_coam_runs_without_gradients():
+    model = BrightSpotNet()
+    seen = []
+    model.conv.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    COAM(model)(bright_cube_input())
+    assert seen == [False]
+
+
+def test_cam_uses_normalised_weights_for_cosine_heads():
+    linear, cosine = BrightSpotNet("linear"), BrightSpotNet("cmsl")
+    torch.testing.assert_close(cam_classifier(linear).weight, linear.classifier.weight)
+    torch.testing.assert_close(cam_classifier(cosine).weight, F.normalize(cosine.classifier.weight, dim=1))
+    assert cam_classifier(cosine).bias is None
+
+
+def test_cam_on_linear_head_is_the_logit_decomposition():
+    # with mean pooling, the mean of the (un-normalised) CAM over locations is the class logit
+    model = BrightSpotNet("linear").eval()
+    x = bright_cube_input()
+    raw = CAMExplainer(model).compute_map(x, class_idx=1)
+    torch.testing.assert_close(raw.mean(), model(x)[0, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_rerouted_model_matches_and_mismatch_is_reported():
+    model = BrightSpotNet("cosine").eval()
+    x = bright_cube_input()
+    FeatureMapClassifier(model).check_matches(x)
+    model = BrightSpotNet("linear").eval()
+    model.forward = lambda inp: model.classifier(model.forward_features(inp).amax(dim=(2, 3, 4)))
+    with pytest.raises(ValueError, match="contract"):
+        FeatureMapClassifier(model).check_matches(x)
+
+
+def test_parse_methods():
+    assert parse_methods("coam, gradcam,coam") == ["coam", "gradcam"]
+    assert parse_methods(None) == ["coam", "gradcam", "cam"]
+    with pytest.raises(ValueError, match="gradcan"):
+        parse_methods("coam,gradcan")
