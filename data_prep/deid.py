@@ -45,3 +45,27 @@ def sanitize_label(value: object, max_len: int = 40, fallback: str = "unnamed") 
     """
     text = _UNSAFE.sub("-", str(value or "")).strip("-")[:max_len].strip("-")
     return text or fallback
+
+
+_UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){3,}(?![\w])")
+
+
+class PhiScrubber:
+    """Removes the archive's PHI values and DICOM UIDs from any text we output.
+
+    Built from the PatientName (whole and each component of >= 3 characters), PatientID,
+    BirthDate, AccessionNumber and OtherPatientIDs values seen in the archive. Free text (series
+    descriptions, archive-relative file paths in the report, log lines) passes through
+    :meth:`scrub` before it is written anywhere.
+    """
+
+    def __init__(self, values=()):
+        vals = sorted({v.strip() for v in values if v and len(v.strip()) >= 3}, key=len, reverse=True)
+        self.values = tuple(vals)
+        self._pattern = re.compile("|".join(re.escape(v) for v in vals), re.IGNORECASE) if vals else None
+
+    def scrub(self, text: object) -> str:
+        out = _UID.sub("[uid]", str(text))
+        if self._pattern is not None:
+            out = self._pattern.sub("[removed]", out)
+        return out

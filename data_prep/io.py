@@ -52,3 +52,43 @@ def remove_partial_files(folder: str | os.PathLike) -> int:
             p.unlink()
             count += 1
     return count
+
+
+#: gzip level for .nii.gz: 1 is several times faster than nibabel's 9 and, for MR (noise in the
+#: low bits), only a few percent larger; conversion time is dominated by compression otherwise.
+GZIP_LEVEL = 1
+
+
+def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0, inter: float = 0.0,
+                       xyzt_units: tuple = ("mm", "sec"), pixdim4: float | None = None,
+                       compresslevel: int = GZIP_LEVEL) -> None:
+    """Write ``data`` (X, Y, Z[, T]) as NIfTI-1 (.nii.gz) with qform = sform = ``affine`` (RAS).
+
+    The stored values are ``data`` exactly, with ``scl_slope``/``scl_inter`` set from the
+    arguments (nibabel's own writer would re-derive scaling from the array, so the header and the
+    array are written here directly). Gzip output is deterministic (mtime 0).
+    """
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    from nibabel.volumeutils import array_to_file
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_data_shape(data.shape)
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr.set_xyzt_units(*xyzt_units)
+    if pixdim4 is not None and data.ndim == 4:
+        zooms = list(hdr.get_zooms())
+        zooms[3] = pixdim4
+        hdr.set_zooms(zooms)
+    hdr["scl_slope"] = slope
+    hdr["scl_inter"] = inter
+    hdr.set_data_offset(352)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                   compresslevel=compresslevel, mtime=0) as gz:
+            hdr.write_to(gz)
+            array_to_file(np.asarray(data), gz, data.dtype, offset=352, order="F")

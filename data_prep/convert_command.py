@@ -1,0 +1,54 @@
+"""`medimb-prep convert ARCHIVE OUT`: DICOM archive -> NIfTI + sidecars + manifest.csv + report.json."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from data_prep import deid
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a DICOM archive to de-identified NIfTI + sidecars",
+                              description=__doc__)
+    p.add_argument("archive", help="folder holding the DICOM archive (read only)")
+    p.add_argument("out", help="output folder (created; re-running resumes)")
+    p.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes, one series per task (default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit non-zero when any file or series was skipped with a warning or failed")
+    p.add_argument("--dce-4d", action="store_true", help="also write a 4D file per DCE series")
+    p.add_argument("--subtract", action="store_true", help="also write post-minus-pre subtraction volumes")
+    p.add_argument("--deid-key", default=None,
+                   help=f"key for subject pseudonyms (default: ${deid.KEY_ENV}, else a public demo key)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from data_prep.cli import UserError
+    from data_prep.convert import ConvertOptions, convert_archive
+
+    archive = Path(args.archive)
+    if not archive.is_dir():
+        raise UserError(f"archive folder not found: {args.archive}")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    options = ConvertOptions(dce_4d=args.dce_4d, subtract=args.subtract)
+    try:
+        result = convert_archive(str(archive), args.out, workers=args.workers, key=deid.resolve_key(args.deid_key),
+                                 options=options, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    sev = {"info": 0, "warning": 0, "error": 0}
+    for i in result.issues:
+        sev[i.severity] += 1
+    print(f"{result.n_files} files: {result.converted} series converted, {result.resumed} already done, "
+          f"{result.failed} failed; {len(result.rows)} volumes; report: {sev['error']} errors, "
+          f"{sev['warning']} warnings, {sev['info']} info -> {Path(args.out) / 'report.json'}")
+    if not result.exit_ok:
+        print("nothing was converted")
+        return 1
+    if args.strict and (sev["error"] or sev["warning"]):
+        return 1
+    return 0

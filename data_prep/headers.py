@@ -1,0 +1,287 @@
+"""Header-only reading of one DICOM file into a small, picklable :class:`FileHeader`.
+
+Each file is opened once, with ``stop_before_pixels`` and ``specific_tags`` (pixel data is read only
+at conversion). Enhanced (multi-frame) MR is flattened into one :class:`Frame` per frame using the
+shared and per-frame functional groups. Problems become a :class:`FileIssue` with a report reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+#: the only tags read during the scan (everything the plan, the sidecar and the scrubber need)
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType",
+    "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
+    "StudyInstanceUID", "SeriesInstanceUID", "StudyDate", "StudyTime",
+    "SeriesNumber", "SeriesDescription", "ProtocolName",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
+    "SpacingBetweenSlices", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept",
+    "EchoNumbers", "EchoTime", "RepetitionTime", "FlipAngle", "InversionTime",
+    "TemporalPositionIdentifier", "NumberOfTemporalPositions", "TriggerTime", "AcquisitionTime",
+    "AcquisitionNumber", "ContentTime", "AcquisitionDateTime",
+    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ScanningSequence",
+    "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
+    "BodyPartExamined", "PatientPosition", "ImagingFrequency", "PixelBandwidth",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image: a classic single-frame file (``frame=None``) or frame ``frame`` of a multi-frame file.
+
+    ``position`` (3,) and ``orientation`` (6,) are LPS (see :mod:`data_prep.geometry`); ``time_key``
+    orders acquisitions at the same position (temporal position, trigger time, acquisition time
+    in s, acquisition number); ``time_s`` is the acquisition time of day in seconds (or None).
+    """
+
+    path: str
+    frame: int | None
+    position: tuple | None
+    orientation: tuple | None
+    spacing: tuple | None
+    slope: float
+    inter: float
+    echo: float | None
+    time_key: tuple
+    time_s: float | None
+    sop_uid: str
+
+
+@dataclass
+class FileHeader:
+    """What the scan keeps of one DICOM file (PHI fields are used only for pseudonyms/scrubbing)."""
+
+    path: str
+    patient_id: str
+    phi: tuple
+    study_uid: str
+    study_datetime: str
+    series_uid: str
+    series_number: int | None
+    description: str
+    modality: str
+    image_type: tuple
+    sop_class: str
+    transfer_syntax: str
+    rows: int
+    cols: int
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    frames: list[Frame] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileIssue:
+    """A file that cannot take part in conversion, with a report ``reason`` code and a detail."""
+
+    path: str
+    reason: str
+    detail: str
+
+
+def tm_seconds(value) -> float | None:
+    """DICOM TM (``HHMMSS.ffffff``) or the time part of a DT, as seconds since midnight."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    if len(text) > 14 and text[:8].isdigit():  # DT: YYYYMMDDHHMMSS.ffffff
+        text = text[8:]
+    text = text.replace(":", "")
+    try:
+        hh = int(text[0:2])
+        mm = int(text[2:4] or 0)
+        ss = float(text[4:] or 0)
+    except ValueError:
+        return None
+    return hh * 3600 + mm * 60 + ss
+
+
+def _num(value, default=None):
+    try:
+        if value is None or value == "":
+            return default
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _seq_item(groups, keyword):
+    """First item of ``keyword`` sequence within a functional-groups item, or None."""
+    if groups is None:
+        return None
+    seq = groups.get(keyword)
+    return seq[0] if seq else None
+
+
+def _fg(per_frame, shared, keyword):
+    """A functional group macro item: per-frame first, then shared."""
+    return _seq_item(per_frame, keyword) or _seq_item(shared, keyword)
+
+
+def _tuple(value, n):
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _phi_values(ds) -> tuple:
+    """PHI strings of this file, only for scrubbing them from every output."""
+    vals = []
+    for kw in ("PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs"):
+        v = ds.get(kw)
+        if v:
+            vals.extend(str(x) for x in (v if isinstance(v, (list, pydicom.multival.MultiValue)) else [v]))
+    name = ds.get("PatientName")
+    if name:
+        vals.append(str(name))
+        vals.extend(part for part in str(name).replace("=", "^").split("^") if part)
+    return tuple(v.strip() for v in vals if v and v.strip())
+
+
+def _params(ds) -> dict:
+    """Acquisition parameters for the sidecar (no PHI)."""
+    keep = (
+        "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ScanningSequence",
+        "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
+        "BodyPartExamined", "PatientPosition", "EchoTime", "RepetitionTime", "FlipAngle",
+        "InversionTime", "ImagingFrequency", "PixelBandwidth", "ProtocolName",
+        "NumberOfTemporalPositions", "BitsStored",
+    )
+    out = {}
+    for kw in keep:
+        v = ds.get(kw)
+        if v is None or v == "":
+            continue
+        if isinstance(v, pydicom.multival.MultiValue):
+            out[kw] = [str(x) for x in v]
+        elif isinstance(v, (pydicom.valuerep.DSfloat, pydicom.valuerep.IS, float, int)):
+            out[kw] = float(v)
+        else:
+            out[kw] = str(v)
+    return out
+
+
+def _frames(ds, rel: str) -> list[Frame]:
+    sop = str(ds.get("SOPInstanceUID", ""))
+    n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    acq_number = _num(ds.get("AcquisitionNumber"), -1.0)
+    if per_frame_seq is None and shared is None:
+        # classic image (possibly multi-frame without functional groups: same geometry for all frames)
+        base = dict(
+            position=_tuple(ds.get("ImagePositionPatient"), 3),
+            orientation=_tuple(ds.get("ImageOrientationPatient"), 6),
+            spacing=_tuple(ds.get("PixelSpacing"), 2),
+            slope=_num(ds.get("RescaleSlope"), 1.0),
+            inter=_num(ds.get("RescaleIntercept"), 0.0),
+            echo=_num(ds.get("EchoNumbers")),
+        )
+        t = tm_seconds(ds.get("AcquisitionTime")) or tm_seconds(ds.get("AcquisitionDateTime"))
+        key = (
+            _num(ds.get("TemporalPositionIdentifier"), -1.0),
+            _num(ds.get("TriggerTime"), -1.0),
+            t if t is not None else -1.0,
+            acq_number,
+        )
+        if n_frames == 1:
+            return [Frame(rel, None, time_key=key, time_s=t, sop_uid=sop, **base)]
+        return [Frame(rel, f, time_key=key, time_s=t, sop_uid=f"{sop}#{f}", **base) for f in range(n_frames)]
+    frames = []
+    for f in range(n_frames):
+        pf = per_frame_seq[f] if per_frame_seq is not None and f < len(per_frame_seq) else None
+        pos = _fg(pf, shared, "PlanePositionSequence")
+        ori = _fg(pf, shared, "PlaneOrientationSequence")
+        meas = _fg(pf, shared, "PixelMeasuresSequence")
+        pvt = _fg(pf, shared, "PixelValueTransformationSequence")
+        content = _fg(pf, shared, "FrameContentSequence")
+        echo = _fg(pf, shared, "MREchoSequence")
+        t = tm_seconds(content.get("FrameAcquisitionDateTime")) if content is not None else None
+        temporal = _num(content.get("TemporalPositionIndex"), -1.0) if content is not None else -1.0
+        frames.append(Frame(
+            rel, f,
+            position=_tuple(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
+            orientation=_tuple(ori.get("ImageOrientationPatient"), 6) if ori is not None else None,
+            spacing=_tuple(meas.get("PixelSpacing"), 2) if meas is not None else None,
+            slope=_num(pvt.get("RescaleSlope"), 1.0) if pvt is not None else 1.0,
+            inter=_num(pvt.get("RescaleIntercept"), 0.0) if pvt is not None else 0.0,
+            echo=_num(echo.get("EffectiveEchoTime")) if echo is not None else None,
+            time_key=(temporal, -1.0, t if t is not None else -1.0, acq_number),
+            time_s=t,
+            sop_uid=f"{sop}#{f}",
+        ))
+    return frames
+
+
+def read_header(path: str, root: str) -> FileHeader | FileIssue:
+    """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root."""
+    rel = os.path.relpath(path, root)
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return FileIssue(rel, "empty_file", "zero-byte file")
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except PermissionError as exc:
+        return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})")
+    except InvalidDicomError:
+        return FileIssue(rel, "not_dicom", "no DICOM preamble/prefix")
+    except OSError as exc:
+        return FileIssue(rel, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+    except Exception as exc:  # pydicom raises many types on a cut-off header
+        return FileIssue(rel, "corrupt_header", f"header cannot be parsed ({type(exc).__name__})")
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+    if sop_class == DICOMDIR_SOP_CLASS:
+        return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)")
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})")
+    if int(_num(ds.get("SamplesPerPixel"), 1)) != 1:
+        return FileIssue(rel, "unsupported_pixels", "colour/multi-sample images are not converted")
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+    n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
+    if ts in NATIVE_SYNTAXES or not ts:
+        expected = int(rows) * int(cols) * n_frames * int(_num(ds.get("BitsAllocated"), 16)) // 8
+        if size < expected:
+            return FileIssue(rel, "truncated", f"file has {size} bytes, pixel data alone needs {expected}")
+    frames = _frames(ds, rel)
+    study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
+    sn = ds.get("SeriesNumber")
+    return FileHeader(
+        path=rel,
+        patient_id=str(ds.get("PatientID", "") or ""),
+        phi=_phi_values(ds),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        study_datetime=study_dt,
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        series_number=int(sn) if sn not in (None, "") else None,
+        description=str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        image_type=image_type,
+        sop_class=sop_class,
+        transfer_syntax=ts,
+        rows=int(rows),
+        cols=int(cols),
+        slice_thickness=_num(ds.get("SliceThickness")),
+        spacing_between_slices=_num(ds.get("SpacingBetweenSlices")),
+        frames=frames,
+        params=_params(ds),
+    )

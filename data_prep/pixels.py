@@ -1,0 +1,93 @@
+"""Pixel decoding and volume assembly.
+
+pydicom decodes every transfer syntax we meet (native little/big endian, RLE via pylibjpeg-rle,
+JPEG lossless / JPEG-LS via pylibjpeg-libjpeg or gdcm, JPEG 2000 via pylibjpeg-openjpeg); each file is
+read once, and only the frames the plan needs are kept. Rescale slope/intercept are kept exact:
+when they are the same for every slice the raw integers are stored with NIfTI ``scl_slope`` /
+``scl_inter`` (as dcm2niix does); when they vary per slice the volume is stored as float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+
+from data_prep.headers import Frame
+
+
+class PixelError(RuntimeError):
+    """Pixel data that cannot be decoded; carries the archive-relative path."""
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(detail)
+        self.path = path
+        self.detail = detail
+
+
+@dataclass
+class Volume:
+    """``data`` (cols, rows, slices[, phases]) raw pixels (index i, j, k as in :mod:`data_prep.geometry`),
+    stored values = ``data * slope + inter``."""
+
+    data: np.ndarray
+    slope: float
+    inter: float
+
+    def scaled(self) -> np.ndarray:
+        """float32 physical values, same shape as ``data``."""
+        return (self.data.astype(np.float32) * np.float32(self.slope) + np.float32(self.inter)).astype(np.float32)
+
+
+def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
+    """Decode the frames of several phases, opening each file once.
+
+    ``frames[p][k]`` is slice k of phase p; returns per phase an array (slices, rows, cols) in the
+    DICOM pixel dtype.
+    """
+    by_file: dict[str, list[tuple[int, int, int | None]]] = {}
+    for p, phase in enumerate(frames):
+        for k, f in enumerate(phase):
+            by_file.setdefault(f.path, []).append((p, k, f.frame))
+    out: list[np.ndarray | None] = [None] * len(frames)
+    for path, wanted in by_file.items():
+        full = os.path.join(root, path)
+        try:
+            ds = pydicom.dcmread(full)
+            arr = ds.pixel_array
+        except Exception as exc:  # codecs raise many types
+            raise PixelError(path, f"{type(exc).__name__}: {str(exc)[:120]}") from exc
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        if n_frames == 1 and arr.ndim == 2:
+            arr = arr[None]
+        for p, k, fr in wanted:
+            if out[p] is None:
+                out[p] = np.empty((len(frames[p]),) + arr.shape[1:], dtype=arr.dtype)
+            out[p][k] = arr[fr or 0]
+        del ds, arr
+    return out  # type: ignore[return-value]
+
+
+def to_volume(stacks: list[np.ndarray], frames: list[list[Frame]]) -> Volume:
+    """Stack phases (slices, rows, cols) into ``(cols, rows, slices[, phases])`` with one scaling.
+
+    The transpose is a view, so writing in Fortran order needs no copy.
+    """
+    slopes = np.array([f.slope for phase in frames for f in phase])
+    inters = np.array([f.inter for phase in frames for f in phase])
+    data = np.stack(stacks, axis=0) if len(stacks) > 1 else stacks[0][None]  # (P, K, rows, cols)
+    if np.ptp(slopes) == 0 and np.ptp(inters) == 0:
+        slope, inter = float(slopes[0]), float(inters[0])
+        if data.dtype == np.uint16 and data.size and int(data.max()) <= np.iinfo(np.int16).max:
+            data = data.astype(np.int16)  # like dcm2niix: signed when the range allows
+    else:
+        scale = slopes.reshape(data.shape[0], data.shape[1], 1, 1)
+        offset = inters.reshape(data.shape[0], data.shape[1], 1, 1)
+        data = (data.astype(np.float64) * scale + offset).astype(np.float32)
+        slope, inter = 1.0, 0.0
+    arr = data.transpose(3, 2, 1, 0)  # (cols, rows, slices, phases)
+    if arr.shape[3] == 1:
+        arr = arr[..., 0]
+    return Volume(arr, slope, inter)

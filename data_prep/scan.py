@@ -1,0 +1,384 @@
+"""Header-only scan of a DICOM archive into a conversion plan.
+
+``scan_archive(root)`` walks the folders (symlink loops detected), reads every file's header in
+parallel (:mod:`data_prep.headers`), groups frames by subject / study / series, splits a series by
+echo, orientation and size where needed, detects localizers and DCE phases (within one series by
+temporal position / trigger / acquisition time; across series of one study with identical geometry
+and sequence parameters), sorts slices along the normal and validates spacing. The result is a
+list of picklable :class:`SeriesPlan` (one conversion task each) and a list of report issues.
+No UIDs or PHI leave this module except inside the plan's internal fields.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import deid
+from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
+from data_prep.headers import FileHeader, FileIssue, Frame, read_header
+from data_prep.report import Issue
+
+#: a stray orientation group with at least this many slices is kept as its own volume
+MIN_STACK_SLICES = 4
+DCE_WORDS = ("dce", "dyn", "phase", "pre", "post", "vibrant", "thrive", "twist", "contrast")
+
+
+@dataclass
+class PhasePlan:
+    """One 3D volume to assemble: frames in ascending slice-normal order (k = 0..N-1)."""
+
+    frames: list[Frame]
+    time_s: float | None = None  # acquisition time relative to the first phase
+    series_number: int | None = None
+    description: str = ""
+
+
+@dataclass
+class SeriesPlan:
+    """One conversion task: a series (or a DCE group of series) -> one or more NIfTI volumes.
+
+    ``affine`` (4, 4) is RAS (see :mod:`data_prep.geometry`); ``shape`` is ``(cols, rows, slices)``.
+    ``task_id`` is a keyed hash (no UID) used for resume markers.
+    """
+
+    task_id: str
+    subject: str
+    session: str
+    label: str
+    modality: str
+    description: str
+    series_number: int | None
+    phases: list[PhasePlan]
+    affine: list
+    shape: tuple
+    dce: bool
+    params: dict = field(default_factory=dict)
+    n_files: int = 0
+
+    @property
+    def n_slices(self) -> int:
+        return sum(len(p.frames) for p in self.phases)
+
+
+@dataclass
+class ScanResult:
+    plans: list[SeriesPlan]
+    issues: list[Issue]
+    n_files: int
+    scrubber: deid.PhiScrubber
+
+
+# ----------------------------------------------------------------------------------------- walk
+def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
+    """All candidate files under ``root`` (sorted), following directory symlinks once.
+
+    A directory reached again through a symlink (a loop) and a self-referencing file link are
+    reported as ``symlink_loop``; a dangling link as ``broken_link``.
+    """
+    root = os.path.abspath(root)
+    files, issues = [], []
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen_dirs:
+            issues.append(Issue("symlink_loop", "folder reached again through a link", path=os.path.relpath(dirpath, root)))
+            dirnames[:] = []
+            continue
+        seen_dirs.add(ident)
+        kept = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            try:
+                sd = os.stat(full)
+            except OSError:
+                issues.append(Issue("symlink_loop", "link cannot be resolved", path=os.path.relpath(full, root)))
+                continue
+            if (sd.st_dev, sd.st_ino) in seen_dirs:
+                issues.append(Issue("symlink_loop", "link points back to an ancestor folder", path=os.path.relpath(full, root)))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            if os.path.islink(full):
+                try:
+                    os.stat(full)
+                except OSError as exc:
+                    reason = "symlink_loop" if getattr(exc, "errno", None) == 40 else "broken_link"
+                    issues.append(Issue(reason, "link cannot be resolved", path=rel))
+                    continue
+            files.append(full)
+    return files, issues
+
+
+def _read_many(args):
+    paths, root = args
+    return [read_header(p, root) for p in paths]
+
+
+def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool = True):
+    """``read_header`` for every path; ``workers`` processes, chunks of files per task."""
+    chunk = 64
+    batches = [(paths[i:i + chunk], root) for i in range(0, len(paths), chunk)]
+    results: list = []
+    bar = tqdm(total=len(paths), desc="scan", unit="file", disable=not progress, leave=False)
+    if workers > 1 and len(batches) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for out in pool.map(_read_many, batches):
+                results.extend(out)
+                bar.update(len(out))
+    else:
+        for b in batches:
+            out = _read_many(b)
+            results.extend(out)
+            bar.update(len(out))
+    bar.close()
+    return results
+
+
+# -------------------------------------------------------------------------------------- grouping
+def _time_rank_phases(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
+    """Split one stack into phases: at each slice position, frames ordered by time are phases 0..P-1.
+
+    Returns ``(phases, duplicate_files, conflicts)``: exact duplicates (same SOP instance) are dropped;
+    different images at the same position with the same time key are conflicts.
+    """
+    by_pos: dict[float, list[Frame]] = defaultdict(list)
+    dist = np.array([np.dot(f.position, normal) for f in frames])
+    for f, d in zip(frames, dist):
+        by_pos[round(float(d), 2)].append(f)
+    dups, conflicts = [], []
+    phases: dict[int, list[Frame]] = defaultdict(list)
+    for pos_frames in by_pos.values():
+        pos_frames.sort(key=lambda f: (f.time_key, f.path, f.frame or 0))
+        kept: list[Frame] = []
+        for f in pos_frames:
+            if kept and f.sop_uid == kept[-1].sop_uid:
+                dups.append(f)
+                continue
+            if kept and f.time_key == kept[-1].time_key:
+                conflicts.append(f)
+                continue
+            kept.append(f)
+        for p, f in enumerate(kept):
+            phases[p].append(f)
+    return [phases[p] for p in sorted(phases)], dups, conflicts
+
+
+def _series_label(number, description) -> str:
+    num = f"s{int(number):03d}" if number is not None else "s000"
+    return f"{num}-{deid.sanitize_label(description, max_len=30, fallback='series')}"
+
+
+class _Planner:
+    def __init__(self, headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber):
+        self.headers = headers
+        self.key = key
+        self.scrub = scrubber.scrub
+        self.issues: list[Issue] = []
+        self.plans: list[SeriesPlan] = []
+
+    def run(self) -> None:
+        by_subject: dict[str, list[FileHeader]] = defaultdict(list)
+        for h in self.headers:
+            by_subject[h.patient_id].append(h)
+        for pid, hs in by_subject.items():
+            subject = deid.pseudonymize(pid, self.key)
+            studies: dict[str, list[FileHeader]] = defaultdict(list)
+            for h in hs:
+                studies[h.study_uid].append(h)
+            order = sorted(studies, key=lambda uid: (min(h.study_datetime for h in studies[uid]), deid.keyed_hash(uid, self.key)))
+            for n, uid in enumerate(order, start=1):
+                self._study(subject, f"ses-{n}", studies[uid])
+
+    def _study(self, subject, session, headers):
+        series: dict[str, list[FileHeader]] = defaultdict(list)
+        for h in headers:
+            series[h.series_uid].append(h)
+        study_plans = []
+        used_labels: set[str] = set()
+        for uid in sorted(series, key=lambda u: (series[u][0].series_number or 0, deid.keyed_hash(u, self.key))):
+            study_plans.extend(self._series(subject, session, uid, series[uid], used_labels))
+        self.plans.extend(self._merge_dce(subject, session, study_plans))
+
+    def _issue(self, reason, detail, subject, session, label="", path="", action="skipped"):
+        self.issues.append(Issue(reason, self.scrub(detail), path=self.scrub(path), subject=subject,
+                                 session=session, series=label, action=action))
+
+    def _series(self, subject, session, uid, headers, used_labels):
+        h0 = min(headers, key=lambda h: h.path)
+        base = _series_label(h0.series_number, self.scrub(h0.description))
+        label = base
+        i = 2
+        while label in used_labels:
+            label = f"{base}-{i}"
+            i += 1
+        used_labels.add(label)
+        frames = [f for h in headers for f in h.frames]
+        head_of = {h.path: h for h in headers}
+        if any("LOCALIZER" in h.image_type or "SCOUT" in h.image_type for h in headers):
+            self._issue("localizer", f"ImageType says localizer ({len(frames)} images)", subject, session, label)
+            return []
+        bad = [f for f in frames if f.position is None or f.orientation is None or f.spacing is None]
+        if bad:
+            self._issue("missing_geometry", f"{len(bad)} of {len(frames)} images lack position, orientation or pixel spacing",
+                        subject, session, label, action="failed")
+            return []
+        # split by echo (multi-echo series are separate volumes, not phases)
+        echoes = sorted({f.echo for f in frames}, key=lambda e: (e is None, e))
+        out = []
+        for e_idx, echo in enumerate(echoes, start=1):
+            e_frames = [f for f in frames if f.echo == echo]
+            e_label = f"{label}-e{e_idx}" if len(echoes) > 1 else label
+            out.extend(self._stacks(subject, session, e_label, uid, e_frames, head_of))
+        return out
+
+    def _stacks(self, subject, session, label, uid, frames, head_of):
+        # group by (orientation, size); keep full stacks, report strays
+        groups: dict[tuple, list[Frame]] = defaultdict(list)
+        for f in frames:
+            h = head_of[f.path]
+            groups[(orientation_key(f.orientation), h.rows, h.cols)].append(f)
+        if len(groups) > 1:
+            sizes = sorted(groups.values(), key=len, reverse=True)
+            if len(sizes[0]) < MIN_STACK_SLICES:
+                self._issue("localizer", f"{len(frames)} images in {len(groups)} different planes", subject, session, label)
+                return []
+            main_key = max(groups, key=lambda k: len(groups[k]))
+            out, n = [], 0
+            for k, g in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+                if k == main_key or len(g) >= MIN_STACK_SLICES:
+                    n += 1
+                    sub_label = label if n == 1 else f"{label}-o{n}"
+                    if n > 1:
+                        self._issue("split_orientation", f"{len(g)} images in a second plane converted separately",
+                                    subject, session, sub_label, action="split")
+                    out.extend(self._phases(subject, session, sub_label, uid, g, head_of))
+                    continue
+                size_differs = (k[1], k[2]) != (main_key[1], main_key[2])
+                reason = "inconsistent_size" if size_differs else "inconsistent_orientation"
+                for f in g:
+                    self._issue(reason, f"image differs from the {len(groups[main_key])} others of its series",
+                                subject, session, label, path=f.path, action="dropped")
+            return out
+        return self._phases(subject, session, label, uid, frames, head_of)
+
+    def _phases(self, subject, session, label, uid, frames, head_of):
+        normal = slice_normal(frames[0].orientation)
+        phases, dups, conflicts = _time_rank_phases(frames, normal)
+        for f in dups:
+            self._issue("duplicate_file", "second copy of an image", subject, session, label, path=f.path, action="dropped")
+        if conflicts:
+            self._issue("duplicate_slice_position",
+                        f"{len(conflicts)} image(s) share a slice position and acquisition time with another",
+                        subject, session, label, action="failed")
+            return []
+        counts = {len(p) for p in phases}
+        if len(counts) > 1:
+            # phases of unequal length: either DCE with a missing slice, or a missing slice at some positions
+            self._issue("inconsistent_phases" if len(phases) > 1 else "missing_slice",
+                        f"{len(phases)} phases with {sorted(counts)} slices", subject, session, label, action="failed")
+            return []
+        ordered = []
+        for p in phases:
+            try:
+                so = sort_slices([f.position for f in p], p[0].orientation)
+            except GeometryError as exc:
+                self._issue(exc.reason, exc.detail, subject, session, label, action="failed")
+                return []
+            ordered.append([p[i] for i in so.order])
+        h0 = head_of[ordered[0][0].path]
+        times = [min((f.time_s for f in p if f.time_s is not None), default=None) for p in ordered]
+        t0 = times[0]
+        single = h0.spacing_between_slices or h0.slice_thickness or 1.0
+        first = ordered[0]
+        affine = affine_ras(first[0].position, first[-1].position, first[0].orientation, first[0].spacing,
+                            len(first), single_slice_spacing=single)
+        plan = SeriesPlan(
+            task_id=deid.keyed_hash(f"{uid}|{label}", self.key, digits=16),
+            subject=subject, session=session, label=label, modality=h0.modality,
+            description=deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback=""),
+            series_number=h0.series_number,
+            phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), h0.series_number,
+                              deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback=""))
+                    for p, t in zip(ordered, times)],
+            affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)), dce=len(ordered) > 1,
+            params=dict(h0.params, SliceThickness=h0.slice_thickness,
+                        SpacingBetweenSlices=h0.spacing_between_slices, ImageType=list(h0.image_type)),
+            n_files=len({f.path for f in frames}),
+        )
+        return [plan]
+
+    def _merge_dce(self, subject, session, plans: list[SeriesPlan]) -> list[SeriesPlan]:
+        """Several single-phase series of one study with the same geometry and sequence = DCE phases."""
+        def signature(p: SeriesPlan):
+            if p.dce or p.modality != "MR" or "DERIVED" in p.params.get("ImageType", []):
+                return None
+            prm = p.params
+            return (tuple(np.round(np.asarray(p.affine), 2).ravel()), p.shape,
+                    prm.get("RepetitionTime"), prm.get("EchoTime"), prm.get("FlipAngle"),
+                    str(prm.get("ScanningSequence")), str(prm.get("SequenceVariant")))
+        groups: dict[tuple, list[SeriesPlan]] = defaultdict(list)
+        rest = []
+        for p in plans:
+            s = signature(p)
+            (groups[s].append(p) if s is not None else rest.append(p))
+        out = list(rest)
+        for members in groups.values():
+            if len(members) < 2:
+                out.extend(members)
+                continue
+            def start(p):
+                t = min((f.time_s for f in p.phases[0].frames if f.time_s is not None), default=None)
+                return (t is None, t or 0.0, p.series_number or 0)
+            members.sort(key=start)
+            t0 = start(members[0])[1]
+            first = members[0]
+            phases = []
+            for p in members:
+                ph = p.phases[0]
+                t = start(p)
+                ph.time_s = None if t[0] or start(first)[0] else round(t[1] - t0, 3)
+                ph.series_number = p.series_number
+                ph.description = p.description
+                phases.append(ph)
+            first_num = f"s{int(first.series_number):03d}" if first.series_number is not None else "s000"
+            out.append(SeriesPlan(
+                task_id=deid.keyed_hash("|".join(p.task_id for p in members), self.key, digits=16),
+                subject=subject, session=session, label=f"{first_num}-dce", modality=first.modality,
+                description=first.description, series_number=first.series_number, phases=phases,
+                affine=first.affine, shape=first.shape, dce=True, params=first.params,
+                n_files=sum(p.n_files for p in members),
+            ))
+        return out
+
+
+def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber):
+    """Group headers into :class:`SeriesPlan` tasks; returns ``(plans, issues)``."""
+    planner = _Planner(headers, key, scrubber)
+    planner.run()
+    planner.plans.sort(key=lambda p: (p.subject, p.session, p.label))
+    return planner.plans, planner.issues
+
+
+def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True) -> ScanResult:
+    """Walk, read headers and plan; see module docstring."""
+    paths, issues = walk_archive(root)
+    results = read_headers(paths, os.path.abspath(root), workers=workers, progress=progress)
+    headers = [r for r in results if isinstance(r, FileHeader)]
+    scrubber = deid.PhiScrubber(v for h in headers for v in h.phi)
+    issues = [Issue(i.reason, i.detail, path=scrubber.scrub(i.path)) for i in issues]
+    for r in results:
+        if isinstance(r, FileIssue):
+            issues.append(Issue(r.reason, r.detail, path=scrubber.scrub(r.path),
+                                action="failed" if r.reason in ("truncated", "corrupt_header", "unreadable") else "skipped"))
+    plans, plan_issues = plan_series(headers, key, scrubber)
+    return ScanResult(plans, issues + plan_issues, len(paths), scrubber)

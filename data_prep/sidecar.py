@@ -1,0 +1,41 @@
+"""BIDS / dcm2niix-style JSON sidecars (no PHI, no UIDs, no dates).
+
+Times follow BIDS: EchoTime, RepetitionTime and InversionTime in **seconds** (DICOM stores ms).
+DCE outputs add ``PhaseIndex``/``PhaseTime`` (s after the first phase) or, for 4D files,
+``PhaseTimes`` (one per volume).
+"""
+
+from __future__ import annotations
+
+import data_prep
+
+_MS_TO_S = ("EchoTime", "RepetitionTime", "InversionTime")
+_COPY = (
+    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ImagingFrequency", "ScanningSequence",
+    "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
+    "BodyPartExamined", "PatientPosition", "FlipAngle", "PixelBandwidth", "SliceThickness",
+    "SpacingBetweenSlices", "ImageType", "BitsStored",
+)
+
+
+def build_sidecar(params: dict, *, modality: str, description: str, series_number, scrub,
+                  extra: dict | None = None) -> dict:
+    """Sidecar dict from the scan's acquisition ``params``; every string passes through ``scrub``."""
+    out: dict = {"Modality": modality, "SeriesDescription": description}
+    if series_number is not None:
+        out["SeriesNumber"] = int(series_number)
+    if params.get("ProtocolName"):
+        out["ProtocolName"] = scrub(params["ProtocolName"])
+    for k in _COPY:
+        v = params.get(k)
+        if v is None or v == "" or v == []:
+            continue
+        out[k] = [scrub(x) for x in v] if isinstance(v, list) else (scrub(v) if isinstance(v, str) else v)
+    for k in _MS_TO_S:
+        if params.get(k) is not None:
+            out[k] = round(float(params[k]) / 1000.0, 8)
+    out.update(extra or {})
+    out["ConversionSoftware"] = "medimb-prep"
+    out["ConversionSoftwareVersion"] = data_prep.__version__
+    out["Deidentified"] = True
+    return out
