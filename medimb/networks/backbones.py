@@ -1,0 +1,236 @@
+"""Convolutional backbones: a CPU-aware default network, a plain CNN baseline, MONAI ResNet/DenseNet.
+
+Every backbone returns its last feature map ``(B, F, *S')`` with ReLU applied (what COAM and CAM
+read) and pools it with ``pool(feature_map) -> (B, F)``. All are ``spatial_dims``-generic: one code
+path for 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.factories import Conv, Norm, Pool
+from monai.networks.nets import DenseNet, ResNet
+from torch import nn
+
+from medimb.networks.registry import register_backbone
+
+
+def global_avg_pool(feature_map: torch.Tensor) -> torch.Tensor:
+    """``(B, F, *S') -> (B, F)`` mean over all spatial positions."""
+    return feature_map.flatten(2).mean(dim=2)
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x) -> feature map (B, F, *S')``; ``pool`` averages it to ``(B, F)``."""
+
+    num_features: int
+    spatial_dims: int
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """``(B, F, *S') -> (B, F)`` global average pooling."""
+        return global_avg_pool(feature_map)
+
+
+def _conv_bn_relu(spatial_dims: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        Conv[Conv.CONV, spatial_dims](cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
+        Norm[Norm.BATCH, spatial_dims](cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ResidualConv(nn.Module):
+    """``relu(x + bn(conv3(x)))``: one 3x3(x3) conv with an identity shortcut (cheap, eases training)."""
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.conv = Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn = Norm[Norm.BATCH, spatial_dims](channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.bn(self.conv(x)))
+
+
+class CPUNet(Backbone):
+    """CPU-aware default network: strided stem, few wide stages, stride-2 convs instead of pooling.
+
+    Layout for ``widths=(w0, w1, w2)``: a stride-2 3x3(x3) stem ``C -> w0`` (28 -> 14), then each
+    stage ``i > 0`` opens with a stride-2 conv ``w(i-1) -> w(i)`` (14 -> 7 -> 4); every stage adds
+    ``depths[i]`` residual 3x3(x3) convs. All convs are followed by BatchNorm and ReLU. Most of the
+    work happens at 1/8 of the input voxels or fewer, which is what makes it fast on a CPU; see
+    docs/benchmarks.md "Network training speed (CPU)". Channels-last memory format is on by default
+    (``prefers_channels_last``) because it measured faster on CPU.
+
+    Input ``(B, C, *S)``; output feature map ``(B, widths[-1], *S/2**len(widths))`` (ceil), ReLU applied.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_dims: int = 3,
+        widths: Sequence[int] = (24, 48, 96),
+        depths: Sequence[int] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        self.prefers_channels_last = True
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} must be non-empty, same length")
+        self.spatial_dims = spatial_dims
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for width, depth in zip(widths, depths):
+            layers.append(_conv_bn_relu(spatial_dims, cin, width, stride=2))
+            layers.extend(_ResidualConv(spatial_dims, width) for _ in range(depth))
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = int(widths[-1])
+        for module in self.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S) -> (B, F, *S')``."""
+        return self.features(x)
+
+
+class PlainCNN(Backbone):
+    """Baseline: ``len(widths)`` stages of 3x3(x3) conv + BN + ReLU, max-pool 2 between stages.
+
+    With the default ``widths=(16, 32, 64, 128)`` this is the "plain 4-stage 16-128-channel 3D CNN"
+    the issue compares against. Input ``(B, C, *S)``; output ``(B, widths[-1], *S/8)``.
+    """
+
+    def __init__(self, in_channels: int, spatial_dims: int = 3, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, width in enumerate(widths):
+            if i > 0:
+                layers.append(Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True))
+            layers.append(_conv_bn_relu(spatial_dims, cin, width))
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = int(widths[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S) -> (B, F, *S')``."""
+        return self.features(x)
+
+
+class MonaiResNet(Backbone):
+    """MONAI ``ResNet`` (basic blocks) up to ``layer4``; the classification ``fc`` is not built.
+
+    ``widths`` are MONAI's ``block_inplanes`` (small by default for CPU). ``stem_kernel``/``stem_stride``
+    are MONAI's ``conv1_t_size``/``conv1_t_stride``; ``no_max_pool`` skips the stem max-pool (useful
+    for 28^3 input, which the default stem already reduces to 14^3 before layer1).
+    Input ``(B, C, *S)``; output ``(B, widths[3], *S')`` ReLU applied (the last block ends in ReLU).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_dims: int = 3,
+        layers: Sequence[int] = (2, 2, 2, 2),
+        widths: Sequence[int] = (16, 32, 64, 128),
+        stem_kernel: int = 3,
+        stem_stride: int = 1,
+        no_max_pool: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.net = ResNet(
+            block="basic",
+            layers=list(layers),
+            block_inplanes=list(widths),
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            conv1_t_size=stem_kernel,
+            conv1_t_stride=stem_stride,
+            no_max_pool=no_max_pool,
+            feed_forward=False,
+        )
+        self.num_features = int(widths[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S) -> (B, F, *S')``."""
+        net = self.net
+        x = net.act(net.bn1(net.conv1(x)))
+        if not net.no_max_pool:
+            x = net.maxpool(x)
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+class MonaiDenseNet(Backbone):
+    """MONAI ``DenseNet`` feature extractor (DenseNet121 block layout by default) + final ReLU.
+
+    ``growth_rate``/``init_features`` default small for CPU. ``stem_pool=False`` (default) drops
+    the stem max-pool so 28^3 input still has a 1^3 map after the three transitions (64^3 -> 4^3);
+    set it for large volumes. Input ``(B, C, *S)``; output ``(B, F, *S/16)`` (``/32`` with the
+    stem pool), ReLU applied.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_dims: int = 3,
+        growth_rate: int = 8,
+        init_features: int = 16,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        bn_size: int = 4,
+        stem_pool: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        net = DenseNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=1,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=tuple(block_config),
+            bn_size=bn_size,
+        )
+        self.features = net.features
+        if not stem_pool:
+            self.features.pool0 = nn.Identity()
+        self.act = nn.ReLU(inplace=False)
+        self.num_features = int(net.class_layers.out.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S) -> (B, F, *S')``."""
+        return self.act(self.features(x))
+
+
+@register_backbone("cpunet")
+def cpunet(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
+    """The default network (:class:`CPUNet`): >= 80 volumes/s training at 28^3 on 2 CPU cores."""
+    return CPUNet(in_channels, spatial_dims, **kwargs)
+
+
+@register_backbone("plain_cnn")
+def plain_cnn(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
+    """The plain 4-stage 16-128-channel CNN baseline (:class:`PlainCNN`)."""
+    return PlainCNN(in_channels, spatial_dims, **kwargs)
+
+
+def _register_resnet(name: str, layers: tuple[int, int, int, int]) -> None:
+    def build(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
+        return MonaiResNet(in_channels, spatial_dims, layers=layers, **kwargs)
+
+    build.__doc__ = f"MONAI {name} (basic blocks {layers}), small widths by default."
+    register_backbone(name)(build)
+
+
+_register_resnet("resnet10", (1, 1, 1, 1))
+_register_resnet("resnet18", (2, 2, 2, 2))
+_register_resnet("resnet34", (3, 4, 6, 3))
+
+
+@register_backbone("densenet121")
+def densenet121(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
+    """MONAI DenseNet121 block layout (6, 12, 24, 16) with a small growth rate for CPU."""
+    return MonaiDenseNet(in_channels, spatial_dims, **kwargs)
