@@ -238,6 +238,7 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
             return FileIssue(rel, "empty_file", "zero-byte file")
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            at_eof = fh.tell() >= size  # no pixel data element before the end of the file
     except PermissionError as exc:
         return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})")
     except InvalidDicomError:
@@ -251,6 +252,9 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
     if sop_class == DICOMDIR_SOP_CLASS:
         return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)")
     rows, cols = ds.get("Rows"), ds.get("Columns")
+    is_image_class = "Image Storage" in getattr(pydicom.uid.UID(sop_class), "name", "")
+    if at_eof and (rows or is_image_class):
+        return FileIssue(rel, "truncated", "the file ends before its pixel data")
     if not rows or not cols:
         return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})")
     if int(_num(ds.get("SamplesPerPixel"), 1)) != 1:
