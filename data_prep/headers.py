@@ -238,7 +238,8 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
             return FileIssue(rel, "empty_file", "zero-byte file")
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            at_eof = fh.tell() >= size  # no pixel data element before the end of the file
+            pixel_offset = fh.tell()  # stop_before_pixels leaves the file at the pixel data element
+            at_eof = pixel_offset >= size  # no pixel data element before the end of the file
     except PermissionError as exc:
         return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})")
     except InvalidDicomError:
@@ -263,8 +264,8 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
     n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
     if ts in NATIVE_SYNTAXES or not ts:
         expected = int(rows) * int(cols) * n_frames * int(_num(ds.get("BitsAllocated"), 16)) // 8
-        if size < expected:
-            return FileIssue(rel, "truncated", f"file has {size} bytes, pixel data alone needs {expected}")
+        if size - pixel_offset < expected:
+            return FileIssue(rel, "truncated", f"{size - pixel_offset} bytes left for pixel data that needs {expected}")
     frames = _frames(ds, rel)
     study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))

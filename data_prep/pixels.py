@@ -64,7 +64,8 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
             arr = arr[None]
         for p, k, fr in wanted:
             if out[p] is None:
-                out[p] = np.empty((len(frames[p]),) + arr.shape[1:], dtype=arr.dtype)
+                # native byte order: big-endian files decode to '>u2', which the NIfTI writer must not see
+                out[p] = np.empty((len(frames[p]),) + arr.shape[1:], dtype=arr.dtype.newbyteorder("="))
             out[p][k] = arr[fr or 0]
         del ds, arr
     return out  # type: ignore[return-value]
