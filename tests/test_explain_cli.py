@@ -1,0 +1,202 @@
+"""``medimb explain`` end to end on tiny NIfTI files: outputs, predictions, Slicer loader, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import py_compile
+import runpy
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from explain_helpers import oblique_affine, write_nifti
+from medimb.cli import main
+from medimb.data.transforms import Preprocessing
+from medimb.networks import create_model, save_checkpoint
+
+PRE = Preprocessing(spatial_size=(24, 24, 24), pixdim=(2.0, 2.0, 2.0), intensity="zscore").to_dict()
+
+
+def make_checkpoint(path: Path, head: str = "cmsl", in_channels: int = 1) -> Path:
+    torch.manual_seed(0)
+    model = create_model("cpunet", in_channels=in_channels, num_classes=2, head=head, widths=(4, 8), depths=(1, 1))
+    pre = dict(PRE, in_channels=in_channels)
+    return save_checkpoint(path, model, preprocessing=pre, class_names=["benign", "malignant"], method="test",
+                           epoch=0)
+
+
+def make_scans(folder: Path, n: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        data = rng.random((20, 18, 10)).astype(np.float32)
+        data[8:12, 6:10, 4:7] += 3.0
+        path = folder / f"scan-{i}.nii.gz"
+        write_nifti(path, data, oblique_affine(spacing=(1.2, 1.4, 3.0)))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    ckpt = make_checkpoint(root / "model.pt")
+    scans = make_scans(root / "scans")
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": f"scans/{p.name}", "label": i % 2} for i, p in enumerate(scans)]}))
+    out = root / "out"
+    rc = main(["explain", "--checkpoint", str(ckpt), "--data", str(datalist), "--out", str(out),
+               "--methods", "coam,gradcam,cam"])
+    assert rc == 0
+    return root, out, scans
+
+
+def test_writes_every_output_on_the_source_grid(explained):
+    _, out, scans = explained
+    for scan in scans:
+        case = scan.name[: -len(".nii.gz")]
+        for method in ("coam", "gradcam", "cam"):
+            heat, label = out / f"{case}_{method}.nii.gz", out / f"{case}_{method}_label.nii.gz"
+            src_img, heat_img = sitk.ReadImage(str(scan)), sitk.ReadImage(str(heat))
+            assert heat_img.GetSize() == src_img.GetSize()
+            np.testing.assert_allclose(heat_img.GetOrigin(), src_img.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(heat_img.GetDirection(), src_img.GetDirection(), atol=1e-6)
+            values = np.asarray(nib.load(str(heat)).dataobj)
+            assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1
+            mask = np.asarray(nib.load(str(label)).dataobj)
+            assert mask.dtype == np.uint8
+            np.testing.assert_array_equal(mask, (values >= 0.5).astype(np.uint8))
+            assert (out / "previews" / f"{case}_{method}.png").stat().st_size < 200_000
+    assert not list(out.parent.glob(".out.partial-*"))
+
+
+def test_predictions_csv_and_index(explained):
+    _, out, scans = explained
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["case"] for r in rows] == ["scan-0", "scan-1"]
+    assert [r["label"] for r in rows] == ["0", "1"]
+    for r in rows:
+        probs = [float(r["prob_benign"]), float(r["prob_malignant"])]
+        assert abs(sum(probs) - 1) < 1e-4
+        assert int(r["predicted_class"]) == int(np.argmax(probs))
+    index = (out / "index.html").read_text()
+    assert "scan-0" in index and "previews/scan-1_gradcam.png" in index and "malignant" in index
+
+
+def _fake_slicer(calls: list) -> types.ModuleType:
+    """A stand-in for Slicer's ``slicer`` module that records what the loader asks for."""
+
+    class Display:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(("display." + name, a))
+
+    class Node:
+        def __init__(self, path, props):
+            self.path, self.props, self.display = path, props, Display()
+
+        def GetDisplayNode(self):
+            return self.display
+
+    slicer = types.ModuleType("slicer")
+    util = types.ModuleType("slicer.util")
+
+    def load_volume(path, props=None):
+        calls.append(("loadVolume", path, props))
+        assert Path(path).is_file(), path
+        return Node(path, props)
+
+    def load_label(path, props=None):
+        calls.append(("loadLabelVolume", path, props))
+        assert Path(path).is_file(), path
+        return Node(path, props)
+
+    util.loadVolume, util.loadLabelVolume = load_volume, load_label
+    util.setSliceViewerLayers = lambda **kw: calls.append(("setSliceViewerLayers", kw))
+    slicer.util = util
+    slicer.mrmlScene = types.SimpleNamespace(GetNodeByID=lambda nid: object() if "Inferno" in nid else None)
+    slicer.app = types.SimpleNamespace(layoutManager=lambda: None)
+    return slicer
+
+
+def test_slicer_loader_compiles_and_loads_the_right_files(explained, monkeypatch):
+    root, out, scans = explained
+    script = out / "load_in_slicer.py"
+    py_compile.compile(str(script), doraise=True)
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "slicer", _fake_slicer(calls))
+    runpy.run_path(str(script), run_name="__main__")
+    volumes = [Path(c[1]).resolve() for c in calls if c[0] == "loadVolume"]
+    labels = [Path(c[1]).resolve() for c in calls if c[0] == "loadLabelVolume"]
+    assert scans[0].resolve() in volumes and scans[1].resolve() in volumes
+    assert (out / "scan-0_coam.nii.gz").resolve() in volumes
+    assert (out / "scan-1_cam_label.nii.gz").resolve() in labels
+    assert len(volumes) == 2 * (1 + 3) and len(labels) == 2 * 3
+    assert ("display.SetAndObserveColorNodeID", ("vtkMRMLColorTableNodeFileInferno.txt",)) in calls
+    assert ("display.SetLowerThreshold", (0.3,)) in calls
+    assert ("display.SetWindowLevelMinMax", (0.0, 1.0)) in calls
+    layers = [c[1] for c in calls if c[0] == "setSliceViewerLayers"]
+    assert len(layers) == 1 and layers[0]["foregroundOpacity"] == pytest.approx(0.4)
+    assert layers[0]["background"].path.endswith("scan-0.nii.gz")
+    assert layers[0]["foreground"].path.endswith("scan-0_coam.nii.gz")
+    assert layers[0]["label"].path.endswith("scan-0_coam_label.nii.gz")
+
+
+def test_folder_input_and_refusal_to_overwrite(explained, capsys):
+    root, out, _ = explained
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"), "--out", str(out),
+               "--methods", "coam", "--no-previews"])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+    out2 = root / "out_folder"
+    assert main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
+                 "--out", str(out2), "--methods", "coam", "--no-previews"]) == 0
+    assert sorted(p.name for p in out2.iterdir()) == [
+        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam.nii.gz", "scan-0_coam_label.nii.gz",
+        "scan-1_coam.nii.gz", "scan-1_coam_label.nii.gz"]
+
+
+def _run_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "model.pt")
+    scans = make_scans(tmp_path / "scans", n=1)
+    out = tmp_path / "out"
+    base = ["explain", "--checkpoint", str(ckpt), "--out", str(out), "--methods", "coam"]
+
+    (tmp_path / "empty").mkdir()
+    assert "no .nii or .nii.gz files" in _run_error([*base, "--data", str(tmp_path / "empty")], capsys)
+
+    # weights of another architecture under this config
+    other = create_model("cpunet", in_channels=1, num_classes=2, head="cmsl", widths=(4, 16), depths=(1, 1))
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model"] = other.state_dict()
+    torch.save(payload, tmp_path / "mismatch.pt")
+    err = _run_error(["explain", "--checkpoint", str(tmp_path / "mismatch.pt"), "--out", str(out),
+                      "--data", str(scans[0])], capsys)
+    assert "does not match" in err and "Traceback" not in err
+
+    # a two-channel item for a one-channel model
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"test": [{"image": [f"scans/{scans[0].name}", f"scans/{scans[0].name}"]}]}))
+    assert "channel" in _run_error([*base, "--data", str(two)], capsys)
+
+    # a 4D (two-volume) NIfTI: two channels after loading
+    four_d = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), str(four_d))
+    assert "channel" in _run_error([*base, "--data", str(four_d)], capsys)
+
+    assert "gradcan" in _run_error([*base, "--data", str(scans[0]), "--methods", "gradcan"], capsys)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
