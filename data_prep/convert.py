@@ -78,7 +78,7 @@ def _maybe_fault(tmp_target: Path) -> None:
         return
     _writes += 1
     if _writes == int(at):
-        partial = tmp_target.parent / f".{tmp_target.name}.killed.part.nii.gz"
+        partial = tmp_target.parent / f".{tmp_target.name}.killed.part"
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(b"\x1f\x8b\x08partial")
         os._exit(137)

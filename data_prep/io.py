@@ -15,15 +15,16 @@ from typing import Any, Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path`` (atomic on POSIX).
 
     The temporary name keeps the full suffix (e.g. ``.nii.gz``) so writers that infer the format
-    from the extension still work. On error the temporary file is removed.
+    from the extension still work; with ``keep_suffix=False`` it ends in ``.part`` so that no
+    ``*.nii.gz`` glob can ever pick up a half-written file. On error the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
+    suffix = "".join(path.suffixes) if keep_suffix else ""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -87,7 +88,7 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     hdr["scl_slope"] = slope
     hdr["scl_inter"] = inter
     hdr.set_data_offset(352)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=False) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
                                                    compresslevel=compresslevel, mtime=0) as gz:
             hdr.write_to(gz)
