@@ -318,14 +318,14 @@ class _Planner:
         return [plan]
 
     def _merge_dce(self, subject, session, plans: list[SeriesPlan]) -> list[SeriesPlan]:
-        """Several single-phase series of one study with the same geometry and sequence = DCE phases."""
+        """Several single-phase MR series of one study on the same voxel grid with the same
+        ScanningSequence are DCE phases, ordered by acquisition time (then SeriesNumber)."""
         def signature(p: SeriesPlan):
             if p.dce or p.modality != "MR" or "DERIVED" in p.params.get("ImageType", []):
                 return None
-            prm = p.params
-            return (tuple(np.round(np.asarray(p.affine), 2).ravel()), p.shape,
-                    prm.get("RepetitionTime"), prm.get("EchoTime"), prm.get("FlipAngle"),
-                    str(prm.get("ScanningSequence")), str(prm.get("SequenceVariant")))
+            # same grid (affine to 0.01 mm, shape) and same kind of sequence; TR/TE may differ slightly
+            # between phases on some scanners, and descriptions are not reliable
+            return (tuple(np.round(np.asarray(p.affine), 2).ravel()), p.shape, str(p.params.get("ScanningSequence")))
         groups: dict[tuple, list[SeriesPlan]] = defaultdict(list)
         rest = []
         for p in plans:
