@@ -5,7 +5,7 @@ Layout written under ``out_dir`` (see docs/synthetic_archive.md)::
 
     archive/<patient>/<study>/<series>/<file>   DICOM, meaningless names, plus junk entries
     labels.csv                                  case,label  (case = the converter's subject pseudonym)
-    truth/<case>_lesion.nii.gz                  lesion mask, RAS+, in the DCE series' world space
+    truth/<case>_lesion.nii.gz                  lesion mask on the DCE series' grid, affine to RAS mm
     truth/cases.csv                             per-case lesion centre (RAS mm), type, storage style
     synth.json                                  parameters and counts (no PHI)
 
@@ -62,16 +62,17 @@ class ArchiveSummary:
 
 
 def lesion_mask_image(mask_zyx: np.ndarray, geometry: SeriesGeometry) -> nib.Nifti1Image:
-    """A lesion mask ``(Z, Y, X)`` as a NIfTI image in the closest canonical (RAS+) orientation.
+    """A lesion mask ``(Z, Y, X)`` as a uint8 NIfTI image on the DCE series' own voxel grid.
 
-    The voxel grid is the DCE series' own grid (axes reordered/flipped only), and the affine maps
-    voxels to RAS mm exactly as for the converted image, so the two overlay in world space.
+    Axes ``(i, j, k)`` = (column, row, slice in ascending order along the slice normal), affine to
+    RAS mm (``RAS = diag(-1, -1, 1) @ LPS``): the same grid and affine as the volumes
+    ``medimb-prep convert`` writes for that series, so mask and image overlay voxel for voxel.
     """
-    native = nib.Nifti1Image(np.ascontiguousarray(mask_zyx.transpose(2, 1, 0)).astype(np.uint8),
-                             geometry.affine_ras())
-    native.set_qform(geometry.affine_ras(), code=1)
-    native.set_sform(geometry.affine_ras(), code=1)
-    return nib.as_closest_canonical(native)
+    affine = geometry.affine_ras()
+    image = nib.Nifti1Image(np.ascontiguousarray(mask_zyx.transpose(2, 1, 0)).astype(np.uint8), affine)
+    image.set_qform(affine, code=1)  # scanner coordinates
+    image.set_sform(affine, code=1)
+    return image
 
 
 def draw_style(rng: np.random.Generator, case_index: int) -> StudyStyle:
