@@ -7,7 +7,9 @@ shared and per-frame functional groups. Problems become a :class:`FileIssue` wit
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 from dataclasses import dataclass, field
 
 import pydicom
@@ -55,6 +57,7 @@ class Frame:
     time_key: tuple
     time_s: float | None
     sop_uid: str
+    pixel: tuple | None = None  # native pixel data layout (see :func:`native_layout`), else None
 
 
 @dataclass
@@ -229,6 +232,36 @@ def _frames(ds, rel: str) -> list[Frame]:
     return frames
 
 
+def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
+    """Where the pixels of an uncompressed file lie, so conversion can read them without parsing again.
+
+    Returns ``(data_offset, dtype, bits_stored, rows, cols, n_frames)`` with ``dtype`` a numpy string such as ``'<u2'``, or
+    None when pydicom must decode (compressed, 1-bit, signed with BitsStored < BitsAllocated, odd layout).
+    """
+    if ts not in NATIVE_SYNTAXES:
+        return None
+    bits = int(_num(ds.get("BitsAllocated"), 0))
+    stored = int(_num(ds.get("BitsStored"), bits))
+    signed = int(_num(ds.get("PixelRepresentation"), 0)) == 1
+    if bits not in (8, 16, 32) or (signed and stored < bits):
+        return None
+    end = ">" if ts == "1.2.840.10008.1.2.2" else "<"
+    fh.seek(offset)
+    head = fh.read(12)
+    if len(head) < 12 or struct.unpack(end + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if ts == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        length, start = struct.unpack("<I", head[4:8])[0], offset + 8
+    else:
+        if head[4:6] not in (b"OW", b"OB"):
+            return None
+        length, start = struct.unpack(end + "I", head[8:12])[0], offset + 12
+    need = int(ds.Rows) * int(ds.Columns) * n_frames * bits // 8
+    if length == 0xFFFFFFFF or length < need:
+        return None
+    return (start, f"{end}{'i' if signed else 'u'}{bits // 8}", stored, int(ds.Rows), int(ds.Columns), n_frames)
+
+
 def read_header(path: str, root: str) -> FileHeader | FileIssue:
     """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root."""
     rel = os.path.relpath(path, root)
@@ -240,6 +273,10 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             pixel_offset = fh.tell()  # stop_before_pixels leaves the file at the pixel data element
             at_eof = pixel_offset >= size  # no pixel data element before the end of the file
+            meta = getattr(ds, "file_meta", None)
+            ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+            n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
+            layout = None if at_eof or not ds.get("Rows") else native_layout(fh, pixel_offset, ts, ds, n_frames)
     except PermissionError as exc:
         return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})")
     except InvalidDicomError:
@@ -248,7 +285,6 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
         return FileIssue(rel, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
     except Exception as exc:  # pydicom raises many types on a cut-off header
         return FileIssue(rel, "corrupt_header", f"header cannot be parsed ({type(exc).__name__})")
-    meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
     if sop_class == DICOMDIR_SOP_CLASS:
         return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)")
@@ -260,13 +296,13 @@ def read_header(path: str, root: str) -> FileHeader | FileIssue:
         return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})")
     if int(_num(ds.get("SamplesPerPixel"), 1)) != 1:
         return FileIssue(rel, "unsupported_pixels", "colour/multi-sample images are not converted")
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
-    n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
     if ts in NATIVE_SYNTAXES or not ts:
         expected = int(rows) * int(cols) * n_frames * int(_num(ds.get("BitsAllocated"), 16)) // 8
         if size - pixel_offset < expected:
             return FileIssue(rel, "truncated", f"{size - pixel_offset} bytes left for pixel data that needs {expected}")
     frames = _frames(ds, rel)
+    if layout is not None:
+        frames = [dataclasses.replace(f, pixel=layout) for f in frames]
     study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
     sn = ds.get("SeriesNumber")

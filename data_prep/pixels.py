@@ -54,21 +54,42 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
     out: list[np.ndarray | None] = [None] * len(frames)
     for path, wanted in by_file.items():
         full = os.path.join(root, path)
+        layout = frames[wanted[0][0]][wanted[0][1]].pixel
         try:
-            ds = pydicom.dcmread(full)
-            arr = ds.pixel_array
+            arr = _read_native(full, layout) if layout else _read_pydicom(full)
         except Exception as exc:  # codecs raise many types
             raise PixelError(path, f"{type(exc).__name__}: {str(exc)[:120]}") from exc
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        if n_frames == 1 and arr.ndim == 2:
-            arr = arr[None]
         for p, k, fr in wanted:
             if out[p] is None:
                 # native byte order: big-endian files decode to '>u2', which the NIfTI writer must not see
                 out[p] = np.empty((len(frames[p]),) + arr.shape[1:], dtype=arr.dtype.newbyteorder("="))
             out[p][k] = arr[fr or 0]
-        del ds, arr
+        del arr
     return out  # type: ignore[return-value]
+
+
+def _read_pydicom(full: str) -> np.ndarray:
+    """Any transfer syntax through pydicom's decoders; (frames, rows, cols)."""
+    ds = pydicom.dcmread(full)
+    arr = ds.pixel_array
+    if int(ds.get("NumberOfFrames") or 1) == 1 and arr.ndim == 2:
+        arr = arr[None]
+    return arr
+
+
+def _read_native(full: str, layout: tuple) -> np.ndarray:
+    """Uncompressed pixels straight from the offset the scan found (no second header parse);
+    unsigned values are masked to BitsStored exactly as pydicom's ``pixel_array`` does."""
+    start, dtype, stored, ds_rows, ds_cols, n_frames = layout
+    count = ds_rows * ds_cols * n_frames
+    arr = np.fromfile(full, dtype=np.dtype(dtype), count=count, offset=start)
+    if arr.size != count:
+        raise ValueError(f"pixel data holds {arr.size} values, expected {count}")
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(n_frames, ds_rows, ds_cols)
+    bits = arr.dtype.itemsize * 8
+    if arr.dtype.kind == "u" and stored < bits:
+        arr &= np.array((1 << stored) - 1, dtype=arr.dtype)
+    return arr
 
 
 def to_volume(stacks: list[np.ndarray], frames: list[list[Frame]]) -> Volume:
