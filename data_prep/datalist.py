@@ -1,0 +1,357 @@
+"""Converted volumes + a labels table -> a MONAI datalist split by subject and stratified by class.
+
+Output (docs/datalist.md, docs/architecture.md)::
+
+    {"training": [{"image": ..., "label": 0, "subject": "sub-...", "session": "ses-1"[, "fold": k]}, ...],
+     "validation": [...], "test": [...], ...metadata}
+
+``image`` is one path, or a list of paths (one per channel; DCE phases in time order, pre-contrast
+first), relative to the datalist file's folder. Subjects never straddle two splits (every session of
+a subject goes where the subject goes); splits are stratified by class with scikit-learn and
+deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from data_prep import deid
+from data_prep.io import write_json_atomic
+
+MANIFEST_COLUMNS = ("subject", "session", "series", "description", "phase", "kind", "path")
+SPLITS = ("training", "validation", "test")
+CHANNEL_MODES = ("auto", "dce", "subtraction", "image", "4d")
+_SHOWN = 5  # how many offending keys an error message lists
+
+
+class DatalistError(ValueError):
+    """A problem with the manifest, the labels or the requested split; the message says which."""
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Fractions of subjects held out for validation and test, or K cross-validation folds over
+    the non-test subjects (then there is no validation split: each training item gets a ``fold``)."""
+
+    val: float = 0.2
+    test: float = 0.2
+    folds: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("val", "test"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise DatalistError(f"--{name} must be in [0, 1), got {value}")
+        if self.val + self.test >= 1.0:
+            raise DatalistError(f"--val + --test must leave subjects for training, got {self.val + self.test}")
+        if self.folds == 1 or self.folds < 0:
+            raise DatalistError(f"--folds must be 0 (no folds) or at least 2, got {self.folds}")
+        if self.folds and self.val:
+            raise DatalistError("use either --val or --folds: with folds, each fold is the validation set in turn")
+
+
+@dataclass
+class Item:
+    subject: str
+    session: str
+    images: list[str]  # manifest paths (relative to the converted folder), one per channel
+    channels: list[str]  # what each channel is, e.g. "phase-00" or "image"
+    label: int | None = None
+
+
+# ----------------------------------------------------------------------------------------- reading
+def read_manifest(converted: str | os.PathLike) -> list[dict]:
+    """Rows of ``converted/manifest.csv`` (written by ``medimb-prep convert``)."""
+    path = Path(converted) / "manifest.csv"
+    if not path.is_file():
+        raise DatalistError(f"no manifest.csv in {converted}; run `medimb-prep convert ARCHIVE {converted}` first")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatalistError(f"{path} lacks the columns {missing}; is it a medimb-prep convert manifest?")
+        rows = list(reader)
+    if not rows:
+        raise DatalistError(f"{path} lists no converted volumes")
+    return rows
+
+
+def read_labels(path: str | os.PathLike, key: str, label_column: str = "label",
+                hash_keys: bool = False, deid_key: str | None = None) -> dict[str, int]:
+    """``{key value: integer label}`` from a CSV table.
+
+    With ``hash_keys`` the key column holds PatientIDs, which are turned into the converter's subject
+    pseudonyms (same ``deid_key``); error messages then name rows, never the IDs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"labels file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for wanted, option in ((key, "--key"), (label_column, "--label-column")):
+            if wanted not in columns:
+                raise DatalistError(f"{option} {wanted!r} is not a column of {path.name}; columns: {columns}")
+        rows = list(reader)
+    labels: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        where = f"{path.name} line {line}"
+        value = (row[key] or "").strip()
+        if not value:
+            raise DatalistError(f"{where}: empty {key!r}")
+        text = (row[label_column] or "").strip()
+        try:
+            label = int(float(text))
+            if label != float(text) or label < 0:
+                raise ValueError
+        except ValueError:
+            raise DatalistError(f"{where}: label {text!r} is not a non-negative integer class index") from None
+        name = deid.pseudonymize(value, deid_key) if hash_keys else value
+        if name in labels:
+            shown = "" if hash_keys else f" {value!r}"
+            raise DatalistError(f"{where}: duplicate key{shown}")
+        labels[name] = label
+    if not labels:
+        raise DatalistError(f"{path} holds no labels")
+    return labels
+
+
+# ------------------------------------------------------------------------------- channel selection
+def _phase_rows(rows: list[dict], kind: str) -> list[dict]:
+    return sorted((r for r in rows if r["kind"] == kind), key=lambda r: int(r["phase"]))
+
+
+def _pick_phases(rows: list[dict], indices: list[int], where: str) -> list[dict]:
+    try:
+        return [rows[i] for i in indices]
+    except IndexError:
+        raise DatalistError(f"{where}: has {len(rows)} DCE phases, --channels asks for {indices}") from None
+
+
+def select_channels(rows: list[dict], channels: str, where: str) -> tuple[list[dict], list[str]]:
+    """Pick the volumes that form one item's image from the manifest rows of one session.
+
+    ``channels``: ``auto`` (the DCE phases if the session has a DCE series, else its one image
+    series), ``dce``, ``subtraction``, ``image``, ``4d``, or comma-separated DCE phase indices such as
+    ``0,1,-1`` (pre-contrast, first and last post-contrast). Returns (rows, channel names).
+    """
+    series = sorted({r["series"] for r in rows})
+    by_kind = defaultdict(set)
+    for r in rows:
+        by_kind[r["kind"]].add(r["series"])
+    mode = channels
+    if mode == "auto":
+        mode = "dce" if by_kind.get("dce_phase") else "image"
+    wanted_kind = {"dce": "dce_phase", "subtraction": "subtraction", "image": "image", "4d": "4d"}.get(mode, "dce_phase")
+    candidates = sorted(by_kind.get(wanted_kind, ()))
+    if not candidates:
+        raise DatalistError(f"{where}: no {wanted_kind} volume among its series {series}; "
+                            "pick others with --channels or --series")
+    if len(candidates) > 1:
+        raise DatalistError(f"{where}: {len(candidates)} {wanted_kind} series {candidates}; "
+                            "choose one with --series PATTERN")
+    chosen = [r for r in rows if r["series"] == candidates[0]]
+    if wanted_kind == "image" or wanted_kind == "4d":
+        picked = [r for r in chosen if r["kind"] == wanted_kind]
+        return picked[:1], [wanted_kind]
+    picked = _phase_rows(chosen, wanted_kind)
+    if mode not in CHANNEL_MODES:
+        try:
+            indices = [int(v) for v in mode.split(",")]
+        except ValueError:
+            raise DatalistError(f"--channels {channels!r}: expected one of {CHANNEL_MODES} or phase indices "
+                                "like 0,1,-1") from None
+        picked = _pick_phases(picked, indices, where)
+    prefix = "phase" if wanted_kind == "dce_phase" else "sub"
+    if mode not in CHANNEL_MODES:  # named by the selection, so "last phase" matches across studies
+        return picked, [f"phase[{i}]" for i in indices]
+    return picked, [f"{prefix}-{int(r['phase']):02d}" for r in picked]
+
+
+def collect_items(manifest: list[dict], channels: str = "auto", series: str | None = None) -> list[Item]:
+    """One :class:`Item` per (subject, session) of the manifest; ``series`` keeps only rows whose
+    series label or description matches the glob or substring (case-insensitive)."""
+    sessions: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in manifest:
+        if series and not _matches(row, series):
+            continue
+        sessions[(row["subject"], row["session"])].append(row)
+    if not sessions:
+        raise DatalistError(f"no manifest row matches --series {series!r}")
+    items = []
+    for (subject, session), rows in sorted(sessions.items()):
+        picked, names = select_channels(rows, channels, f"{subject}/{session}")
+        items.append(Item(subject, session, [r["path"] for r in picked], names))
+    shapes = Counter(tuple(item.channels) for item in items)
+    if len(shapes) > 1:
+        (common, _), = shapes.most_common(1)
+        odd = [f"{i.subject}/{i.session} {i.channels}" for i in items if tuple(i.channels) != common][:_SHOWN]
+        raise DatalistError(f"items have different channels (most have {list(common)}; e.g. {odd}); "
+                            "select the same channels for all with --channels, e.g. 0,1,-1")
+    return items
+
+
+def _matches(row: dict, pattern: str) -> bool:
+    pattern = pattern.lower()
+    for value in (row.get("series", ""), row.get("description", "")):
+        value = (value or "").lower()
+        if fnmatch.fnmatch(value, pattern) or pattern in value:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------- labelling
+def attach_labels(items: list[Item], labels: dict[str, int], ignore_unlabeled: bool = False,
+                  ignore_missing: bool = False, hashed: bool = False) -> list[Item]:
+    """Give each item its label: a key matches a ``subject`` (every session) or a
+    ``subject/session``. Raises on items without a label and labels without an item, unless told to
+    ignore them. Returns the labelled items."""
+    used: set[str] = set()
+    labelled, unlabeled = [], []
+    for item in items:
+        for key in (f"{item.subject}/{item.session}", item.subject):  # the session's own label first
+            if key in labels:
+                item.label = labels[key]
+                used.add(key)
+                break
+        (labelled if item.label is not None else unlabeled).append(item)
+    if unlabeled and not ignore_unlabeled:
+        shown = [f"{i.subject}/{i.session}" for i in unlabeled[:_SHOWN]]
+        raise DatalistError(f"{len(unlabeled)} converted sessions have no label (e.g. {shown}); "
+                            "add them to the labels file or pass --ignore-unlabeled")
+    missing = sorted(set(labels) - used)
+    if missing and not ignore_missing:
+        shown = "" if hashed else f" (e.g. {missing[:_SHOWN]})"
+        raise DatalistError(f"{len(missing)} labels match no converted series{shown}; check --key (and "
+                            "--deid-key / --hash-keys), or pass --ignore-missing-images")
+    if not labelled:
+        raise DatalistError("no converted series has a label")
+    return labelled
+
+
+# ---------------------------------------------------------------------------------------- splitting
+def split_subjects(subjects: list[str], classes: list[int], spec: SplitSpec) -> dict[str, str]:
+    """``{subject: split}`` with ``spec.test`` and ``spec.val`` of the subjects held out, stratified by
+    class (scikit-learn ``train_test_split``); one class per subject."""
+    counts = Counter(classes)
+    needed = 1 + (spec.test > 0) + (spec.val > 0)
+    if spec.folds:
+        needed = max(needed, spec.folds + (spec.test > 0))
+    thin = {c: n for c, n in sorted(counts.items()) if n < needed}
+    if thin:
+        raise DatalistError(
+            f"too few subjects to stratify: class(es) {thin} (class: subjects) but this split needs at least "
+            f"{needed} subjects per class (one per split{' and fold' if spec.folds else ''}); "
+            "lower --val/--test/--folds or add data")
+    assignment = {s: "training" for s in subjects}
+    remaining, remaining_y = list(subjects), list(classes)
+    for split, fraction in (("test", spec.test), ("validation", spec.val)):
+        if not fraction:
+            continue
+        share = fraction * len(subjects) / len(remaining)  # of what is left
+        try:
+            keep, held, keep_y, held_y = train_test_split(remaining, remaining_y, test_size=share,
+                                                     stratify=remaining_y, random_state=spec.seed)
+        except ValueError as exc:
+            raise DatalistError(f"cannot hold out {fraction:g} of {len(subjects)} subjects for {split} "
+                                f"with every class in it: {exc}") from None
+        empty = sorted(set(remaining_y) - set(held_y))
+        if empty:
+            raise DatalistError(f"the {split} split ({len(held)} subjects = {fraction:g} of {len(subjects)}) "
+                                f"would hold no subject of class(es) {empty}; raise --{split[:4] if split == 'test' else 'val'} "
+                                "or add data")
+        for s in held:
+            assignment[s] = split
+        remaining, remaining_y = keep, keep_y
+    return assignment
+
+
+def assign_folds(items: list[Item], folds: int, seed: int) -> list[int]:
+    """Fold index per item (scikit-learn ``StratifiedGroupKFold``, grouped by subject)."""
+    y = [item.label for item in items]
+    groups = [item.subject for item in items]
+    fold_of = np.zeros(len(items), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(items)), y, groups)):
+        fold_of[held] = k
+    return fold_of.tolist()
+
+
+# ------------------------------------------------------------------------------------------ building
+def build_datalist(
+    converted: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    key: str,
+    output: str | os.PathLike,
+    spec: SplitSpec = SplitSpec(),
+    label_column: str = "label",
+    channels: str = "auto",
+    series: str | None = None,
+    ignore_unlabeled: bool = False,
+    ignore_missing: bool = False,
+    hash_keys: bool = False,
+    deid_key: str | None = None,
+) -> dict:
+    """Build the datalist and write it (atomically) to ``output``; returns it.
+
+    Image paths are written relative to ``output``'s folder.
+    """
+    converted, output = Path(converted), Path(output)
+    items = collect_items(read_manifest(converted), channels, series)
+    labels = read_labels(labels_path, key, label_column, hash_keys, deid_key)
+    items = attach_labels(items, labels, ignore_unlabeled, ignore_missing, hashed=hash_keys)
+    absent = [p for item in items for p in item.images if not (converted / p).is_file()]
+    if absent:
+        raise DatalistError(f"{len(absent)} volumes listed in manifest.csv are missing (e.g. {absent[:_SHOWN]}); "
+                            "re-run `medimb-prep convert`")
+    subject_class: dict[str, int] = {}
+    for item in items:  # a subject with sessions of different classes is stratified by its highest
+        subject_class[item.subject] = max(item.label, subject_class.get(item.subject, item.label))
+    subjects = sorted(subject_class)
+    split_of = split_subjects(subjects, [subject_class[s] for s in subjects], spec)
+    base = output.absolute().parent
+    datalist: dict = {split: [] for split in SPLITS}
+    for item in items:
+        paths = [Path(os.path.relpath((converted / p).absolute(), base)).as_posix() for p in item.images]
+        entry = {"image": paths[0] if len(paths) == 1 else paths, "label": int(item.label),
+                 "subject": item.subject, "session": item.session}
+        datalist[split_of[item.subject]].append(entry)
+    if spec.folds:
+        training = [i for i in items if split_of[i.subject] == "training"]
+        for entry, fold in zip(datalist["training"], assign_folds(training, spec.folds, spec.seed)):
+            entry["fold"] = fold
+        datalist["folds"] = spec.folds
+    datalist["channels"] = items[0].channels
+    datalist["num_classes"] = max(max(labels.values()), max(i.label for i in items)) + 1
+    datalist["seed"] = spec.seed
+    write_json_atomic(output, datalist)
+    return datalist
+
+
+def class_counts(datalist: dict) -> str:
+    """A small table of items, subjects and items per class in each split."""
+    classes = list(range(int(datalist.get("num_classes", 0))))
+    header = ["split", "items", "subjects"] + [f"class {c}" for c in classes]
+    lines = [header]
+    for split in SPLITS:
+        entries = datalist.get(split, [])
+        per_class = Counter(e["label"] for e in entries)
+        lines.append([split, str(len(entries)), str(len({e["subject"] for e in entries}))]
+                     + [str(per_class.get(c, 0)) for c in classes])
+    if datalist.get("folds"):
+        for k in range(datalist["folds"]):
+            entries = [e for e in datalist["training"] if e.get("fold") == k]
+            per_class = Counter(e["label"] for e in entries)
+            lines.append([f"  fold {k}", str(len(entries)), str(len({e["subject"] for e in entries}))]
+                         + [str(per_class.get(c, 0)) for c in classes])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)

@@ -1,0 +1,63 @@
+"""`medimb-prep datalist OUT --labels labels.csv --key COLUMN`: a MONAI datalist from converted volumes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_prep import deid
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "datalist",
+        help="write a MONAI datalist (training/validation/test) from converted volumes and labels",
+        description="Read OUT/manifest.csv (from `medimb-prep convert`) and a labels CSV; write a MONAI "
+        "datalist split by subject, stratified by class. See docs/datalist.md.",
+    )
+    p.add_argument("out", help="the converted folder (holds manifest.csv)")
+    p.add_argument("--labels", required=True, help="CSV with a key column and a label column")
+    p.add_argument("--key", required=True,
+                   help="labels column matched to the converted subjects (sub-...; or sub-.../ses-... per session)")
+    p.add_argument("--label-column", default="label", help="labels column with integer classes (default: label)")
+    p.add_argument("-o", "--output", default=None, help="datalist JSON to write (default: OUT/datalist.json)")
+    p.add_argument("--val", type=float, default=None,
+                   help="fraction of subjects for validation (default 0.2; 0 with --folds)")
+    p.add_argument("--test", type=float, default=0.2, help="fraction of subjects for test (default 0.2)")
+    p.add_argument("--folds", type=int, default=0,
+                   help="K cross-validation folds over the non-test subjects: a 'fold' per training item")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split (default 0)")
+    p.add_argument("--channels", default="auto",
+                   help="volumes forming the image: auto (DCE phases if present, else the one image series), "
+                   "dce, subtraction, image, 4d, or DCE phase indices like 0,1,-1 (default auto)")
+    p.add_argument("--series", default=None, metavar="PATTERN",
+                   help="only series whose label or description matches this glob/substring")
+    p.add_argument("--ignore-unlabeled", action="store_true", help="leave out converted sessions without a label")
+    p.add_argument("--ignore-missing-images", action="store_true",
+                   help="accept labels that match no converted series")
+    p.add_argument("--hash-keys", action="store_true",
+                   help="the key column holds PatientIDs: pseudonymise them like the converter (see --deid-key)")
+    p.add_argument("--deid-key", default=None,
+                   help=f"key used by `convert` (default: ${deid.KEY_ENV}, else the public demo key)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_prep.cli import UserError
+    from data_prep.datalist import DatalistError, SplitSpec, build_datalist, class_counts
+
+    output = Path(args.output) if args.output else Path(args.out) / "datalist.json"
+    try:
+        spec = SplitSpec(val=(0.0 if args.folds else 0.2) if args.val is None else args.val,
+                         test=args.test, folds=args.folds, seed=args.seed)
+        datalist = build_datalist(
+            args.out, args.labels, args.key, output, spec=spec, label_column=args.label_column,
+            channels=args.channels, series=args.series, ignore_unlabeled=args.ignore_unlabeled,
+            ignore_missing=args.ignore_missing_images, hash_keys=args.hash_keys, deid_key=args.deid_key,
+        )
+    except DatalistError as exc:
+        raise UserError(str(exc)) from None
+    print(class_counts(datalist))
+    print(f"channels: {', '.join(datalist['channels'])}")
+    print(f"wrote {output}")
+    return 0
