@@ -91,8 +91,9 @@ def check_inputs(model: torch.nn.Module, preprocessing: dict, items: list[dict])
     """Raise :class:`UserError` when the items cannot be explained with this model's preprocessing."""
     if preprocessing.get("source", "nifti") != "nifti":
         raise UserError(f"this checkpoint was trained on {preprocessing.get('source')!r} arrays, not NIfTI scans")
-    if preprocessing.get("slices_as_channels"):
-        raise UserError("2.5D (slices-as-channels) checkpoints cannot be mapped back to 3D overlays")
+    if preprocessing.get("slices") or preprocessing.get("slices_as_channels"):
+        raise UserError("2.5D checkpoints (a slab of slices per input) are not supported by explain yet: "
+                        "their feature maps are 2D and cannot be mapped back to a 3D overlay")
     expected = int(preprocessing.get("in_channels", 1))
     model_channels = int((getattr(model, "config", None) or {}).get("in_channels", expected))
     if model_channels != expected:

@@ -1,0 +1,239 @@
+"""Localisation benchmark: COAM vs CAM vs Grad-CAM on one trained model, with known lesion masks.
+
+Steps (each skipped when its output already exists in --work, so a run can be resumed):
+1. ``medimb-prep synth`` a synthetic breast DCE-MRI archive with lesion masks in ``truth/``;
+2. ``medimb-prep convert`` it to NIfTI;
+3. a datalist (``medimb-prep datalist`` when available, else built here from manifest.csv +
+   labels.csv: DCE phases as channels, stratified 60/15/25 split);
+4. train with ``medimb.training.train`` (default method ``cmsl``);
+5. for every positive (malignant) test case, on the same model and the same preprocessed input:
+   COAM, CAM and Grad-CAM (class "malignant"), each inverted to the source NIfTI grid with
+   ``medimb.explain.invert_to_source``; the truth mask is resampled onto that grid in world space
+   (SimpleITK, nearest neighbour). Scores: pointing game, centre-of-mass distance (mm; map voxels
+   >= 0.5), Dice of ``map >= 0.5``;
+6. time per volume of a plain forward pass, COAM and Grad-CAM (network grid, batch 1, interleaved,
+   median of --repeats), all in this one process.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_localization.py --work /tmp/bench_loc --cases 200
+
+Prints a JSON summary and a Markdown table (for docs/benchmarks.md); ``--json PATH`` saves the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medimb.data.transforms import build_eval_transforms
+from medimb.evaluation.localization import localization_scores
+from medimb.explain import create_explainer, invert_to_source
+from medimb.explain.pipeline import preprocess
+from medimb.networks import load_checkpoint, predict_proba
+
+METHODS = ("coam", "cam", "gradcam")
+EXTRA_METHODS = ("coam_cosine", "gradcampp")  # reported for information, not part of the targets
+THRESHOLD = 0.5
+
+
+def prep_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "data_prep", *args]
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def has_datalist_command() -> bool:
+    done = subprocess.run(prep_command("datalist", "--help"), capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def build_datalist(converted: Path, labels_csv: Path, out: Path, seed: int) -> None:
+    """Fallback datalist: one item per subject, its DCE phases (pre first) as channels, stratified split."""
+    labels = {r["case"]: int(r["label"]) for r in csv.DictReader(labels_csv.open())}
+    phases: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for r in csv.DictReader((converted / "manifest.csv").open()):
+        if r["kind"] == "dce_phase" and r["subject"] in labels:
+            phases[r["subject"]].append((int(r["phase"]), r["path"]))
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list] = {"training": [], "validation": [], "test": []}
+    for label in sorted(set(labels.values())):
+        subjects = sorted(s for s in phases if labels[s] == label)
+        rng.shuffle(subjects)
+        n_val, n_test = round(0.15 * len(subjects)), round(0.25 * len(subjects))
+        for i, s in enumerate(subjects):
+            split = "validation" if i < n_val else "test" if i < n_val + n_test else "training"
+            paths = [str(Path("converted") / p) for _, p in sorted(phases[s])]
+            splits[split].append({"image": paths, "label": label, "subject": s})
+    splits["class_names"] = ["benign", "malignant"]
+    out.write_text(json.dumps(splits, indent=1))
+
+
+def truth_on_grid(mask_path: Path, reference_path: str) -> np.ndarray:
+    """The truth mask resampled (world space, nearest) onto the reference NIfTI's grid, as (i, j, k)."""
+    reference = sitk.ReadImage(reference_path)
+    mask = sitk.ReadImage(str(mask_path))
+    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0) > 0
+
+
+def source_affine(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.load(path).affine
+
+
+def time_methods(model, x: torch.Tensor, explainers: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per volume of forward / each explainer, interleaved so load changes hit all alike."""
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    calls = {"forward": forward, **{m: (lambda e=e: e(x, class_idx=1)) for m, e in explainers.items()}}
+    for fn in calls.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="working folder (reused when it exists)")
+    parser.add_argument("--cases", type=int, default=200)
+    parser.add_argument("--positive-fraction", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="cmsl", help="medimb training method (default cmsl)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--spatial-size", type=int, nargs=3, default=(48, 48, 48))
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats per volume")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = parser.parse_args(argv)
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    synth, converted, datalist, train_dir = work / "synth", work / "converted", work / "datalist.json", work / "train"
+    if not (synth / "labels.csv").exists():
+        run(prep_command("synth", str(synth), "--cases", str(args.cases), "--seed", str(args.seed),
+                         "--positive-fraction", str(args.positive_fraction)))
+    if not (converted / "manifest.csv").exists():
+        run(prep_command("convert", str(synth / "archive"), str(converted)))
+    if not datalist.exists():
+        if has_datalist_command():
+            run(prep_command("datalist", str(converted), "--labels", str(synth / "labels.csv"), "--key", "case",
+                             "--output", str(datalist), "--val", "0.15", "--test", "0.25", "--seed", str(args.seed)))
+        else:
+            print("medimb-prep datalist not available: building the datalist in the benchmark", flush=True)
+            build_datalist(converted, synth / "labels.csv", datalist, args.seed)
+    t_data = time.perf_counter() - t0
+
+    checkpoint = train_dir / "final.pt"
+    if not checkpoint.exists():
+        from medimb.training.config import TrainConfig, method_config
+
+        method = method_config(args.method)
+        method.stage1.epochs = args.epochs
+        if method.stage2 is not None:
+            method.stage2.epochs = max(2, args.epochs // 4)
+        config = TrainConfig(data=str(datalist), out=str(train_dir), method=method, seed=args.seed, device="cpu",
+                             amp=False, spatial_size=tuple(args.spatial_size))
+        from medimb.training.workflow import train
+
+        result = train(config, progress=True)
+        print("test metrics:", json.dumps(result["test"], default=float)[:400], flush=True)
+    t_train = time.perf_counter() - t0 - t_data
+
+    model, meta = load_checkpoint(checkpoint)
+    torch.manual_seed(args.seed)
+    transform = build_eval_transforms(meta["preprocessing"])
+    class_names = meta.get("class_names") or ["0", "1"]
+    items = json.loads(datalist.read_text())["test"]
+    base = datalist.parent
+    truth_dir = synth / "truth"
+    explainers = {m: create_explainer(m, model) for m in (*METHODS, *EXTRA_METHODS)}
+    per_case, timings = [], []
+    n_test, correct = 0, 0
+    for item in items:
+        images = [str(base / p) for p in (item["image"] if isinstance(item["image"], list) else [item["image"]])]
+        case = item.get("subject") or Path(images[0]).name.split("_")[0]
+        data = preprocess(transform, {"image": images, "case": case})
+        x = data["image"].as_tensor().unsqueeze(0).float()
+        with torch.no_grad():
+            proba = predict_proba(model, model(x))[0]
+        n_test += 1
+        correct += int(int(proba.argmax()) == int(item["label"]))
+        if int(item["label"]) != 1:
+            continue
+        mask = truth_on_grid(truth_dir / f"{case}_lesion.nii.gz", images[0])
+        affine = source_affine(images[0])
+        row = {"case": case, "p_malignant": float(proba[1]), "lesion_voxels": int(mask.sum())}
+        for name, explainer in explainers.items():
+            heat = invert_to_source(explainer(x, class_idx=1)[0], data, transform)
+            heat = heat / max(float(heat.max()), 1e-12)  # resampling can shave the peak below 1
+            row[name] = localization_scores(heat, mask, affine, THRESHOLD)
+        timings.append(time_methods(model, x, {m: explainers[m] for m in ("coam", "gradcam", "cam")}, args.repeats))
+        per_case.append(row)
+        print(f"{case}: " + ", ".join(f"{m} pg={row[m]['pointing_game']:.0f} d={row[m]['com_distance_mm']:.1f}mm "
+                                     f"dice={row[m]['dice']:.2f}" for m in METHODS), flush=True)
+    if not per_case:
+        print("no positive test cases: nothing to score", file=sys.stderr)
+        return 1
+
+    def mean(method: str, key: str) -> float:
+        return float(np.mean([r[method][key] for r in per_case]))
+
+    time_ms = {k: 1000 * float(np.median([t[k] for t in timings])) for k in timings[0]}
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "cases": args.cases, "method": args.method, "epochs": args.epochs, "spatial_size": list(args.spatial_size),
+        "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
+        "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),
+        "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice")}
+                   for m in (*METHODS, *EXTRA_METHODS)},
+        "time_ms_per_volume": time_ms,
+        "coam_over_forward": time_ms["coam"] / time_ms["forward"],
+        "coam_over_gradcam": time_ms["coam"] / time_ms["gradcam"],
+        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
+                    "explain": round(time.perf_counter() - t0 - t_data - t_train, 1)},
+        "per_case": per_case,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=1))
+    print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 |\n|---|---|---|---|")
+    for m in (*METHODS, *EXTRA_METHODS):
+        s = summary["scores"][m]
+        print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} |")
+    print("\n| per volume (batch 1) | ms |\n|---|---|")
+    for k, v in time_ms.items():
+        print(f"| {k} | {v:.1f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
