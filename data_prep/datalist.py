@@ -300,10 +300,12 @@ def build_datalist(
     ignore_missing: bool = False,
     hash_keys: bool = False,
     deid_key: str | None = None,
+    masks: str | os.PathLike | None = None,
 ) -> dict:
     """Build the datalist and write it (atomically) to ``output``; returns it.
 
-    Image paths are written relative to ``output``'s folder.
+    Image paths are written relative to ``output``'s folder. With ``masks`` (e.g. a synthetic
+    archive's ``truth/`` folder), each item also gets ``"mask"``: ``<masks>/<subject>_lesion.nii.gz``.
     """
     converted, output = Path(converted), Path(output)
     items = collect_items(read_manifest(converted), channels, series)
@@ -319,11 +321,14 @@ def build_datalist(
     subjects = sorted(subject_class)
     split_of = split_subjects(subjects, [subject_class[s] for s in subjects], spec)
     base = output.absolute().parent
+    mask_of = _lesion_masks(Path(masks), items) if masks is not None else {}
     datalist: dict = {split: [] for split in SPLITS}
     for item in items:
         paths = [Path(os.path.relpath((converted / p).absolute(), base)).as_posix() for p in item.images]
         entry = {"image": paths[0] if len(paths) == 1 else paths, "label": int(item.label),
                  "subject": item.subject, "session": item.session}
+        if mask_of:
+            entry["mask"] = Path(os.path.relpath(mask_of[item.subject].absolute(), base)).as_posix()
         datalist[split_of[item.subject]].append(entry)
     if spec.folds:
         training = [i for i in items if split_of[i.subject] == "training"]
@@ -335,6 +340,16 @@ def build_datalist(
     datalist["seed"] = spec.seed
     write_json_atomic(output, datalist)
     return datalist
+
+
+def _lesion_masks(folder: Path, items: list[Item]) -> dict[str, Path]:
+    """``{subject: <folder>/<subject>_lesion.nii.gz}``; every item must have one."""
+    found = {i.subject: folder / f"{i.subject}_lesion.nii.gz" for i in items}
+    absent = sorted(s for s, p in found.items() if not p.is_file())
+    if absent:
+        raise DatalistError(f"--masks {folder}: no <subject>_lesion.nii.gz for {len(absent)} subjects "
+                            f"(e.g. {absent[:_SHOWN]})")
+    return found
 
 
 def class_counts(datalist: dict) -> str:

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
                    "dce, subtraction, image, 4d, or DCE phase indices like 0,1,-1 (default auto)")
     p.add_argument("--series", default=None, metavar="PATTERN",
                    help="only series whose label or description matches this glob/substring")
+    p.add_argument("--masks", default=None, metavar="DIR",
+                   help="add 'mask': DIR/<subject>_lesion.nii.gz to each item (e.g. a synthetic archive's truth/)")
     p.add_argument("--ignore-unlabeled", action="store_true", help="leave out converted sessions without a label")
     p.add_argument("--ignore-missing-images", action="store_true",
                    help="accept labels that match no converted series")
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             args.out, args.labels, args.key, output, spec=spec, label_column=args.label_column,
             channels=args.channels, series=args.series, ignore_unlabeled=args.ignore_unlabeled,
             ignore_missing=args.ignore_missing_images, hash_keys=args.hash_keys, deid_key=args.deid_key,
+            masks=args.masks,
         )
     except DatalistError as exc:
         raise UserError(str(exc)) from None

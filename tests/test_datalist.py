@@ -194,6 +194,19 @@ def test_too_few_subjects_per_class(tmp_path):
         SplitSpec(val=0.2, folds=3)
 
 
+def test_masks_option(cohort, tmp_path):
+    converted, labels_path, labels = cohort
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for subject in list(labels)[:-1]:
+        (truth / f"{subject}_lesion.nii.gz").write_bytes(b"")
+    with pytest.raises(DatalistError, match=r"no <subject>_lesion.nii.gz for 1 subjects \(e.g. \['sub-0029'\]\)"):
+        build_datalist(converted, labels_path, "case", tmp_path / "d.json", masks=truth)
+    (truth / "sub-0029_lesion.nii.gz").write_bytes(b"")
+    datalist = build_datalist(converted, labels_path, "case", tmp_path / "d.json", masks=truth)
+    assert datalist["test"][0]["mask"] == f"truth/{datalist['test'][0]['subject']}_lesion.nii.gz"
+
+
 def test_missing_volume_file(cohort, tmp_path):
     converted, labels_path, _ = cohort
     next(converted.rglob("*phase-02.nii.gz")).unlink()
@@ -248,7 +261,7 @@ def test_converted_synthetic_archive_loads_with_monai(tmp_path):
     convert_archive(str(synth / "archive"), str(converted), workers=1, progress=False)
     out = tmp_path / "lists" / "datalist.json"
     assert main(["datalist", str(converted), "--labels", str(synth / "labels.csv"), "--key", "case",
-                 "-o", str(out), "--val", "0.25", "--test", "0.25"]) == 0
+                 "-o", str(out), "--val", "0.25", "--test", "0.25", "--masks", str(synth / "truth")]) == 0
     labels = {r["case"]: int(r["label"]) for r in csv.DictReader(open(synth / "labels.csv"))}
     seen = set()
     for split in ("training", "validation", "test"):
@@ -259,6 +272,7 @@ def test_converted_synthetic_archive_loads_with_monai(tmp_path):
             assert len(item["image"]) == 3 and all(Path(p).is_file() for p in item["image"])
             assert "phase-00" in item["image"][0] and "phase-02" in item["image"][2]
             assert item["label"] == labels[item["subject"]]
+            assert Path(item["mask"]).name == f"{item['subject']}_lesion.nii.gz" and Path(item["mask"]).is_file()
             assert item["subject"] not in seen
             seen.add(item["subject"])
     assert seen == set(labels)
