@@ -25,14 +25,33 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_name(module: str) -> str:
+    """``data_prep.scan_command`` -> ``scan``; ``data_prep.synth.command`` -> ``synth``."""
+    parts = module.split(".")
+    return parts[-2] if parts[-1] == "command" else parts[-1].removesuffix("_command")
+
+
+def _requested(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line, if it is one of ours (then only it is imported:
+    some subcommands pull in heavy libraries, and start-up time counts when converting)."""
+    names = {command_name(m) for m in COMMAND_MODULES}
+    for token in sys.argv[1:] if argv is None else argv:
+        if not token.startswith("-"):
+            return token if token in names else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medimb-prep",
         description="DICOM archive -> NIfTI + de-identified sidecars + MONAI datalists.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="more logging; tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = _requested(argv)
     for name in COMMAND_MODULES:
+        if wanted is not None and command_name(name) != wanted:
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a subcommand still being built must not break the others
@@ -44,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
