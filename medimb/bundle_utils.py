@@ -104,3 +104,302 @@ def check_inputs(dataset_dir: str, datalist: str, num_channels: int | None = Non
                 f"set --num_channels {found} (and the metadata's num_channels) or rebuild the datalist"
             )
     return True
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it (a killed run leaves no partial file)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of an initialised process group, or when not distributed."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def class_counts(items: list[dict], num_classes: int) -> list[int]:
+    """Items per class ``(K,)`` of datalist ``items`` (each with an int ``label``)."""
+    counts = [0] * int(num_classes)
+    for item in items:
+        counts[int(item["label"])] += 1
+    return counts
+
+
+class CheckpointSaver:
+    """Ignite handler for the validator: writes a medimb checkpoint (docs/architecture.md) when the key
+    metric improves, so ``models/*.pt`` work with ``medimb.networks.load_checkpoint``, ``medimb explain``,
+    MONAI's ``CheckpointLoader(load_dict={"model": net})`` and ``ckpt_export --key_in_ckpt model``.
+
+    MONAI's own ``CheckpointSaver`` stores only state dicts; the medimb contract also needs the
+    architecture (``model.config``) and the preprocessing that inference must repeat. Writes on rank 0
+    only; atomic (``medimb.networks.save_checkpoint``).
+
+    Args:
+        save_path: the checkpoint file, e.g. ``models/model.pt``.
+        network: the un-wrapped model (not the DDP wrapper) whose weights are saved.
+        preprocessing: a :class:`medimb.data.Preprocessing` (or its dict).
+        class_names: one name per class.
+        method: recorded in the checkpoint, e.g. ``"cmsl-stage1"``.
+        key_metric_name: metric of the validator's ``state.metrics`` to maximise; default its key metric.
+    """
+
+    def __init__(self, save_path: str, network, preprocessing, class_names: list[str], method: str,
+                 key_metric_name: str | None = None):
+        self.save_path = save_path
+        self.network = network
+        self.preprocessing = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing)
+        self.class_names = [str(n) for n in class_names]
+        self.method = method
+        self.key_metric_name = key_metric_name
+        self.best = float("-inf")
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        from medimb.networks import save_checkpoint
+
+        name = self.key_metric_name or engine.state.key_metric_name
+        value = float(engine.state.metrics[name])
+        if not value > self.best:  # the first of equal scores is kept
+            return
+        self.best = value
+        if is_main_process():
+            save_checkpoint(self.save_path, self.network, preprocessing=self.preprocessing,
+                            class_names=self.class_names, method=self.method, epoch=int(engine.state.epoch),
+                            key_metric={name: value})
+
+
+def _ddp_classes():
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _AllOutputs(nn.Module):
+        """``forward(x) = model.forward_all(x)``, so DDP's forward (and its gradient all-reduce) runs it."""
+
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.forward_all(x)
+
+    class DistributedClassifier(DistributedDataParallel):
+        """DDP around a medimb model that keeps the API the medimb engines use.
+
+        ``forward_all(x)`` goes through ``DistributedDataParallel.forward``, so gradients are all-reduced
+        (calling ``ddp.module.forward_all`` would silently skip that); ``backbone_frozen`` is the wrapped
+        model's, so ``Stage2Trainer`` accepts it. ``ddp(x)`` also returns the ``forward_all`` dict.
+        """
+
+        def forward_all(self, x):
+            return self(x)
+
+        @property
+        def backbone_frozen(self) -> bool:
+            return bool(getattr(self.module.model, "backbone_frozen", False))
+
+    return _AllOutputs, DistributedClassifier
+
+
+def distributed(model, device, find_unused_parameters: bool = True):
+    """Wrap ``model`` (already on ``device``) for DistributedDataParallel training with medimb engines.
+
+    Call it after :func:`medimb.training.engines.prepare_stage2` in stage 2: DDP registers the
+    parameters that require gradients when it is built. ``find_unused_parameters`` defaults to True
+    because ``forward_all`` computes the embedding even when no metric loss uses it.
+    """
+    import torch
+
+    wrapper_cls, ddp_cls = _ddp_classes()
+    device = torch.device(device)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return ddp_cls(wrapper_cls(model), device_ids=ids, output_device=ids[0] if ids else None,
+                   find_unused_parameters=find_unused_parameters)
+
+
+def report_checkpoint(path: str) -> str:
+    """Log where the best checkpoint is (the bundle's ``finalize`` step); raise if training wrote none."""
+    import logging
+
+    if is_main_process():
+        if not Path(path).is_file():
+            raise BundleInputError(f"no checkpoint was written to {path}: did validation run (val_interval)?")
+        logging.getLogger("medimb.bundle").info("best checkpoint: %s", path)
+    return path
+
+
+def check_checkpoint(path: str, what: str = "the") -> bool:
+    """One clear line when a checkpoint the bundle needs is missing (e.g. stage 2 before stage 1)."""
+    if not Path(path).is_file():
+        raise BundleInputError(
+            f"{what} checkpoint {path} does not exist; run the earlier bundle step first or pass --ckpt_dir / the "
+            "checkpoint path override"
+        )
+    return True
+
+
+def load_model(path: str, num_channels: int | None = None, num_classes: int | None = None, device="cpu"):
+    """``medimb.networks.load_checkpoint(path)[0]``, with a one-line error when it does not fit the bundle.
+
+    Returns the model (eval mode) on ``device``; ``num_channels``/``num_classes`` are checked against the
+    checkpoint's architecture.
+    """
+    from medimb.networks import load_checkpoint
+
+    check_checkpoint(path)
+    try:
+        model, _ = load_checkpoint(path, map_location=device)
+    except Exception as exc:  # noqa: BLE001 - any unreadable/mismatched checkpoint becomes one line
+        raise BundleInputError(str(exc).splitlines()[0]) from None
+    config = model.config
+    for key, want in (("in_channels", num_channels), ("num_classes", num_classes)):
+        if want is not None and int(config[key]) != int(want):
+            raise BundleInputError(f"{path}: the checkpoint's network has {key}={config[key]}, the bundle expects {want}")
+    return model
+
+
+def load_preprocessing(path: str) -> dict:
+    """The ``preprocessing`` dict stored in a medimb checkpoint (to rebuild the evaluation transforms)."""
+    import torch
+
+    check_checkpoint(path)
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(meta, dict) or not meta.get("preprocessing"):
+        raise BundleInputError(f"{path} has no 'preprocessing' entry: not a checkpoint written by medimb")
+    return meta["preprocessing"]
+
+
+class MetricsReport:
+    """Ignite handler for an evaluator: collects logits (B, K) and labels (B,) over one epoch, then writes
+    ``output_dir/metrics.json`` (``medimb.evaluation.metrics.compute_metrics``), ``output_dir/predictions.csv``
+    and the ROC, PR and confusion-matrix plots (``medimb.evaluation.plots``). Rank 0 only; atomic writes.
+
+    Args:
+        output_dir: folder for the outputs.
+        network: the model, its head decides softmax vs sigmoid (``medimb.networks.predict_proba``).
+        class_names: one name per class.
+        split: name of the evaluated split, recorded in ``metrics.json``.
+    """
+
+    def __init__(self, output_dir: str, network, class_names: list[str], split: str = "test",
+                 cases: list[str] | None = None):
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.class_names = [str(n) for n in class_names]
+        self.split = split
+        self.cases = cases
+        self.written: dict[str, str] = {}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine) -> None:
+        self._logits, self._labels = [], []
+
+    def _collect(self, engine) -> None:
+        import torch
+
+        out = engine.state.output
+        self._logits.append(out["pred"].detach().float().cpu())
+        self._labels.append(torch.as_tensor(out["label"]).reshape(-1).cpu())
+
+    def _write(self, engine) -> None:
+        import csv
+        import io
+        import json
+
+        import torch
+
+        from medimb.evaluation import plots
+        from medimb.evaluation.metrics import compute_metrics
+        from medimb.networks import predict_proba
+
+        if not is_main_process():
+            return
+        labels = torch.cat(self._labels).numpy()
+        proba = predict_proba(self.network, torch.cat(self._logits)).numpy()
+        metrics = compute_metrics(labels, proba)
+        report = {"split": self.split, "class_names": self.class_names, **metrics}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["case", "label", "predicted", *[f"prob_{n}" for n in self.class_names]])
+        cases = self.cases or [str(i) for i in range(len(labels))]
+        for case, y, p in zip(cases, labels, proba):
+            writer.writerow([case, int(y), int(p.argmax()), *[f"{v:.6f}" for v in p]])
+        write_text_atomic(self.output_dir / "predictions.csv", buf.getvalue())
+        self.written = {"metrics": str(self.output_dir / "metrics.json")}
+        if len(set(labels.tolist())) > 1:  # curves need both classes
+            for name, fn in (("roc", plots.plot_roc), ("pr", plots.plot_pr)):
+                self.written[name] = str(fn(labels, proba, self.output_dir / f"{name}.png", class_names=self.class_names))
+        self.written["confusion_matrix"] = str(plots.plot_confusion_matrix(
+            labels, proba, self.output_dir / "confusion_matrix.png", class_names=self.class_names))
+        import logging
+
+        keys = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
+        logging.getLogger("medimb.bundle").info(
+            "%s metrics: %s -> %s", self.split,
+            ", ".join(f"{k}={metrics[k]:.3f}" if metrics[k] is not None else f"{k}=n/a" for k in keys),
+            self.output_dir / "metrics.json")
+
+
+def explain(ckpt_path: str, data: str, output_dir: str, methods: list[str], split: str | None = "test",
+            threshold: float | None = None, previews: bool = True) -> dict:
+    """Inference with overlays through ``medimb.explain``: ``output_dir/predictions.csv`` and, per case, the
+    heatmap NIfTI in the source geometry, its label map, PNG previews, ``index.html`` and ``load_in_slicer.py``.
+
+    ``data``: a datalist JSON (``split`` picks one split, None = all), a folder of NIfTI files or one file.
+    The output folder is replaced (the explain pipeline stages it and moves it into place). User mistakes
+    become :class:`BundleInputError`. Returns the explain summary.
+    """
+    import logging
+
+    from medimb.cli import UserError
+    from medimb.explain.inputs import resolve_items
+    from medimb.explain.pipeline import ExplainSettings, load_model as load_explain_model, run_explain
+
+    settings = ExplainSettings(methods=list(methods), previews=bool(previews))
+    if threshold is not None:
+        settings.threshold = float(threshold)
+    try:
+        items = resolve_items(data, split)
+        model, meta = load_explain_model(ckpt_path)
+        summary = run_explain(model, meta, items, output_dir, settings, overwrite=True, progress=False,
+                              checkpoint_name=Path(ckpt_path).name)
+    except UserError as exc:
+        raise BundleInputError(str(exc)) from None
+    logging.getLogger("medimb.bundle").info(
+        "explained %d case(s) with %s -> %s (predictions.csv, index.html, load_in_slicer.py)",
+        len(summary["cases"]), ", ".join(settings.methods), output_dir)
+    return summary
+
+
+def check_dataset_dir(dataset_dir: str, data: str) -> bool:
+    """One clear line when the dataset folder or the input (datalist, folder, file) of inference is missing."""
+    if not Path(dataset_dir).is_dir():
+        raise BundleInputError(
+            f"dataset_dir {str(dataset_dir)!r} does not exist or is not a folder; pass --dataset_dir /path/to/data"
+        )
+    if not Path(data).exists():
+        raise BundleInputError(f"{data} does not exist; pass --datalist (a datalist JSON, a NIfTI folder or file)")
+    return True

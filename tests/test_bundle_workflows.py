@@ -1,0 +1,99 @@
+"""Bundle workflows through `python -m monai.bundle run`, as a user runs them (subprocesses).
+
+Tiny data (20x18x12 volumes, 16^3 network input, 1-2 epochs): these check the wiring, the
+command-line overrides and the outputs, not accuracy (the demo and the benchmarks do that).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_bundle_helpers import make_dataset, run_bundle
+
+BREAST = "breast_dce_cmsl"
+TINY = ("--spatial_size", "[16,16,16]", "--batch_size", "4")
+
+
+def _ok(result, what: str) -> str:
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{what} failed:\n{log[-4000:]}"
+    return log
+
+
+@pytest.mark.slow
+def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
+    data = make_dataset(tmp_path / "data", channels=4)
+    models, evals = tmp_path / "models", tmp_path / "eval"
+    common = ("--dataset_dir", str(data), "--ckpt_dir", str(models), "--output_dir", str(evals), "--device", "cpu")
+    # stage 1; run from tmp_path (not the bundle root): outputs go where the overrides say
+    log = _ok(run_bundle(BREAST, ["train.json"], *common, *TINY, "--train#trainer#max_epochs", "1", cwd=tmp_path),
+              "stage 1")
+    assert "Epoch[1] Complete" in log and "Epoch[2]" not in log  # max_epochs override honoured
+    stage1 = torch.load(models / "model_stage1.pt", weights_only=True)
+    assert stage1["config"]["head"] == "cmsl" and stage1["config"]["in_channels"] == 4
+    assert stage1["preprocessing"]["spatial_size"] == [16, 16, 16] or tuple(stage1["preprocessing"]["spatial_size"]) == (16, 16, 16)
+    assert stage1["class_names"] == ["benign", "malignant"]
+
+    # stage 2 (cRT): backbone bit-identical, classifier re-trained
+    _ok(run_bundle(BREAST, ["train.json", "train_stage2.json"], *common, *TINY, "--train#trainer#max_epochs", "1",
+                   cwd=tmp_path), "stage 2")
+    stage2 = torch.load(models / "model.pt", weights_only=True)
+    backbone = [k for k in stage1["model"] if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(stage1["model"][k], stage2["model"][k]) for k in backbone)
+    assert not torch.equal(stage1["model"]["classifier.weight"], stage2["model"]["classifier.weight"])
+    assert stage2["method"] == "cmsl-stage2-crt"
+
+    # evaluation: metrics.json + plots on the test split
+    _ok(run_bundle(BREAST, ["train.json", "evaluate.json"], *common, cwd=tmp_path), "evaluate")
+    metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_samples"] == 3
+    for key in ("balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"):
+        assert key in metrics
+    for png in ("roc.png", "pr.png", "confusion_matrix.png"):
+        assert (evals / "evaluation" / png).stat().st_size > 1000
+
+    # inference: predictions.csv, COAM overlay in the source geometry, label map, Slicer loader
+    infer = tmp_path / "inference"
+    _ok(run_bundle(BREAST, ["inference.json"], "--dataset_dir", str(data), "--ckpt_dir", str(models),
+                   "--output_dir", str(infer), cwd=tmp_path), "inference")
+    rows = list(csv.DictReader((infer / "predictions.csv").open()))
+    assert len(rows) == 3 and {"case", "predicted_class", "prob_benign", "prob_malignant"} <= set(rows[0])
+    datalist = json.loads((data / "datalist.json").read_text())
+    source = nib.load(str(data / datalist["test"][0]["image"][0]))
+    case = rows[0]["case"]
+    heat = nib.load(str(infer / f"{case}_coam.nii.gz"))
+    label = nib.load(str(infer / f"{case}_coam_label.nii.gz"))
+    for overlay in (heat, label):
+        assert overlay.shape == source.shape
+        np.testing.assert_allclose(overlay.affine, source.affine, atol=1e-4)
+    assert (infer / "load_in_slicer.py").is_file() and (infer / "index.html").is_file()
+
+
+def test_missing_dataset_dir_is_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = run_bundle(BREAST, ["train.json"], "--dataset_dir", str(missing), cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("medimb bundle: error: dataset_dir") and str(missing) in last
+    assert "Traceback" not in result.stderr and "Failed to evaluate" not in result.stderr
+
+
+def test_wrong_datalist_keys_is_one_clear_line(tmp_path):
+    from monai.bundle import run
+
+    from medimb.bundle_utils import BundleInputError
+
+    data = make_dataset(tmp_path / "data", channels=4, per_class=(4, 4))
+    datalist = json.loads((data / "datalist.json").read_text())
+    datalist["training"] = [{"img": it["image"], "label": it["label"]} for it in datalist["training"]]
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    configs = str(Path(__file__).resolve().parents[1] / "bundles" / BREAST / "configs" / "train.json")
+    with pytest.raises(BundleInputError, match=r"items need keys 'image' and 'label', got \['img', 'label'\]"):
+        run(config_file=configs, dataset_dir=str(data), ckpt_dir=str(tmp_path / "m"), logging_file=False)
+    assert not (tmp_path / "m").exists()
