@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import data_prep
 
+_RENAME = {"ManufacturerModelName": "ManufacturersModelName"}  # dcm2niix's spelling
 _MS_TO_S = ("EchoTime", "RepetitionTime", "InversionTime")
 _COPY = (
     "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ImagingFrequency", "ScanningSequence",
@@ -30,6 +31,7 @@ def build_sidecar(params: dict, *, modality: str, description: str, series_numbe
         v = params.get(k)
         if v is None or v == "" or v == []:
             continue
+        k = _RENAME.get(k, k)
         out[k] = [scrub(x) for x in v] if isinstance(v, list) else (scrub(v) if isinstance(v, str) else v)
     for k in _MS_TO_S:
         if params.get(k) is not None:
