@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    synth, converted, datalist, train_dir = work / "synth", work / "converted", work / "datalist.json", work / "train"
+    synth, converted = work / "synth", work / "converted"
+    datalist, train_dir = work / "datalist.json", work / "train"
     if not (synth / "labels.csv").exists():
         run(prep_command("synth", str(synth), "--cases", str(args.cases), "--seed", str(args.seed),
                          "--positive-fraction", str(args.positive_fraction)))
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         run(prep_command("convert", str(synth / "archive"), str(converted)))
     if not datalist.exists():
         if has_datalist_command():
-            run(prep_command("datalist", str(converted), "--labels", str(synth / "labels.csv"), "--key", "case",
-                             "--output", str(datalist), "--val", "0.15", "--test", "0.25", "--seed", str(args.seed)))
+            run(prep_command("datalist", str(converted), "--labels", str(synth / "labels.csv"),
+                             "--key", "case", "--output", str(datalist), "--val", "0.15", "--test", "0.25",
+                             "--seed", str(args.seed)))
         else:
             print("medimb-prep datalist not available: building the datalist in the benchmark", flush=True)
             build_datalist(converted, synth / "labels.csv", datalist, args.seed)
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         method.stage1.epochs = args.epochs
         if method.stage2 is not None:
             method.stage2.epochs = max(2, args.epochs // 4)
-        config = TrainConfig(data=str(datalist), out=str(train_dir), method=method, seed=args.seed, device="cpu",
-                             amp=False, spatial_size=tuple(args.spatial_size))
+        config = TrainConfig(data=str(datalist), out=str(train_dir), method=method, seed=args.seed,
+                             device="cpu", amp=False, spatial_size=tuple(args.spatial_size))
         from medimb.training.workflow import train
 
         result = train(config, progress=True)
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     per_case, timings = [], []
     n_test, correct = 0, 0
     for item in items:
-        images = [str(base / p) for p in (item["image"] if isinstance(item["image"], list) else [item["image"]])]
+        paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        images = [str(base / p) for p in paths]
         case = item.get("subject") or Path(images[0]).name.split("_")[0]
         data = preprocess(transform, {"image": images, "case": case})
         x = data["image"].as_tensor().unsqueeze(0).float()
@@ -192,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             heat = invert_to_source(explainer(x, class_idx=1)[0], data, transform)
             heat = heat / max(float(heat.max()), 1e-12)  # resampling can shave the peak below 1
             row[name] = localization_scores(heat, mask, affine, THRESHOLD)
-        timings.append(time_methods(model, x, {m: explainers[m] for m in ("coam", "gradcam", "cam")}, args.repeats))
+        timed = {m: explainers[m] for m in ("coam", "gradcam", "cam")}
+        timings.append(time_methods(model, x, timed, args.repeats))
         per_case.append(row)
-        print(f"{case}: " + ", ".join(f"{m} pg={row[m]['pointing_game']:.0f} d={row[m]['com_distance_mm']:.1f}mm "
-                                     f"dice={row[m]['dice']:.2f}" for m in METHODS), flush=True)
+        print(f"{case}: " + ", ".join(
+            f"{m} pg={row[m]['pointing_game']:.0f} d={row[m]['com_distance_mm']:.1f}mm "
+            f"dice={row[m]['dice']:.2f}"
+            for m in METHODS), flush=True)
     if not per_case:
         print("no positive test cases: nothing to score", file=sys.stderr)
         return 1
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "cases": args.cases, "method": args.method, "epochs": args.epochs, "spatial_size": list(args.spatial_size),
+        "cases": args.cases, "method": args.method, "epochs": args.epochs,
+        "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
         "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),
         "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice")}

@@ -66,7 +66,8 @@ def bright_cube_input(shape=(16, 16, 16), corner=(10, 3, 6), size=4, channels=1)
     return x
 
 
-def oblique_affine(spacing=(0.8, 1.1, 3.0), angles=(0.3, -0.2, 0.5), origin=(-20.0, 15.0, 40.0)) -> np.ndarray:
+def oblique_affine(spacing=(0.8, 1.1, 3.0), angles=(0.3, -0.2, 0.5),
+                   origin=(-20.0, 15.0, 40.0)) -> np.ndarray:
     """A RAS affine with anisotropic spacing and a rotation about all three axes (no flips)."""
     ax, ay, az = angles
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])

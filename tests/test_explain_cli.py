@@ -26,7 +26,8 @@ PRE = Preprocessing(spatial_size=(24, 24, 24), pixdim=(2.0, 2.0, 2.0), intensity
 
 def make_checkpoint(path: Path, head: str = "cmsl", in_channels: int = 1) -> Path:
     torch.manual_seed(0)
-    model = create_model("cpunet", in_channels=in_channels, num_classes=2, head=head, widths=(4, 8), depths=(1, 1))
+    model = create_model("cpunet", in_channels=in_channels, num_classes=2, head=head, widths=(4, 8),
+                         depths=(1, 1))
     pre = dict(PRE, in_channels=in_channels)
     return save_checkpoint(path, model, preprocessing=pre, class_names=["benign", "malignant"], method="test",
                            epoch=0)
@@ -51,7 +52,8 @@ def explained(tmp_path_factory):
     ckpt = make_checkpoint(root / "model.pt")
     scans = make_scans(root / "scans")
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"test": [{"image": f"scans/{p.name}", "label": i % 2} for i, p in enumerate(scans)]}))
+    items = [{"image": f"scans/{p.name}", "label": i % 2} for i, p in enumerate(scans)]
+    datalist.write_text(json.dumps({"test": items}))
     out = root / "out"
     rc = main(["explain", "--checkpoint", str(ckpt), "--data", str(datalist), "--out", str(out),
                "--methods", "coam,gradcam,cam"])
@@ -152,16 +154,16 @@ def test_slicer_loader_compiles_and_loads_the_right_files(explained, monkeypatch
 def test_folder_input_and_refusal_to_overwrite(explained, capsys):
     root, out, _ = explained
     before = sorted(p.name for p in out.iterdir())
-    rc = main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"), "--out", str(out),
-               "--methods", "coam", "--no-previews"])
+    rc = main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
+               "--out", str(out), "--methods", "coam", "--no-previews"])
     assert rc == 2 and "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
     out2 = root / "out_folder"
     assert main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
                  "--out", str(out2), "--methods", "coam", "--no-previews"]) == 0
     assert sorted(p.name for p in out2.iterdir()) == [
-        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam.nii.gz", "scan-0_coam_label.nii.gz",
-        "scan-1_coam.nii.gz", "scan-1_coam_label.nii.gz"]
+        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam.nii.gz",
+        "scan-0_coam_label.nii.gz", "scan-1_coam.nii.gz", "scan-1_coam_label.nii.gz"]
 
 
 def _run_error(argv, capsys) -> str:

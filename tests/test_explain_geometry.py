@@ -80,7 +80,8 @@ def test_oblique_anisotropic_overlay_matches_source(tmp_path, flip, pixdim):
     write_nifti(source, volume, affine)
     world_ras = (affine @ np.array([*ijk, 1.0]))[:3]
     # the native grid after RAS reorientation is at most 40 voxels per axis: no voxel is cropped
-    pre = Preprocessing(spatial_size=(40, 40, 40), pixdim=pixdim, intensity="percentile", percentiles=(0.0, 100.0))
+    pre = Preprocessing(spatial_size=(40, 40, 40), pixdim=pixdim, intensity="percentile",
+                        percentiles=(0.0, 100.0))
     overlay = explain_identity(source, pre, tmp_path / "oblique_identity.nii.gz")
     assert_same_geometry(source, overlay)
     assert nib.load(str(overlay)).get_data_dtype() == np.float32
@@ -114,12 +115,18 @@ def convert_real_series(out_dir: Path) -> Path:
     return found[0]
 
 
-@pytest.mark.real_data
-@pytest.mark.parametrize("pixdim", [None, (4.0, 4.0, 4.0)], ids=["native", "resampled"])
-def test_real_series_overlay_matches_source(tmp_path, pixdim):
+@pytest.fixture(scope="module")
+def real_series_nifti(tmp_path_factory) -> Path:
     if not REAL_SERIES.is_dir():
         pytest.skip(f"real DICOM series not found at {REAL_SERIES}")
-    source = convert_real_series(tmp_path)
+    return convert_real_series(tmp_path_factory.mktemp("real_series"))
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+@pytest.mark.parametrize("pixdim", [None, (4.0, 4.0, 4.0)], ids=["native", "resampled"])
+def test_real_series_overlay_matches_source(tmp_path, pixdim, real_series_nifti):
+    source = real_series_nifti
     image = nib.load(str(source))
     volume = np.asarray(image.dataobj, dtype=np.float32)
     # plant a point well inside the head, away from the crop border

@@ -69,7 +69,8 @@ def centre_of_mass_distance_mm(heat: np.ndarray, mask: np.ndarray, affine: np.nd
     """
     heat, mask = _check(heat, mask)
     weights = np.where(heat >= threshold, heat, 0.0)
-    return float(np.linalg.norm(centre_of_mass_mm(weights, affine) - centre_of_mass_mm(mask.astype(float), affine)))
+    lesion_centre = centre_of_mass_mm(mask.astype(float), affine)
+    return float(np.linalg.norm(centre_of_mass_mm(weights, affine) - lesion_centre))
 
 
 def dice_of_threshold(heat: np.ndarray, mask: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> float:

@@ -10,12 +10,19 @@ predictions.csv and a 3D Slicer loader script.
 
 from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, GradCAMExplainer, cam_classifier
 from medimb.explain.coam import COAM, coam_from_features, upsample_to
-from medimb.explain.export import DEFAULT_THRESHOLD, invert_to_source, threshold_region, write_heatmap, write_label
+from medimb.explain.export import (
+    DEFAULT_THRESHOLD,
+    invert_to_source,
+    threshold_region,
+    write_heatmap,
+    write_label,
+)
 from medimb.explain.methods import DEFAULT_METHODS, METHODS, create_explainer, parse_methods
 from medimb.explain.normalize import minmax_per_volume
 
 __all__ = [
-    "CAMExplainer", "COAM", "DEFAULT_METHODS", "DEFAULT_THRESHOLD", "FeatureMapClassifier", "GradCAMExplainer",
-    "METHODS", "cam_classifier", "coam_from_features", "create_explainer", "invert_to_source", "minmax_per_volume",
-    "parse_methods", "threshold_region", "upsample_to", "write_heatmap", "write_label",
+    "CAMExplainer", "COAM", "DEFAULT_METHODS", "DEFAULT_THRESHOLD", "FeatureMapClassifier",
+    "GradCAMExplainer", "METHODS", "cam_classifier", "coam_from_features", "create_explainer",
+    "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region", "upsample_to",
+    "write_heatmap", "write_label",
 ]

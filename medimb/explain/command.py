@@ -35,7 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=_DEFAULTS.threshold,
                         help="label map region: map >= this (maps are scaled to [0, 1]; default %(default)s)")
     parser.add_argument("--display-threshold", type=float, default=_DEFAULTS.display_threshold,
-                        help="heatmap values below this are transparent in Slicer and the PNGs (default %(default)s)")
+                        help="heatmap values below this are transparent in Slicer and the PNGs "
+                        "(default %(default)s)")
     parser.add_argument("--no-previews", action="store_true", help="skip PNG previews and index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.set_defaults(func=run)
@@ -55,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     num_classes = int(model.config.get("num_classes", 0))
     if args.target_class is not None and not 0 <= args.target_class < num_classes:
         raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {args.target_class}")
-    settings = ExplainSettings(methods=methods, threshold=args.threshold, display_threshold=args.display_threshold,
-                               target_class=args.target_class, previews=not args.no_previews)
+    settings = ExplainSettings(methods=methods, threshold=args.threshold,
+                               display_threshold=args.display_threshold, target_class=args.target_class,
+                               previews=not args.no_previews)
     summary = run_explain(model, meta, items, args.out, settings, overwrite=args.overwrite,
                           checkpoint_name=args.checkpoint.name)
     n = len(summary["cases"])

@@ -90,14 +90,16 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
 def check_inputs(model: torch.nn.Module, preprocessing: dict, items: list[dict]) -> None:
     """Raise :class:`UserError` when the items cannot be explained with this model's preprocessing."""
     if preprocessing.get("source", "nifti") != "nifti":
-        raise UserError(f"this checkpoint was trained on {preprocessing.get('source')!r} arrays, not NIfTI scans")
+        raise UserError(
+            f"this checkpoint was trained on {preprocessing.get('source')!r} arrays, not NIfTI scans")
     if preprocessing.get("slices") or preprocessing.get("slices_as_channels"):
         raise UserError("2.5D checkpoints (a slab of slices per input) are not supported by explain yet: "
                         "their feature maps are 2D and cannot be mapped back to a 3D overlay")
     expected = int(preprocessing.get("in_channels", 1))
     model_channels = int((getattr(model, "config", None) or {}).get("in_channels", expected))
     if model_channels != expected:
-        raise UserError(f"checkpoint inconsistent: network takes {model_channels} channels, preprocessing {expected}")
+        raise UserError(
+            f"checkpoint inconsistent: network takes {model_channels} channels, preprocessing {expected}")
     for item in items:
         if len(item["image"]) != expected:
             raise UserError(
@@ -122,7 +124,8 @@ def preprocess(transform, item: dict) -> dict:
 def _channel_check(data: dict, expected: int, case: str) -> None:
     got = int(data["image"].shape[0])
     if got != expected:
-        raise UserError(f"case {case}: image has {got} channel(s) after loading but the model takes {expected}")
+        raise UserError(
+            f"case {case}: image has {got} channel(s) after loading but the model takes {expected}")
 
 
 def explain_item(model, transform, item: dict, methods: list[str], target_class: int | None,
@@ -161,10 +164,12 @@ def _check_rerouting(model, transform, item: dict, channels: int) -> None:
 def _predictions_csv(cases: list[CaseExplanation], class_names: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "predicted_class", "predicted_name", *[f"prob_{n}" for n in class_names], "label"])
+    probs = [f"prob_{n}" for n in class_names]
+    writer.writerow(["case", "predicted_class", "predicted_name", *probs, "label"])
     for c in cases:
-        writer.writerow([c.case, c.predicted, class_names[c.predicted], *[f"{p:.6f}" for p in c.probabilities],
-                         "" if c.label is None else c.label])
+        probs = [f"{p:.6f}" for p in c.probabilities]
+        label = "" if c.label is None else c.label
+        writer.writerow([c.case, c.predicted, class_names[c.predicted], *probs, label])
     return buf.getvalue()
 
 
@@ -191,14 +196,18 @@ def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, cl
         if image is not None:
             png = f"previews/{exp.case}_{method}.png"
             title = f"{exp.case}  {method}  predicted {row['prediction']}"
-            save_preview(folder / png, image, heat, src.affine, title, settings.display_threshold, settings.threshold)
+            save_preview(folder / png, image, heat, src.affine, title, settings.display_threshold,
+                         settings.threshold)
             row["previews"][method] = png
     return row
 
 
 def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, settings: ExplainSettings,
                 overwrite: bool = False, progress: bool = True, checkpoint_name: str = "") -> dict:
-    """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``; returns a summary."""
+    """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``.
+
+    Returns the summary also written to ``explain.json``.
+    """
     from medimb.data.transforms import build_eval_transforms
 
     out_dir = Path(out_dir)

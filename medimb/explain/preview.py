@@ -72,7 +72,8 @@ def save_preview(
         if name.startswith(("axial", "coronal")):
             ax.invert_xaxis()  # radiological: patient right on the screen's left
         for (x, y), letter in zip(((0.02, 0.5), (0.98, 0.5), (0.5, 0.97)), letters):
-            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=8, ha="center", va="center")
+            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=8, ha="center",
+                    va="center")
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -110,7 +111,9 @@ def render_index(rows: list[dict], methods: list[str], class_names: list[str]) -
             if m in r["previews"] else "<td></td>"
             for m in methods
         )
-        ok = "" if r.get("label") is None else (' class="right"' if r["label"] == r["predicted"] else ' class="wrong"')
+        ok = ""
+        if r.get("label") is not None:
+            ok = ' class="right"' if r["label"] == r["predicted"] else ' class="wrong"'
         body.append(
             f"<tr><td><b>{esc(r['case'])}</b></td><td{ok}>{esc(class_names[r['predicted']])}</td>"
             f"<td>{probs}</td><td>{label}</td>{cells}</tr>"
@@ -118,8 +121,9 @@ def render_index(rows: list[dict], methods: list[str], class_names: list[str]) -
     return (
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>medimb explain</title>\n"
         "<style>body{font-family:sans-serif} td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-        " table{border-collapse:collapse} .right{background:#dfd} .wrong{background:#fdd}</style></head><body>\n"
-        "<h1>medimb attention maps</h1>\n<p>Heatmaps (inferno, 1 = most attended) over the scan; values below "
+        " table{border-collapse:collapse} .right{background:#dfd} .wrong{background:#fdd}"
+        "</style></head><body>\n<h1>medimb attention maps</h1>\n"
+        "<p>Heatmaps (inferno, 1 = most attended) over the scan; values below "
         "the display threshold are hidden; the cyan outline is the thresholded region (label map). Slices "
         "pass through each map's peak; radiological convention (patient right on the left).</p>\n"
         f"<table><tr><th>case</th><th>predicted</th><th>probabilities</th><th>label</th>{head}</tr>\n"

@@ -82,14 +82,17 @@ def _outline_labels():
 def load_all():
     loaded = []
     for case in CASES:
-        source = slicer.util.loadVolume(_find(case["source"]), {"name": case["case"], "show": False})
+        source = slicer.util.loadVolume(
+            _find(case["source"]), {"name": case["case"], "show": False, "labelmap": False})
         heatmaps, labels = [], []
         for method, path in case["heatmaps"].items():
-            node = slicer.util.loadVolume(_find([path]), {"name": "%s_%s" % (case["case"], method), "show": False})
+            node = slicer.util.loadVolume(
+                _find([path]), {"name": "%s_%s" % (case["case"], method), "show": False, "labelmap": False})
             _style_heatmap(node)
             heatmaps.append(node)
         for method, path in case["labels"].items():
-            labels.append(slicer.util.loadLabelVolume(_find([path]), {"name": "%s_%s_label" % (case["case"], method)}))
+            labels.append(slicer.util.loadLabelVolume(
+                _find([path]), {"name": "%s_%s_label" % (case["case"], method)}))
         loaded.append((case, source, heatmaps, labels))
         print("medimb: loaded %s (%s)" % (case["case"], case.get("prediction", "")))
     if loaded:
