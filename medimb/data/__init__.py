@@ -1,5 +1,6 @@
 """medimb.data: datasets (MedMNIST ``.npz``, MONAI datalists of NIfTI), transform pipelines, samplers."""
 
+from medimb.data.batch_augment import BatchAugmentation
 from medimb.data.checks import check_channels, check_finite, check_labels
 from medimb.data.datalist import load_datalist
 from medimb.data.datasets import DataSplits, load_splits
@@ -15,6 +16,7 @@ from medimb.data.transforms import (
 
 __all__ = [
     "Augmentation",
+    "BatchAugmentation",
     "ClassBalancedSampler",
     "DataError",
     "DataSplits",

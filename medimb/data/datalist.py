@@ -37,6 +37,7 @@ def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str,
     Every item keeps its keys; ``image`` becomes a list of absolute paths (one per channel) and ``label``
     an int. Raises :class:`DataError` for a missing file or split, wrong keys, a path that does not exist,
     items with different numbers of channels, labels outside ``[0, num_classes)`` or a one-class split.
+    ``num_classes`` defaults to the datalist's own ``num_classes`` entry, else ``max(label) + 1``.
     """
     path = Path(path)
     if not path.is_file():
@@ -76,6 +77,8 @@ def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str,
                 )
             out.append({**item, "image": images, "label": label})
         splits[split] = out
+    if num_classes is None and isinstance(data.get("num_classes"), int) and not isinstance(data["num_classes"], bool):
+        num_classes = data["num_classes"]  # written by medimb-prep datalist
     if num_classes is None:
         num_classes = max(it["label"] for items in splits.values() for it in items) + 1
     for split, items in splits.items():

@@ -51,7 +51,7 @@ def is_medmnist(path: str | Path) -> bool:
 
 
 def _medmnist_preprocessing(images: np.ndarray) -> Preprocessing:
-    """Defaults for (N, C, *S) uint8 arrays: scale to [0, 1], flips and a small affine."""
+    """Defaults for (N, C, *S) uint8 arrays: scale to [0, 1]; flips and a small affine applied per batch."""
     spatial = tuple(int(s) for s in images.shape[2:])
     return Preprocessing(
         source="medmnist",
@@ -61,7 +61,7 @@ def _medmnist_preprocessing(images: np.ndarray) -> Preprocessing:
         orientation=None,
         pixdim=None,
         intensity="scale255",
-        augmentation=Augmentation(flip_prob=0.5, affine_prob=0.3),
+        augmentation=Augmentation(flip_prob=0.5, affine_prob=0.3, on_batch=True),
     )
 
 
@@ -149,7 +149,8 @@ def load_splits(
             names = [str(i) for i in range(num_classes)]
     elif path.suffix == ".json":
         items = load_datalist(path)
-        num_classes = max(it["label"] for split in items.values() for it in split) + 1
+        declared = json.loads(path.read_text()).get("num_classes")
+        num_classes = declared if isinstance(declared, int) else max(it["label"] for s in items.values() for it in s) + 1
         pre = default_nifti_preprocessing(items["train"][0], spatial_size or (64, 64, 64), slices)
         names = _datalist_class_names(path, num_classes)
     else:
@@ -175,6 +176,12 @@ def load_splits(
         return CacheDataset(split_items, transform, cache_rate=1.0, num_workers=0, progress=False)
 
     labels = {s: np.asarray([it["label"] for it in v], dtype=np.int64) for s, v in items.items()}
+    missing = sorted(set(range(num_classes)) - set(labels["train"].tolist()))
+    if missing:
+        raise DataError(
+            f"{path}: class(es) {missing} of the class range 0..{num_classes - 1} have no training items; "
+            "labels must be consecutive class indices starting at 0"
+        )
     return DataSplits(
         train=make(items["train"], train_tf),
         train_eval=make(items["train"], eval_tf),

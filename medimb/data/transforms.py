@@ -57,6 +57,7 @@ class Augmentation:
     intensity_range: float = 0.1
     noise_prob: float = 0.0
     noise_std: float = 0.05
+    on_batch: bool = False  # apply to whole batches on the device (medimb.data.BatchAugmentation), not per item
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _deterministic(pre: Preprocessing) -> list:
         CheckImaged(keys="image", channels=pre.in_channels),
     ]
     if pre.orientation:
-        tf.append(Orientationd(keys="image", axcodes=pre.orientation))
+        tf.append(Orientationd(keys="image", axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pre.pixdim:
         tf.append(Spacingd(keys="image", pixdim=pre.pixdim, mode="bilinear"))
     tf += _intensity(pre)
@@ -215,13 +216,15 @@ def build_eval_transforms(preprocessing: Preprocessing | Mapping) -> Compose:
 
 
 def build_train_transforms(preprocessing: Preprocessing | Mapping) -> Compose:
-    """:func:`build_eval_transforms` plus random augmentation (before the 2.5D transpose).
+    """:func:`build_eval_transforms` plus random augmentation (before the 2.5D transpose); with
+    ``augmentation.on_batch`` the augmentation is left to :class:`medimb.data.BatchAugmentation`.
 
     The random part starts at the first ``Randomizable`` transform, so ``CacheDataset`` caches the
     deterministic part only.
     """
     pre = _as_pre(preprocessing)
-    tf = [*_deterministic(pre), *_augmentation(pre), *_final(pre)]
+    per_item = [] if pre.augmentation.on_batch else _augmentation(pre)
+    tf = [*_deterministic(pre), *per_item, *_final(pre)]
     if pre.source == "medmnist":
         # arrays arrive as plain tensors; keep them plain after augmentation (no meta needed)
         tf.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))

@@ -1,0 +1,167 @@
+"""Training configuration: small dataclasses, one definition per method (the single source of defaults).
+
+``method_config(name)`` returns the :class:`MethodConfig` of a CLI method; ``TrainConfig`` adds the
+run-level settings (data, network, seed, device). ``asdict`` of a ``TrainConfig`` is the resolved
+config written next to the checkpoints, and ``TrainConfig.from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: representation + classifier, instance-balanced sampling.
+
+    loss: a ``medimb.losses.create_loss`` name; metric_loss: a ``create_metric_loss`` name or None;
+    ``L = L_cls + metric_weight * L_metric``. key_metric selects the best epoch on validation.
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    loss: str = "ce"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    metric_loss: str | None = None
+    metric_kwargs: dict[str, Any] = field(default_factory=dict)
+    metric_weight: float = 0.1
+    key_metric: str = "balanced_accuracy"
+    early_stop_patience: int | None = None
+    drw_start: float | None = None  # LDAM-DRW: class re-weighting from this fraction of the epochs on
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: frozen backbone, classifier re-balancing (Kang et al., ICLR 2020).
+
+    rebalance: ``crt`` (re-initialised head, class-balanced re-training), ``lws`` (learnable per-class
+    scales, class-balanced) or ``tau_norm`` (``w / ||w||^tau``, tau picked on validation from ``taus``).
+    """
+
+    rebalance: str = "crt"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: str = "ce"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    key_metric: str = "balanced_accuracy"
+
+
+@dataclass
+class MethodConfig:
+    """One CLI method: classifier head, stage 1 and (for two-stage methods) stage 2."""
+
+    name: str
+    description: str
+    head: str = "linear"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config | None = None
+
+
+def _two_stage(name: str, description: str, metric: str | None, **stage1: Any) -> MethodConfig:
+    return MethodConfig(
+        name=name,
+        description=description,
+        stage1=Stage1Config(metric_loss=metric, key_metric="auc", **stage1),
+        stage2=Stage2Config(rebalance="crt"),
+    )
+
+
+#: every CLI method, defined once
+METHODS: dict[str, MethodConfig] = {
+    m.name: m
+    for m in (
+        MethodConfig("ce", "cross-entropy, instance-balanced sampling (the plain baseline)"),
+        MethodConfig("weighted-ce", "cross-entropy with inverse-frequency class weights",
+                     stage1=Stage1Config(loss="weighted-ce")),
+        MethodConfig("focal", "focal loss (gamma 2): down-weights easy, mostly majority examples",
+                     stage1=Stage1Config(loss="focal")),
+        MethodConfig("ldam-drw", "LDAM margins (larger for rare classes) with deferred re-weighting",
+                     head="cosine", head_kwargs={"scale": 30.0},
+                     stage1=Stage1Config(loss="ldam", loss_kwargs={"scale": 30.0}, drw_start=0.8)),
+        MethodConfig("balanced-softmax", "balanced softmax: logits shifted by log class priors in training",
+                     stage1=Stage1Config(loss="balanced-softmax")),
+        _two_stage("crt", "two-stage: CE stage 1, classifier re-training with class-balanced sampling", None),
+        _two_stage("two-stage-triplet", "two-stage: CE + triplet (semi-hard mining) stage 1, cRT stage 2",
+                   "triplet"),
+        _two_stage("two-stage-supcon", "two-stage: CE + supervised contrastive stage 1, cRT stage 2", "supcon"),
+        MethodConfig("cmsl", "Cosine Margin Sigmoid Loss on an L2-normalised cosine head",
+                     head="cmsl", stage1=Stage1Config(loss="cmsl")),
+        MethodConfig("cmsl-two-stage", "CMSL + supervised contrastive stage 1, cRT of the CMSL head in stage 2",
+                     head="cmsl",
+                     stage1=Stage1Config(loss="cmsl", metric_loss="supcon", key_metric="auc"),
+                     stage2=Stage2Config(rebalance="crt", loss="cmsl")),
+    )
+}
+# The recommended default (see docs/training.md for the measurement behind the choice).
+METHODS["two-stage"] = replace(
+    METHODS["two-stage-supcon"],
+    name="two-stage",
+    description="recommended: CE + supervised contrastive stage 1, cRT stage 2",
+)
+
+
+def method_config(name: str) -> MethodConfig:
+    """A copy of the :class:`MethodConfig` registered as ``name``."""
+    try:
+        m = METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    return _copy_method(m)
+
+
+def _copy_method(m: MethodConfig) -> MethodConfig:
+    d = asdict(m)
+    s2 = d.pop("stage2")
+    return MethodConfig(
+        **{k: v for k, v in d.items() if k != "stage1"},
+        stage1=Stage1Config(**d["stage1"]),
+        stage2=Stage2Config(**{**s2, "taus": tuple(s2["taus"])}) if s2 else None,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``network_kwargs`` go to ``medimb.networks.create_model`` (e.g. ``widths``)."""
+
+    data: str
+    out: str
+    method: MethodConfig
+    network: str = "cpunet"
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    cache: str = "memory"
+    num_workers: int = 0
+    spatial_size: tuple[int, ...] | None = None
+    slices: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        method = d.pop("method")
+        method = _copy_method(method) if isinstance(method, MethodConfig) else _method_from_dict(method)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}")
+        if d.get("spatial_size") is not None:
+            d["spatial_size"] = tuple(d["spatial_size"])
+        return cls(method=method, **d)
+
+
+def _method_from_dict(d: dict) -> MethodConfig:
+    d = dict(d)
+    s1 = Stage1Config(**d.pop("stage1"))
+    s2 = d.pop("stage2")
+    s2 = Stage2Config(**{**s2, "taus": tuple(s2["taus"])}) if s2 else None
+    return MethodConfig(**d, stage1=s1, stage2=s2)

@@ -1,0 +1,101 @@
+"""medimb.training: stage 2 keeps the backbone bit-identical, resume equals an uninterrupted run, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medimb.data import load_splits
+from medimb.networks import load_checkpoint
+from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train
+from medimb.training import workflow
+from medimb.training.workflow import build_model
+from training_utils import tiny_config, tiny_npz
+
+
+def _frozen_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+
+
+@pytest.mark.parametrize("rebalance", ["crt", "lws", "tau_norm"])
+def test_stage2_leaves_backbone_bit_identical(tmp_path, rebalance):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    cfg = tiny_config(data, tmp_path / "out", "crt", epochs=1)
+    cfg.method.stage2.rebalance = rebalance
+    splits = load_splits(data)
+    model = build_model(cfg, splits)
+    run_stage1(model, splits, cfg.method.stage1, tmp_path / "out", torch.device("cpu"), progress=False)
+    before = _frozen_state(model)
+    head_before = model.classifier.weight.detach().clone()
+    info = run_stage2(model, splits, cfg.method.stage2, tmp_path / "out", torch.device("cpu"), progress=False)
+    after = _frozen_state(model)
+    assert before.keys() == after.keys() and any(k.endswith("running_mean") for k in after)  # BN buffers too
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    if rebalance == "crt":  # a re-initialised, re-trained head
+        assert not torch.equal(head_before, model.classifier.weight)
+    if rebalance == "lws":
+        assert torch.equal(head_before, model.classifier.weight)
+    if rebalance == "tau_norm":
+        assert info["tau"] in cfg.method.stage2.taus
+    assert model.config["head"] == {"crt": "linear", "lws": "lws", "tau_norm": "tau_norm"}[rebalance]
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    full = train(tiny_config(data, tmp_path / "full", epochs=3, stage2_epochs=2), progress=False)
+
+    original = workflow.EpochSeeder.__call__
+
+    def crash_at_stage1_epoch3(self, engine):
+        if engine.state.epoch == 3 and self.seed == 0:  # stage 1 (stage 2 runs with seed + 1)
+            raise KeyboardInterrupt
+        original(self, engine)
+
+    monkeypatch.setattr(workflow.EpochSeeder, "__call__", crash_at_stage1_epoch3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "resumed", epochs=3, stage2_epochs=2), progress=False)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(workflow.EpochSeeder, "__call__", original)
+    resumed = train(tiny_config(data, tmp_path / "resumed", epochs=3, stage2_epochs=2), resume=True, progress=False)
+
+    assert resumed["selection"]["stage1"] == full["selection"]["stage1"]
+    assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
+    a, _ = load_checkpoint(tmp_path / "full" / "final.pt")
+    b, _ = load_checkpoint(tmp_path / "resumed" / "final.pt")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_checkpoint_contract_and_outputs(tmp_path):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    res = train(tiny_config(data, tmp_path / "out", "two-stage", epochs=2, stage2_epochs=1), progress=False)
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for key in ("balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"):
+            assert key in metrics[split]
+    assert metrics["test"] == res["test"]
+    model, meta = load_checkpoint(out / "final.pt")
+    assert meta["method"] == "two-stage" and meta["class_names"] == ["0", "1"]
+    assert meta["preprocessing"]["source"] == "medmnist" and meta["config"] == model.config
+    stage1, _ = load_checkpoint(out / "stage1_best.pt")
+    assert stage1.config["head"] == "linear"
+    assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).method.stage1.metric_loss == "supcon"
+    assert {p.rsplit("/", 1)[-1] for p in res["plots"]} == {"roc.png", "pr.png", "confusion_matrix.png",
+                                                              "features_pca.png"}
+
+
+def test_every_method_has_one_config_and_round_trips():
+    assert set(METHODS) == {"ce", "weighted-ce", "focal", "ldam-drw", "balanced-softmax", "crt", "two-stage-triplet",
+                            "two-stage-supcon", "cmsl", "cmsl-two-stage", "two-stage"}
+    for name in METHODS:
+        cfg = TrainConfig(data="x.npz", out="o", method=method_config(name))
+        again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg
+    a = method_config("ce")
+    a.stage1.epochs = 1
+    assert method_config("ce").stage1.epochs == 30  # copies, the registry is never mutated
