@@ -63,7 +63,7 @@ class CosineMarginSigmoidLoss(nn.Module):
         else:
             check_logits_labels(logits, labels, "CosineMarginSigmoidLoss")
             targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        if logits.abs().max() > self.scale * (1 + 1e-3):
+        if logits.abs().max() > self.scale * (1 + 1e-2):  # slack for fp16 rounding under AMP
             raise ValueError(
                 f"CosineMarginSigmoidLoss: |logits| exceeds scale s={self.scale}; it expects s*cos from a "
                 "cosine/CMSL head with the same scale"

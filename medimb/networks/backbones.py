@@ -57,9 +57,12 @@ class _ResidualConv(nn.Module):
 class CPUNet(Backbone):
     """CPU-aware default network: strided stem, few wide stages, stride-2 convs instead of pooling.
 
-    Layout for ``widths=(w0, w1, w2)``: a stride-2 3x3(x3) stem ``C -> w0`` (28 -> 14), then each
-    stage ``i > 0`` opens with a stride-2 conv ``w(i-1) -> w(i)`` (14 -> 7 -> 4); every stage adds
-    ``depths[i]`` residual 3x3(x3) convs. All convs are followed by BatchNorm and ReLU. Most of the
+    Layout for ``widths=(w0, w1, w2)``: a stem brings the input to half resolution (28 -> 14),
+    then stage 0 convs to ``w0`` and each later stage opens with a stride-2 conv ``w(i-1) -> w(i)``
+    (14 -> 7 -> 4); every stage adds ``depths[i]`` residual 3x3(x3) convs. All convs are followed
+    by BatchNorm and ReLU. The stem is either ``stem_width`` full-resolution 3x3(x3) filters + max-pool
+    2 (``stem_width > 0``: shift-robust detection of fine shape detail, the plain CNN's first stage at
+    half its width) or, with ``stem_width=0``, stage 0's conv itself at stride 2 (fastest). Most of the
     work happens at 1/8 of the input voxels or fewer, which is what makes it fast on a CPU; see
     docs/benchmarks.md "Network training speed (CPU)". Channels-last memory format is on by default
     (``prefers_channels_last``) because it measured faster on CPU.
@@ -73,6 +76,7 @@ class CPUNet(Backbone):
         spatial_dims: int = 3,
         widths: Sequence[int] = (24, 48, 96),
         depths: Sequence[int] = (1, 1, 1),
+        stem_width: int = 0,
     ) -> None:
         super().__init__()
         self.prefers_channels_last = True
@@ -81,8 +85,12 @@ class CPUNet(Backbone):
         self.spatial_dims = spatial_dims
         layers: list[nn.Module] = []
         cin = in_channels
-        for width, depth in zip(widths, depths):
-            layers.append(_conv_bn_relu(spatial_dims, cin, width, stride=2))
+        if stem_width:
+            layers.append(_conv_bn_relu(spatial_dims, cin, stem_width))
+            layers.append(Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True))
+            cin = stem_width
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            layers.append(_conv_bn_relu(spatial_dims, cin, width, stride=1 if (i == 0 and stem_width) else 2))
             layers.extend(_ResidualConv(spatial_dims, width) for _ in range(depth))
             cin = width
         self.features = nn.Sequential(*layers)
