@@ -221,12 +221,17 @@ def test_same_seed_gives_identical_bytes(tmp_path):
 def test_fast_encoder_matches_pydicom_dcmwrite(archive, tmp_path):
     path = next(p for p in _dicom_files(archive / "archive"))
     ds = pydicom.dcmread(path)
-    varying = pydicom.Dataset()
+    varying = {}
     for keyword in ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "PixelData"):
-        varying[keyword] = ds[keyword]
+        value = ds[keyword].value
+        varying[keyword] = tuple(value) if keyword == "ImagePositionPatient" else value
         del ds[keyword]
-    encoded = SeriesEncoder(ds).encode(varying)
-    ds.update(varying)
+    encoder = SeriesEncoder(ds)
+    encoded = encoder.encode(varying)
+    assert encoder.encode(varying) == encoded  # memoised elements give the same bytes
+    for keyword, value in varying.items():
+        setattr(ds, keyword, list(value) if isinstance(value, tuple) else value)
+    ds["PixelData"].VR = "OW"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     reference = tmp_path / "ref.dcm"
     ds.save_as(reference, enforce_file_format=True)

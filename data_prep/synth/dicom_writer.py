@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
@@ -31,6 +32,7 @@ from data_prep.synth.identity import PatientIdentity, dicom_time
 from data_prep.synth.phantom import Case
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+_UNIQUE = {"SOPInstanceUID", "PixelData"}  # never repeat: not worth caching
 GROUP_LENGTH = Tag(0x0002, 0x0000)  # FileMetaInformationGroupLength
 MEDIA_INSTANCE = Tag(0x0002, 0x0003)  # MediaStorageSOPInstanceUID
 CONTRAST_AGENT = "Gadobutrol 1.0 mmol/ml"
@@ -105,14 +107,29 @@ class SeriesEncoder:
         write_file_meta_info(fp, meta, enforce_standard=True)  # adds version and implementation tags
         self.meta = {element.tag: _element_bytes(element) for element in meta if element.tag != GROUP_LENGTH}
         self.shared = {element.tag: _element_bytes(element) for element in shared}
+        self._memo: dict[tuple, bytes] = {}
 
-    def encode(self, varying: Dataset) -> bytes:
+    def element(self, keyword: str, value) -> bytes:
+        """Encoded element; values repeated across files (positions, phase times) are encoded once."""
+        key = (keyword, value)
+        cached = self._memo.get(key) if keyword not in _UNIQUE else None
+        if cached is None:
+            tag = tag_for_keyword(keyword)
+            vr = "OW" if keyword == "PixelData" else dictionary_VR(tag)  # OW: BitsAllocated is 16
+            cached = _element_bytes(DataElement(tag, vr, list(value) if isinstance(value, tuple) else value))
+            if keyword not in _UNIQUE:
+                self._memo[key] = cached
+        return cached
+
+    def encode(self, varying: dict) -> bytes:
+        """One file: the shared elements plus ``varying`` (``{keyword: value}``, hashable values,
+        tuples for multi-valued elements; must hold SOPInstanceUID)."""
         meta = dict(self.meta)
-        meta[MEDIA_INSTANCE] = _element_bytes(DataElement(MEDIA_INSTANCE, "UI", varying.SOPInstanceUID))
+        meta[MEDIA_INSTANCE] = _element_bytes(DataElement(MEDIA_INSTANCE, "UI", varying["SOPInstanceUID"]))
         meta_body = b"".join(meta[tag] for tag in sorted(meta))
         group_length = _element_bytes(DataElement(GROUP_LENGTH, "UL", len(meta_body)))
         chunks = dict(self.shared)
-        chunks.update({element.tag: _element_bytes(element) for element in varying})
+        chunks.update({Tag(tag_for_keyword(k)): self.element(k, v) for k, v in varying.items()})
         body = b"".join(chunks[tag] for tag in sorted(chunks))
         return b"\x00" * 128 + b"DICM" + group_length + meta_body + body
 
@@ -194,16 +211,16 @@ class StudyWriter:
         encoder = SeriesEncoder(ds)
         paths = []
         for n, (pixels, ipp, iop, extra) in enumerate(zip(stored, positions, orientations, per_file)):
-            varying = Dataset()
-            varying.SOPInstanceUID = self.uid(ds.SeriesInstanceUID, n)
-            varying.InstanceNumber = int(instance_numbers[n])
-            varying.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
-            varying.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
             normal = np.cross(iop[:3], iop[3:])
-            varying.SliceLocation = f"{float(np.dot(ipp, normal)):.4f}"
-            for key, value in extra.items():
-                setattr(varying, key, value)
-            varying.add_new(0x7FE00010, "OW", pixels.tobytes())  # PixelData; OW as BitsAllocated is 16
+            varying = {
+                "SOPInstanceUID": self.uid(ds.SeriesInstanceUID, n),
+                "InstanceNumber": int(instance_numbers[n]),
+                "ImagePositionPatient": tuple(f"{v:.4f}" for v in ipp),
+                "ImageOrientationPatient": tuple(f"{v:.6f}" for v in iop),
+                "SliceLocation": f"{float(np.dot(ipp, normal)):.4f}",
+                **extra,
+                "PixelData": pixels.tobytes(),
+            }
             path = folder / names[n]
             path.write_bytes(encoder.encode(varying))
             paths.append(path)
