@@ -266,6 +266,9 @@ def test_cli_with_custom_deid_key(tmp_path, capsys):
     assert {r["case"] for r in _read_csv(out / "labels.csv")} == {pseudonymize(i, "site-secret") for i in ids}
     assert main(["synth", str(tmp_path / "bad"), "--positive-fraction", "1.5"]) == 2
     assert "positive-fraction" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "bad"), "--matrix", "8"]) == 2
+    assert "--matrix must be at least 16, got 8" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def _washout(case) -> float:

@@ -45,11 +45,11 @@ class PhantomConfig:
 
     def __post_init__(self) -> None:
         if self.matrix < 16:
-            raise ValueError(f"matrix must be at least 16, got {self.matrix}")
+            raise ValueError(f"--matrix must be at least 16, got {self.matrix}")
         if self.slices - self.slice_jitter < 8:
-            raise ValueError(f"slices - slice_jitter must be at least 8, got {self.slices - self.slice_jitter}")
+            raise ValueError(f"--slices must be at least 8 (+ slice_jitter {self.slice_jitter}), got {self.slices}")
         if self.post_phases < 2:
-            raise ValueError(f"post_phases must be at least 2, got {self.post_phases}")
+            raise ValueError(f"--post-phases must be at least 2, got {self.post_phases}")
 
 
 @dataclass
