@@ -403,3 +403,49 @@ def check_dataset_dir(dataset_dir: str, data: str) -> bool:
     if not Path(data).exists():
         raise BundleInputError(f"{data} does not exist; pass --datalist (a datalist JSON, a NIfTI folder or file)")
     return True
+
+
+def fit_pixdim(image_path: str, spatial_size, orientation: str = "RAS") -> tuple[float, ...]:
+    """Voxel spacing (mm, in the array-axis order of ``orientation``) at which the field of view of
+    ``image_path`` fills ``spatial_size`` (also in that order): :func:`medimb.data.datasets.infer_pixdim`
+    for orientations other than RAS, e.g. ``"SAR"`` (axial slices first, as the 2.5D ``slice_pool``
+    network reads them along the first spatial axis)."""
+    from medimb.data.datasets import infer_pixdim
+
+    world = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    axes = [world[c] for c in orientation.upper()]
+    if sorted(axes) != [0, 1, 2] or len(spatial_size) != 3:
+        raise BundleInputError(f"orientation {orientation!r} / spatial_size {list(spatial_size)} are not a 3D axis order")
+    size_ras = [0, 0, 0]
+    for ax, w in enumerate(axes):
+        size_ras[w] = int(spatial_size[ax])
+    pix_ras = infer_pixdim(image_path, tuple(size_ras))
+    return tuple(pix_ras[w] for w in axes)
+
+
+def init_distributed() -> dict:
+    """Join the process group that ``torchrun`` describes (idempotent); returns ``rank``, ``world_size``,
+    ``local_rank``. Backend NCCL with CUDA, gloo otherwise (CPU runs and CI)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise BundleInputError(
+                "multi_gpu_train.json needs torchrun: torchrun --nproc_per_node=N -m monai.bundle run --config_file ..."
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size(),
+            "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def finish_distributed() -> None:
+    """Wait for every rank (rank 0 may still be writing the checkpoint), then leave the process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
