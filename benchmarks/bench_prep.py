@@ -30,8 +30,9 @@ VENV_BIN = Path(sys.executable).parent
 
 def run_measured(cmd: list[str]) -> dict:
     """Run ``cmd``; wall time, peak tree RSS (MiB, polled) and the exit status."""
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty child would block on a full pipe buffer
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     ps = psutil.Process(proc.pid)
     peak = single = 0
     while proc.poll() is None:
@@ -42,7 +43,9 @@ def run_measured(cmd: list[str]) -> dict:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode(errors="replace")
+    log.seek(0)
+    out = log.read().decode(errors="replace")
+    log.close()
     return {"wall_s": wall, "tree_peak_mib": peak / 2**20, "rc": proc.returncode,
             "max_process_mib": single / 2**20, "output_tail": out[-400:]}
 

@@ -19,6 +19,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
+from data_prep.fastheader import parse_file, vr_of
+
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
@@ -44,7 +46,29 @@ HEADER_TAGS = [
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC", "UR", "UT"}
 _SINGLE_TEXT = {"LT", "ST", "UT", "UR"}
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FD": "d", "FL": "f"}
-_TAGS = {kw: tag_for_keyword(kw) for kw in HEADER_TAGS}
+_TAGS = {kw: tag_for_keyword(kw) for kw in HEADER_TAGS + ["SpecificCharacterSet"]}
+_WANTED = set(_TAGS.values())
+
+
+def decode_value(vr: str, raw: bytes, end: str = "<", encoding: str = "latin-1", default=None):
+    """A raw element value as ``str`` / ``list[str]`` (text VRs), number or tuple (binary VRs), else bytes."""
+    if not raw:
+        return default
+    if vr in _TEXT_VRS:
+        text = raw.decode(encoding, "replace").rstrip("\x00 ").strip()
+        if not text:
+            return default
+        return [t.strip() for t in text.split("\\")] if ("\\" in text and vr not in _SINGLE_TEXT) else text
+    if vr in _BINARY:
+        fmt = _BINARY[vr]
+        n = len(raw) // struct.calcsize(fmt)
+        vals = struct.unpack(f"{end}{n}{fmt}", raw[: n * struct.calcsize(fmt)])
+        return vals[0] if n == 1 else vals
+    return raw
+
+
+def _encoding(charset) -> str:
+    return "utf-8" if "192" in str(charset or "") else "latin-1"
 
 
 class RawHeader:
@@ -57,8 +81,8 @@ class RawHeader:
     def __init__(self, ds, little_endian: bool = True):
         self._ds = ds
         self._end = "<" if little_endian else ">"
-        charset = str(ds.get_item(0x00080005).value or b"") if ds.get_item(0x00080005) is not None else ""
-        self._encoding = "utf-8" if "192" in charset else "latin-1"
+        cs = ds.get_item(0x00080005)
+        self._encoding = _encoding(cs.value if cs is not None else "")
 
     def get(self, keyword: str, default=None):
         tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
@@ -69,24 +93,25 @@ class RawHeader:
             value = el.value
             return default if value is None or value == "" else value
         vr = el.VR if el.VR and el.VR != "UN" else dictionary_VR(tag)
-        raw = el.value
         if vr == "SQ":
-            value = self._ds[tag].value
-        elif not raw:
+            return self._ds[tag].value
+        return decode_value(vr, el.value, self._end, self._encoding, default)
+
+
+class FastHeader:
+    """The same ``get(keyword)`` over the raw elements found by :mod:`data_prep.fastheader`."""
+
+    def __init__(self, elements: dict):
+        self._elements = elements
+        cs = elements.get(0x00080005)
+        self._encoding = _encoding(cs[1] if cs else "")
+
+    def get(self, keyword: str, default=None):
+        item = self._elements.get(_TAGS.get(keyword) or tag_for_keyword(keyword))
+        if item is None:
             return default
-        elif vr in _TEXT_VRS:
-            text = raw.decode(self._encoding, "replace").rstrip("\x00 ").strip()
-            if not text:
-                return default
-            value = [t.strip() for t in text.split("\\")] if ("\\" in text and vr not in _SINGLE_TEXT) else text
-        elif vr in _BINARY:
-            fmt = _BINARY[vr]
-            n = len(raw) // struct.calcsize(fmt)
-            vals = struct.unpack(f"{self._end}{n}{fmt}", raw[: n * struct.calcsize(fmt)])
-            value = vals[0] if n == 1 else vals
-        else:
-            value = raw
-        return value
+        return decode_value(vr_of(_TAGS.get(keyword) or tag_for_keyword(keyword), item[0]), item[1], "<",
+                            self._encoding, default)
 
 
 @dataclass(frozen=True)
@@ -318,20 +343,32 @@ def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
     return (start, f"{end}{'i' if signed else 'u'}{bits // 8}", stored, int(ds.get("Rows")), int(ds.get("Columns")), n_frames)
 
 
-def read_header(path: str, root: str) -> FileHeader | FileIssue:
-    """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root."""
+def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | FileIssue:
+    """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root.
+
+    ``use_fast=False`` forces pydicom for every file (the fast reader falls back to it by itself).
+    """
     rel = os.path.relpath(path, root)
     try:
         size = os.path.getsize(path)
         if size == 0:
             return FileIssue(rel, "empty_file", "zero-byte file")
         with open(path, "rb") as fh:
-            full_ds = pydicom.dcmread(fh, stop_before_pixels=True)
-            pixel_offset = fh.tell()  # stop_before_pixels leaves the file at the pixel data element
-            at_eof = pixel_offset >= size  # no pixel data element before the end of the file
-            meta = getattr(full_ds, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
-            ds = RawHeader(full_ds, little_endian=ts != "1.2.840.10008.1.2.2")
+            fast = parse_file(fh, size, _WANTED) if use_fast else None
+            if fast is not None:
+                raw_meta, ts, elements, pixel_offset = fast
+                sop = raw_meta.get(0x00020002, b"").decode("ascii", "replace").rstrip("\x00 ")
+                meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop}
+                ds = FastHeader(elements)
+                at_eof = False
+            else:
+                fh.seek(0)
+                full_ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                pixel_offset = fh.tell()  # stop_before_pixels leaves the file at the pixel data element
+                at_eof = pixel_offset >= size  # no pixel data element before the end of the file
+                meta = getattr(full_ds, "file_meta", None)
+                ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+                ds = RawHeader(full_ds, little_endian=ts != "1.2.840.10008.1.2.2")
             n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
             layout = None if at_eof or not ds.get("Rows") else native_layout(fh, pixel_offset, ts, ds, n_frames)
     except PermissionError as exc:

@@ -1,0 +1,51 @@
+"""The fast little-endian header reader gives exactly what the pydicom path gives (or defers to it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pydicom.data
+import pytest
+
+from data_prep.headers import read_header
+
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def _same(path: Path, root: Path) -> None:
+    assert read_header(str(path), str(root)) == read_header(str(path), str(root), use_fast=False), path
+
+
+def test_pydicom_test_files(tmp_path):
+    files = sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file() and p.stat().st_size < 3_000_000)
+    assert len(files) > 50
+    for p in files:
+        _same(p, PYDICOM_FILES)
+
+
+def test_pydicom_data_files():
+    store = pytest.importorskip("data_store")
+    folder = Path(store.__file__).parent / "data"
+    files = sorted(p for p in folder.glob("*.dcm") if p.stat().st_size < 3_000_000)
+    for p in files:
+        _same(p, folder)
+
+
+@pytest.mark.real_data
+def test_real_siemens_series(shared_data):
+    folder = shared_data / "dicom" / "decubitus_hfs_t1_fl2d_sag"
+    for p in sorted(folder.iterdir()):
+        _same(p, folder)
+
+
+def test_written_series_and_damaged_copies(tmp_path, dicom_series):
+    dicom_series(tmp_path / "s", phases=2)
+    first = sorted((tmp_path / "s").iterdir())[0]
+    data = first.read_bytes()
+    for cut in (100, 131, 140, 300, len(data) // 2, len(data) - 10):
+        (tmp_path / f"cut{cut}").write_bytes(data[:cut])
+    for p in sorted(tmp_path.rglob("*")):
+        if p.is_file():
+            _same(p, tmp_path)
