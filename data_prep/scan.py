@@ -369,11 +369,23 @@ def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiSc
     return planner.plans, planner.issues
 
 
+def _share_repeated_values(headers: list[FileHeader]) -> None:
+    """Slices of one series repeat the same parameters: keep one copy (main-process memory then grows
+    with the number of files by a few hundred bytes each, not kilobytes)."""
+    params: dict = {}
+    small: dict = {}
+    for h in headers:
+        h.params = params.setdefault(repr(sorted(h.params.items())), h.params)
+        h.phi = small.setdefault(h.phi, h.phi)
+        h.image_type = small.setdefault(h.image_type, h.image_type)
+
+
 def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True) -> ScanResult:
     """Walk, read headers and plan; see module docstring."""
     paths, issues = walk_archive(root)
     results = read_headers(paths, os.path.abspath(root), workers=workers, progress=progress)
     headers = [r for r in results if isinstance(r, FileHeader)]
+    _share_repeated_values(headers)
     scrubber = deid.PhiScrubber(v for h in headers for v in h.phi)
     issues = [Issue(i.reason, i.detail, path=scrubber.scrub(i.path)) for i in issues]
     for r in results:
