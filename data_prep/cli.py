@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    # pydicom's value-validation warnings quote DICOM values (a birth date, a name): never log them
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
