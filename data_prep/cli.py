@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 #: subcommand modules, in the order `--help` lists them
 COMMAND_MODULES = (
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # pydicom's value-validation warnings quote DICOM values (a birth date, a name): never log them
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
