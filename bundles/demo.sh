@@ -11,8 +11,8 @@ set -euo pipefail
 
 OUT_ARG=${1:?usage: bash bundles/demo.sh OUT_DIR [N_CASES]}
 CASES=${2:-40}
-EPOCHS1=${DEMO_EPOCHS1:-40}
-EPOCHS2=${DEMO_EPOCHS2:-10}
+EPOCHS1=${DEMO_EPOCHS1:-25}
+EPOCHS2=${DEMO_EPOCHS2:-8}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN="$ROOT/.venv/bin"
 PY="$BIN/python"
