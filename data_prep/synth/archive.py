@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def synthesize_archive(
     deid_key: str | None = None,
     force: bool = False,
     progress: bool = False,
+    workers: int = 1,
 ) -> ArchiveSummary:
     """Write a synthetic breast DCE-MRI DICOM archive with labels and lesion masks to ``out_dir``.
 
@@ -182,6 +184,8 @@ def synthesize_archive(
     """
     if cases < 1:
         raise ValueError(f"--cases must be at least 1, got {cases}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"--positive-fraction must be in [0, 1], got {positive_fraction}")
     started = time.perf_counter()
@@ -192,10 +196,7 @@ def synthesize_archive(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        # the synthesiser's own values are valid by construction; validating each again costs a third
-        # of the run time
-        with pydicom.config.disable_value_validation():
-            summary = _write_archive(tmp, cases, positive_fraction, seed, config, deid_key, progress)
+        summary = _write_archive(tmp, cases, positive_fraction, seed, config, deid_key, progress, workers)
         _prepare_out_dir(out_dir, force)  # nothing appeared meanwhile
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -206,34 +207,53 @@ def synthesize_archive(
     return ArchiveSummary(out_dir=str(out_dir), seconds=round(time.perf_counter() - started, 2), **summary)
 
 
-def _write_archive(root: Path, cases: int, positive_fraction: float, seed: int, config: PhantomConfig,
-                   deid_key: str | None, progress: bool) -> dict:
-    archive, truth = root / "archive", root / "truth"
-    truth.mkdir(parents=True)
-    archive.mkdir()
-    n_positive = int(round(cases * positive_fraction))
-    positives = set(np.random.default_rng([seed]).permutation(cases)[:n_positive].tolist())
-    labels, case_rows = [], []
-    series = files = 0
-    first_file: Path | None = None
-    for i in tqdm(range(cases), desc="synth", unit="case", disable=not progress):
+def _write_case(task: tuple) -> tuple[dict, dict, int, int, Path]:
+    """Synthesise and write case ``i`` (runs in a worker process when ``workers > 1``).
+
+    Returns (labels row, cases.csv row, series written, files written, the study's first file)."""
+    archive, truth, i, label, seed, config, deid_key = task
+    with pydicom.config.disable_value_validation():  # our own values are valid by construction
         identity: PatientIdentity = draw_identity(np.random.default_rng([seed, i, _IDENTITY]), i)
         style = draw_style(np.random.default_rng([seed, i, _STYLE]), i)
         oblique = (False, True)[i] if i < 2 else None  # the first two cases: one straight, one oblique
-        case = synthesize_case(np.random.default_rng([seed, i, _PHANTOM]), int(i in positives), config, oblique)
+        case = synthesize_case(np.random.default_rng([seed, i, _PHANTOM]), label, config, oblique)
         writer_rng = np.random.default_rng([seed, i, _WRITER])
         patient_dir = archive / f"{int(writer_rng.integers(0, 16**8)):08X}"
         writer = StudyWriter(case, identity, style, UidFactory("medimb-synth", seed, i), writer_rng, patient_dir)
         writer.write_localizer(series_number=1)
         writer.write_dce(first_series_number=3)
-        series += len(writer.series_written)
-        files += sum(s["files"] for s in writer.series_written)
-        if first_file is None:
-            first_file = min(p for p in writer.study_dir.rglob("*") if p.is_file())
-        key = pseudonymize(identity.patient_id, deid_key)
-        labels.append({"case": key, "label": case.label})
-        case_rows.append(_case_row(key, case, style))
-        nib.save(lesion_mask_image(case.lesion_mask, case.geometry), truth / f"{key}_lesion.nii.gz")
+    key = pseudonymize(identity.patient_id, deid_key)
+    nib.save(lesion_mask_image(case.lesion_mask, case.geometry), truth / f"{key}_lesion.nii.gz")
+    first_file = min(p for p in writer.study_dir.rglob("*") if p.is_file())
+    return ({"case": key, "label": case.label}, _case_row(key, case, style), len(writer.series_written),
+            sum(s["files"] for s in writer.series_written), first_file)
+
+
+def _write_archive(root: Path, cases: int, positive_fraction: float, seed: int, config: PhantomConfig,
+                   deid_key: str | None, progress: bool, workers: int) -> dict:
+    archive, truth = root / "archive", root / "truth"
+    truth.mkdir(parents=True)
+    archive.mkdir()
+    n_positive = int(round(cases * positive_fraction))
+    positives = set(np.random.default_rng([seed]).permutation(cases)[:n_positive].tolist())
+    tasks = [(archive, truth, i, int(i in positives), seed, config, deid_key) for i in range(cases)]
+    bar = tqdm(total=cases, desc="synth", unit="case", disable=not progress)
+    results = []
+    if workers > 1 and cases > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, cases)) as pool:
+            for result in pool.map(_write_case, tasks):  # in case order: outputs do not depend on workers
+                results.append(result)
+                bar.update()
+    else:
+        for task in tasks:
+            results.append(_write_case(task))
+            bar.update()
+    bar.close()
+    labels = [r[0] for r in results]
+    case_rows = [r[1] for r in results]
+    series = sum(r[2] for r in results)
+    files = sum(r[3] for r in results)
+    first_file = results[0][4]
     junk = _write_junk(archive, first_file, np.random.default_rng([seed, cases, 9]))
     (root / "labels.csv").write_text(_csv_text(labels, ("case", "label")), encoding="utf-8")
     (truth / "cases.csv").write_text(_csv_text(case_rows, CASES_COLUMNS), encoding="utf-8")

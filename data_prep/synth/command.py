@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data_prep.cli import UserError
@@ -34,6 +35,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--deid-key", default=None,
                         help="key for the case pseudonyms in labels.csv; use the converter's key "
                         "(default: $MEDIMB_DEID_KEY, else the public default)")
+    parser.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes synthesising cases in parallel; output does not depend on it "
+                        "(default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT when it holds an earlier synthetic archive")
     parser.set_defaults(func=run)
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         summary = synthesize_archive(
             args.out, cases=args.cases, positive_fraction=args.positive_fraction, seed=args.seed,
             config=config, deid_key=args.deid_key, force=args.force, progress=sys.stderr.isatty(),
+            workers=args.workers,
         )
     except (ValueError, FileExistsError) as exc:
         raise UserError(str(exc)) from None

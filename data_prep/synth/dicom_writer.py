@@ -195,7 +195,8 @@ class StudyWriter:
     def _write_slices(self, ds: Dataset, folder: Path, geometry: SeriesGeometry, images: list[np.ndarray],
                       positions: list[list[float]], orientations: list[list[float]], per_file: list[dict],
                       rescale: tuple[float, float] | None) -> list[Path]:
-        """Write one file per 2D image (``(rows, cols)`` float arrays), mutating ``ds`` per file."""
+        """Write one file per 2D image (``(rows, cols)`` float arrays): ``ds`` holds the elements all
+        files share, ``per_file`` the extra elements of each file."""
         folder.mkdir(parents=True, exist_ok=True)
         names = _file_names(self.rng, len(images), self.style.hex_names)
         instance_numbers = self.rng.permutation(len(images)) + 1  # shuffled on purpose
