@@ -1,23 +1,32 @@
-"""Bundle workflows through `python -m monai.bundle run`, as a user runs them (subprocesses).
+"""Bundle workflows: `python -m monai.bundle run` as a user runs it (a subprocess, for the command line
+and its overrides) and `monai.bundle.run(...)`, the function that command calls (in-process, to keep the
+suite fast: every subprocess pays ~10 s of CPU importing torch and MONAI).
 
-Tiny data (20x18x12 volumes, 16^3 network input, 1-2 epochs): these check the wiring, the
-command-line overrides and the outputs, not accuracy (the demo and the benchmarks do that).
+Tiny data (20x18x12 volumes, 16^3 network input, 1 epoch): these check the wiring, the command-line
+overrides and the outputs, not accuracy (the demo and the benchmarks do that).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_bundle_helpers import make_dataset, run_bundle
+from test_bundle_helpers import BUNDLES, make_dataset, run_bundle
 
 BREAST = "breast_dce_cmsl"
+METRIC = "imbalanced_two_stage_metric"
 TINY = ("--spatial_size", "[16,16,16]", "--batch_size", "4")
+
+
+def run_inprocess(bundle: str, configs: list[str], **overrides) -> None:
+    """``monai.bundle.run`` (what ``python -m monai.bundle run`` calls), without a new interpreter."""
+    from monai.bundle import run
+
+    files = [str(BUNDLES / bundle / "configs" / c) for c in configs]
+    run(config_file=files, logging_file=False, **overrides)
 
 
 def _ok(result, what: str) -> str:
@@ -41,8 +50,9 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     assert stage1["class_names"] == ["benign", "malignant"]
 
     # stage 2 (cRT): backbone bit-identical, classifier re-trained
-    _ok(run_bundle(BREAST, ["train.json", "train_stage2.json"], *common, *TINY, "--train#trainer#max_epochs", "1",
-                   cwd=tmp_path), "stage 2")
+    inproc = dict(dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(evals), device="cpu")
+    run_inprocess(BREAST, ["train.json", "train_stage2.json"], **inproc, spatial_size=[16, 16, 16], batch_size=4,
+                  **{"train#trainer#max_epochs": 1})
     stage2 = torch.load(models / "model.pt", weights_only=True)
     backbone = [k for k in stage1["model"] if k.startswith("backbone.")]
     assert backbone and all(torch.equal(stage1["model"][k], stage2["model"][k]) for k in backbone)
@@ -50,7 +60,7 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     assert stage2["method"] == "cmsl-stage2-crt"
 
     # evaluation: metrics.json + plots on the test split
-    _ok(run_bundle(BREAST, ["train.json", "evaluate.json"], *common, cwd=tmp_path), "evaluate")
+    run_inprocess(BREAST, ["train.json", "evaluate.json"], **inproc)
     metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_samples"] == 3
     for key in ("balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"):
@@ -60,8 +70,7 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
 
     # inference: predictions.csv, COAM overlay in the source geometry, label map, Slicer loader
     infer = tmp_path / "inference"
-    _ok(run_bundle(BREAST, ["inference.json"], "--dataset_dir", str(data), "--ckpt_dir", str(models),
-                   "--output_dir", str(infer), cwd=tmp_path), "inference")
+    run_inprocess(BREAST, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer))
     rows = list(csv.DictReader((infer / "predictions.csv").open()))
     assert len(rows) == 3 and {"case", "predicted_class", "prob_benign", "prob_malignant"} <= set(rows[0])
     datalist = json.loads((data / "datalist.json").read_text())
@@ -85,15 +94,37 @@ def test_missing_dataset_dir_is_one_clear_line(tmp_path):
 
 
 def test_wrong_datalist_keys_is_one_clear_line(tmp_path):
-    from monai.bundle import run
-
     from medimb.bundle_utils import BundleInputError
 
     data = make_dataset(tmp_path / "data", channels=4, per_class=(4, 4))
     datalist = json.loads((data / "datalist.json").read_text())
     datalist["training"] = [{"img": it["image"], "label": it["label"]} for it in datalist["training"]]
     (data / "datalist.json").write_text(json.dumps(datalist))
-    configs = str(Path(__file__).resolve().parents[1] / "bundles" / BREAST / "configs" / "train.json")
     with pytest.raises(BundleInputError, match=r"items need keys 'image' and 'label', got \['img', 'label'\]"):
-        run(config_file=configs, dataset_dir=str(data), ckpt_dir=str(tmp_path / "m"), logging_file=False)
+        run_inprocess(BREAST, ["train.json"], dataset_dir=str(data), ckpt_dir=str(tmp_path / "m"))
     assert not (tmp_path / "m").exists()
+
+
+def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
+    """imbalanced_two_stage_metric: 3 imbalanced classes, 1 channel, 2.5D switch, LWS stage 2."""
+    data = make_dataset(tmp_path / "data", num_classes=3, channels=1, per_class=(8, 4, 4))
+    models, evals = tmp_path / "models", tmp_path / "eval"
+    common = dict(dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(evals), device="cpu",
+                  num_classes=3, input_mode="2.5d")
+    tiny = dict(spatial_size=[12, 16, 16], batch_size=4, **{"train#trainer#max_epochs": 1})
+    run_inprocess(METRIC, ["train.json"], **common, **tiny)
+    stage1 = torch.load(models / "model_stage1.pt", weights_only=True)
+    assert stage1["config"]["name"] == "slice_pool" and stage1["config"]["num_classes"] == 3
+    assert stage1["preprocessing"]["orientation"] == "SAR"
+    run_inprocess(METRIC, ["train.json", "train_stage2.json"], **common, **tiny, rebalance="lws")
+    stage2 = torch.load(models / "model.pt", weights_only=True)
+    assert stage2["config"]["head"] == "lws" and stage2["method"] == "two-stage-metric-stage2-lws"
+    run_inprocess(METRIC, ["train.json", "evaluate.json"], **common)
+    metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
+    assert len(metrics["per_class_recall"]) == 3 and metrics["class_names"] == ["0", "1", "2"]
+    infer = tmp_path / "inference"
+    run_inprocess(METRIC, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer),
+                  num_classes=3, explain_methods=["coam"], previews=False)
+    rows = list(csv.DictReader((infer / "predictions.csv").open()))
+    assert len(rows) == 4 and {"prob_0", "prob_1", "prob_2"} <= set(rows[0])
+    assert len(list(infer.glob("*_coam.nii.gz"))) == 4
