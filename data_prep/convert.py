@@ -13,6 +13,7 @@ done series, redoes interrupted ones and removes temporary files a killed run le
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -203,7 +204,15 @@ def convert_archive(root: str, out: str, workers: int = 1, key: str | None = Non
     removed = remove_partial_files(out)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    scan = scan or scan_archive(root, workers=workers, key=key, progress=progress)
+    with contextlib.ExitStack() as stack:
+        # the pool is forked now, while this process is small: workers then hold one series each,
+        # not a copy of the whole archive's plan
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
+        return _convert(root, out, key, options, progress, scan, pool)
+
+
+def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
+    scan = scan or scan_archive(root, key=key, progress=progress, pool=pool)
     scrub_values = tuple(getattr(scan.scrubber, "values", ()))
     issues = list(scan.issues)
     rows: list[dict] = []
@@ -220,16 +229,15 @@ def convert_archive(root: str, out: str, workers: int = 1, key: str | None = Non
     converted = failed = 0
     bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress)
     args = [(p, root, out, options, scrub_values) for p in todo]
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_task, a) for a in args]
-            results = (f.result() for f in as_completed(futures))
-            for _, r, i in results:
-                rows.extend(r)
-                issues.extend(i)
-                converted += bool(r and not i)
-                failed += bool(i)
-                bar.update(1)
+    if pool is not None and len(todo) > 1:
+        futures = [pool.submit(_task, a) for a in args]
+        for f in as_completed(futures):
+            _, r, i = f.result()
+            rows.extend(r)
+            issues.extend(i)
+            converted += bool(r and not i)
+            failed += bool(i)
+            bar.update(1)
     else:
         for a in args:
             _, r, i = _task(a)

@@ -11,6 +11,7 @@ No UIDs or PHI leave this module except inside the plan's internal fields.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -124,14 +125,16 @@ def _read_many(args):
     return [read_header(p, root) for p in paths]
 
 
-def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool = True):
-    """``read_header`` for every path; ``workers`` processes, chunks of files per task."""
+def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool = True, pool=None):
+    """``read_header`` for every path; ``workers`` processes (or the given ``pool``), 64 files per task."""
     chunk = 64
     batches = [(paths[i:i + chunk], root) for i in range(0, len(paths), chunk)]
     results: list = []
     bar = tqdm(total=len(paths), desc="scan", unit="file", disable=not progress, leave=False)
-    if workers > 1 and len(batches) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+    if pool is not None or (workers > 1 and len(batches) > 1):
+        with contextlib.ExitStack() as stack:
+            if pool is None:
+                pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
             for out in pool.map(_read_many, batches):
                 results.extend(out)
                 bar.update(len(out))
@@ -380,10 +383,11 @@ def _share_repeated_values(headers: list[FileHeader]) -> None:
         h.image_type = small.setdefault(h.image_type, h.image_type)
 
 
-def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True) -> ScanResult:
-    """Walk, read headers and plan; see module docstring."""
+def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True,
+                 pool=None) -> ScanResult:
+    """Walk, read headers and plan; see module docstring. ``pool``: an executor to reuse."""
     paths, issues = walk_archive(root)
-    results = read_headers(paths, os.path.abspath(root), workers=workers, progress=progress)
+    results = read_headers(paths, os.path.abspath(root), workers=workers, progress=progress, pool=pool)
     headers = [r for r in results if isinstance(r, FileHeader)]
     _share_repeated_values(headers)
     scrubber = deid.PhiScrubber(v for h in headers for v in h.phi)
