@@ -87,7 +87,7 @@ METHODS: dict[str, MethodConfig] = {
         MethodConfig("balanced-softmax", "balanced softmax: logits shifted by log class priors in training",
                      stage1=Stage1Config(loss="balanced-softmax")),
         _two_stage("crt", "two-stage: CE stage 1, classifier re-training with class-balanced sampling", None),
-        _two_stage("two-stage-triplet", "two-stage: CE + triplet (semi-hard mining) stage 1, cRT stage 2",
+        _two_stage("two-stage-triplet", "two-stage: CE + triplet (batch-hard mining) stage 1, cRT stage 2",
                    "triplet"),
         _two_stage("two-stage-supcon", "two-stage: CE + supervised contrastive stage 1, cRT stage 2", "supcon"),
         MethodConfig("cmsl", "Cosine Margin Sigmoid Loss on an L2-normalised cosine head",
