@@ -203,3 +203,12 @@ def test_checkpoint_errors_are_specific(tmp_path):
         load_checkpoint(tmp_path / "text.pt")
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(tmp_path / "x.pt", model, config={})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("stem_width", [0, 8])
+def test_cpunet_stems_halve_then_stride(spatial_dims, stem_width):
+    model = create_model("cpunet", in_channels=1, num_classes=2, spatial_dims=spatial_dims, stem_width=stem_width,
+                         widths=(4, 8, 16), depths=(1, 0, 1))
+    fmap = model.forward_features(torch.randn(2, 1, *([28] * spatial_dims)))
+    assert fmap.shape == (2, 16, *([4] * spatial_dims))  # 28 -> 14 -> 7 -> 4
