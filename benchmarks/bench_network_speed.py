@@ -52,6 +52,26 @@ def measure(model: torch.nn.Module, batch: int, size: int, spatial_dims: int, st
     return batch * steps / (time.perf_counter() - start)
 
 
+def cost_per_volume(model: torch.nn.Module, size: int, spatial_dims: int) -> tuple[float, int]:
+    """(GFLOP for forward + backward, conv output elements) per volume, from a batch of 4."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(4, 1, *([size] * spatial_dims))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    sizes: list[int] = []
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel())) for m in model.modules()
+             if isinstance(m, convs)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return counter.get_total_flops() / 4 / 1e9, sum(sizes) // 4
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -77,14 +97,16 @@ def main() -> None:
     baseline = statistics.median(rates[list(models)[BASELINE]])
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.size}^{args.spatial_dims}, "
           f"{platform.processor() or platform.machine()}; load avg (1 min) before {load_before:.2f}, after {load_after:.2f}")
-    print("| network | settings | channels-last | volumes/s (median) | range | epoch of 1188 volumes | vs plain CNN |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| network | settings | channels-last | volumes/s (median) | range | epoch of 1188 volumes | vs plain CNN "
+          "| GFLOP/volume (fwd+bwd) | conv activations/volume |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     results = []
     for (name, kw), key in zip(CANDIDATES, models):
         med = statistics.median(rates[key])
         settings = ", ".join(f"{k}={v}" for k, v in models[key].config.items() if k in ("widths", "depths", "stem_width"))
+        gflop, activations = cost_per_volume(models[key], args.size, args.spatial_dims)
         print(f"| {name} | {settings or 'default'} | {'on' if kw['channels_last'] else 'off'} | {med:.0f} | {min(rates[key]):.0f}-{max(rates[key]):.0f} "
-              f"| {1188 / med:.1f} s | {med / baseline:.2f}x |")
+              f"| {1188 / med:.1f} s | {med / baseline:.2f}x | {gflop:.2f} | {activations / 1e3:.0f} k |")
         results.append({"network": name, **kw, "volumes_per_s": rates[key], "median": med})
     if args.out:
         with open(args.out + ".tmp", "w") as handle:
