@@ -38,8 +38,8 @@ def series_rows(result) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["subject", "session", "series", "mod", "slices", "size", "spacing (mm)", "phases"]
-    lines = [[r["subject"], r["session"], r["series"], r["modality"], str(r["slices"]),
+    head = ["subject", "session", "series", "mod", "description", "slices", "size", "spacing (mm)", "phases"]
+    lines = [[r["subject"], r["session"], r["series"], r["modality"], r["description"] or "-", str(r["slices"]),
               "x".join(map(str, r["size"])), "x".join(f"{s:.3g}" for s in r["spacing"]), str(r["phases"])]
              for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
