@@ -33,7 +33,6 @@ def write_dicom_series(folder, *, patient_id="PID-0001", patient_name="DOE^JANE"
     names. Returns ``data`` (phases, slices, rows, cols) uint16: slice k of phase p is at
     ``origin + k * step * normal`` (LPS), so tests can check geometry and sorting.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
