@@ -40,7 +40,7 @@ import torch
 
 from medimb.data.transforms import build_eval_transforms
 from medimb.evaluation.localization import localization_scores
-from medimb.explain import create_explainer, invert_to_source
+from medimb.explain import FeatureMapClassifier, create_explainer, invert_to_source
 from medimb.explain.pipeline import preprocess
 from medimb.networks import load_checkpoint, predict_proba
 
@@ -121,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="working folder (reused when it exists)")
     parser.add_argument("--cases", type=int, default=200)
-    parser.add_argument("--positive-fraction", type=float, default=0.3)
+    parser.add_argument("--positive-fraction", type=float, default=0.5,
+                        help="share of malignant cases (localisation needs lesions; default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default="cmsl", help="medimb training method (default cmsl)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--spatial-size", type=int, nargs=3, default=(48, 48, 48))
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8, help="stage-1 batch size (default 8)")
+    parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: the method's)")
+    parser.add_argument("--spatial-size", type=int, nargs=3, default=(32, 32, 32))
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per volume")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
         method = method_config(args.method)
         method.stage1.epochs = args.epochs
+        method.stage1.batch_size = args.batch_size
+        if args.lr is not None:
+            method.stage1.lr = args.lr
         if method.stage2 is not None:
             method.stage2.epochs = max(2, args.epochs // 4)
         config = TrainConfig(data=str(datalist), out=str(train_dir), method=method, seed=args.seed,
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         x = data["image"].as_tensor().unsqueeze(0).float()
         with torch.no_grad():
             proba = predict_proba(model, model(x))[0]
+        if n_test == 0:  # CAM/Grad-CAM re-route the model: check it still gives the model's logits
+            FeatureMapClassifier(model).check_matches(x)
         n_test += 1
         correct += int(int(proba.argmax()) == int(item["label"]))
         if int(item["label"]) != 1:
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "cases": args.cases, "method": args.method, "epochs": args.epochs,
+        "cases": args.cases, "positive_fraction": args.positive_fraction, "method": args.method,
+        "epochs": args.epochs, "batch_size": args.batch_size,
         "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
         "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),

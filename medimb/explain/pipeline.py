@@ -178,6 +178,16 @@ def _class_names(meta: dict, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
+def preview_image(sources: list[str], reference: nib.Nifti1Image) -> np.ndarray:
+    """The ``(*S_src)`` image drawn under the previews: the last channel (for DCE input the latest
+    post-contrast phase, where lesions enhance) when it shares the first channel's grid, else the first."""
+    shape = reference.shape[:3]
+    last = nib.load(sources[-1]) if len(sources) > 1 else reference
+    if last.shape[:3] != shape or not np.allclose(last.affine, reference.affine, atol=1e-3):
+        last = reference
+    return np.asarray(last.dataobj, dtype=np.float32).reshape(shape)
+
+
 def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, class_names: list[str]) -> dict:
     """Write one case's heatmaps, label maps and previews into ``folder``; returns its index/loader row."""
     source = exp.sources[0]
@@ -187,7 +197,7 @@ def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, cl
     image = None
     if settings.previews:
         src = nib.load(source)
-        image = np.asarray(src.dataobj, dtype=np.float32).reshape(src.shape[:3])
+        image = preview_image(exp.sources, src)
     for method, heat in exp.maps.items():
         heat_name, label_name = f"{exp.case}_{method}.nii.gz", f"{exp.case}_{method}_label.nii.gz"
         write_heatmap(folder / heat_name, heat, source)
