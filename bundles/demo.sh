@@ -77,7 +77,7 @@ from pathlib import Path
 out, seconds = Path(sys.argv[1]), int(sys.argv[2])
 m = json.loads((out / "evaluation" / "metrics.json").read_text())
 splits = json.loads((out / "converted" / "datalist.json").read_text())
-counts = {k: len(v) for k, v in splits.items() if isinstance(v, list)}
+counts = {k: len(splits[k]) for k in ("training", "validation", "test")}
 rows = list(csv.DictReader((out / "overlays" / "predictions.csv").open()))
 overlays = sorted((out / "overlays").glob("*_coam.nii.gz"))
 pngs = sorted((out / "overlays" / "previews").glob("*.png"))
