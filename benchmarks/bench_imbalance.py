@@ -136,11 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "bench_imbalance"), help="run folders + result cache")
     p.add_argument("--table-only", action="store_true", help="print the table of cached results, train nothing")
     p.add_argument("--throughput", action="store_true", help="stage-1 samples/s with and without the metric loss")
+    p.add_argument("--throughput-steps", type=int, default=10, help="steps per timed round (--throughput)")
+    p.add_argument("--throughput-repeats", type=int, default=3, help="timed rounds per loss (--throughput)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.throughput:
         for dataset in args.datasets:
-            print(dataset, json.dumps(throughput(dataset, args)))
+            print(dataset, json.dumps(throughput(dataset, args, args.throughput_steps, args.throughput_repeats)))
         return 0
     missing = [d for d in args.datasets if not (Path(args.data_dir) / f"{d}.npz").exists()]
     if missing:

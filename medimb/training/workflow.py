@@ -190,7 +190,7 @@ def _last_state(state_dir: Path, prefix: str) -> Path | None:
 
 
 def _loss_value(output: dict) -> float:
-    return float(output["loss"])
+    return float(torch.as_tensor(output["loss"]).detach())
 
 
 def _stats_handlers(**kwargs) -> list:
