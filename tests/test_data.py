@@ -140,6 +140,21 @@ def test_multichannel_nifti_pipeline_and_inversion(tmp_path):
     assert np.allclose(inv["attention"].affine.numpy(), nib.load(src["image"][0]).affine, atol=1e-4)
 
 
+@pytest.mark.parametrize("channel_wise", [False, True])
+def test_dce_phases_share_normalisation_by_default(tmp_path, channel_wise):
+    """Joint statistics keep the contrast uptake between phases (the kinetics signal); per-channel ones erase it."""
+    pre_phase = np.random.default_rng(1).random((12, 10, 8)).astype(np.float32) + 1.0
+    for name, data in (("pre", pre_phase), ("post", 2.0 * pre_phase)):  # the post phase enhances 2x
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    pre = {"in_channels": 2, "spatial_size": (12, 10, 8), "channel_wise": channel_wise}
+    image = build_eval_transforms(pre)({"image": [str(tmp_path / "pre.nii.gz"), str(tmp_path / "post.nii.gz")]})["image"]
+    uptake = float(image[1].mean() - image[0].mean())
+    if channel_wise:
+        assert abs(uptake) < 1e-4
+    else:
+        assert uptake > 1.0  # post still clearly brighter than pre after normalisation
+
+
 def test_25d_slab_layout(tmp_path):
     path = _datalist(tmp_path)
     splits = load_splits(path, cache="none", spatial_size=(16, 16), slices=3)

@@ -67,8 +67,11 @@ class Preprocessing:
     source: ``"nifti"`` (datalist of files) or ``"medmnist"`` (in-memory uint8 arrays).
     spatial_size: network input size after crop/pad, RAS axis order; with ``slices=K`` its last entry is K.
     pixdim: target voxel spacing in mm (None keeps the native grid; an entry <= 0 keeps that axis). orientation: axcodes, e.g. ``"RAS"``.
-    intensity: ``zscore`` (per channel), ``percentile`` (per channel, ``percentiles`` -> [0, 1]),
-    ``scale255`` (uint8 -> [0, 1]) or ``none``.
+    intensity: ``zscore``, ``percentile`` (``percentiles`` -> [0, 1]), ``scale255`` (uint8 -> [0, 1]) or ``none``.
+    channel_wise: normalise each channel with its own statistics. Off by default: the channels
+    medimb-prep produces are DCE phases of one scan, and the class signal is how intensity *changes*
+    between phases (wash-in, wash-out); per-phase statistics would scale that change away. Turn it on
+    for unrelated modalities as channels (e.g. T1 + T2 + FLAIR).
     slices: 2.5D input: a slab of K adjacent slices (last, slice axis after reorientation) is cut and
     moved to the first spatial axis, (C, X, Y, K) -> (C, K, X, Y), the layout the 2.5D networks of
     :mod:`medimb.networks` take (``slice_channels`` stacks the K slices as channels, ``slice_pool`` runs a
@@ -82,6 +85,7 @@ class Preprocessing:
     orientation: str | None = "RAS"
     pixdim: tuple[float, ...] | None = None
     intensity: str = "zscore"
+    channel_wise: bool = False
     percentiles: tuple[float, float] = (0.5, 99.5)
     slices: int | None = None
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -136,10 +140,10 @@ def _describe(img) -> str:
 
 def _intensity(pre: Preprocessing) -> list:
     if pre.intensity == "zscore":
-        return [NormalizeIntensityd(keys="image", channel_wise=True)]
+        return [NormalizeIntensityd(keys="image", channel_wise=pre.channel_wise)]
     if pre.intensity == "percentile":
         lo, hi = pre.percentiles
-        return [ScaleIntensityRangePercentilesd("image", lo, hi, 0.0, 1.0, clip=True, channel_wise=True)]
+        return [ScaleIntensityRangePercentilesd("image", lo, hi, 0.0, 1.0, clip=True, channel_wise=pre.channel_wise)]
     if pre.intensity == "scale255":
         return [ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0)]
     if pre.intensity == "none":
