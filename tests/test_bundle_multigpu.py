@@ -15,6 +15,7 @@ from test_bundle_helpers import BUNDLES, REPO, make_dataset
 def test_two_process_gloo_stage1_and_stage2(tmp_path):
     data = make_dataset(tmp_path / "data", channels=4, per_class=(8, 4))
     models = tmp_path / "models"
+    models.mkdir()  # the per-rank files below are written by every rank; only rank 0 creates ckpt_dir itself
     configs = BUNDLES / "breast_dce_cmsl" / "configs"
     # each rank saves the parameters it ends with: equal across ranks only if DDP all-reduced the gradients
     # (the ranks see different shards of the data). BatchNorm running statistics are per rank by design
