@@ -152,21 +152,20 @@ def freeze_backbone(model: ImbalanceClassifier) -> ImbalanceClassifier:
     The running statistics and weights then stay bit-identical however long the classifier
     trains; ``model.train()`` keeps the frozen parts in eval mode. Returns ``model``.
     """
-    for part in (model.backbone, model.embedding):
-        for param in part.parameters():
-            param.requires_grad_(False)
-    model.backbone_frozen = True
-    model.train(model.training)
-    return model
+    return _set_backbone_frozen(model, True)
 
 
 def unfreeze_backbone(model: ImbalanceClassifier) -> ImbalanceClassifier:
     """Undo :func:`freeze_backbone`."""
+    return _set_backbone_frozen(model, False)
+
+
+def _set_backbone_frozen(model: ImbalanceClassifier, frozen: bool) -> ImbalanceClassifier:
     for part in (model.backbone, model.embedding):
         for param in part.parameters():
-            param.requires_grad_(True)
-    model.backbone_frozen = False
-    model.train(model.training)
+            param.requires_grad_(not frozen)
+    model.backbone_frozen = frozen
+    model.train(model.training)  # re-applies the eval-mode rule for frozen BatchNorm
     return model
 
 
