@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positive-fraction", type=float, default=0.5,
                         help="share of malignant cases (localisation needs lesions; default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matrix", type=int, default=None, help="synth in-plane size (default: synth's)")
+    parser.add_argument("--slices", type=int, default=None, help="synth nominal slices (default: synth's)")
+    parser.add_argument("--workers", type=int, default=2, help="synth/convert worker processes (default 2)")
     parser.add_argument("--method", default="cmsl", help="medimb training method (default cmsl)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="stage-1 batch size (default 8)")
@@ -139,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     synth, converted = work / "synth", work / "converted"
     datalist, train_dir = work / "datalist.json", work / "train"
     if not (synth / "labels.csv").exists():
+        size = [*(["--matrix", str(args.matrix)] if args.matrix else []),
+                *(["--slices", str(args.slices)] if args.slices else [])]
         run(prep_command("synth", str(synth), "--cases", str(args.cases), "--seed", str(args.seed),
-                         "--positive-fraction", str(args.positive_fraction)))
+                         "--positive-fraction", str(args.positive_fraction), "--workers", str(args.workers),
+                         *size))
     if not (converted / "manifest.csv").exists():
         run(prep_command("convert", str(synth / "archive"), str(converted)))
     if not datalist.exists():
