@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matrix", type=int, default=None, help="synth in-plane size (default: synth's)")
     parser.add_argument("--slices", type=int, default=None, help="synth nominal slices (default: synth's)")
-    parser.add_argument("--workers", type=int, default=2, help="synth/convert worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="medimb-prep synth worker processes (default 2)")
     parser.add_argument("--method", default="cmsl", help="medimb training method (default cmsl)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="stage-1 batch size (default 8)")
