@@ -31,9 +31,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, splits=(
              device: str = "auto") -> dict:
     """Metrics per split (``medimb.evaluation.compute_metrics``) + plots per split; returns the metrics dict."""
     from medimb.data import load_splits
-    from medimb.evaluation import compute_metrics, plot_confusion_matrix, plot_embedding, plot_pr, plot_roc
+    from medimb.evaluation import compute_metrics
     from medimb.networks import CheckpointError, load_checkpoint
-    from medimb.training.workflow import predict, resolve_device, write_json
+    from medimb.training.workflow import predict, resolve_device, write_json, write_plots
 
     dev = resolve_device(device)
     try:
@@ -52,29 +52,18 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, splits=(
         dataset = data_splits.train_eval if split == "train" else getattr(data_splits, split)
         p = predict(model, dataset, dev)
         result[split] = compute_metrics(p["labels"], p["proba"])
-        plots = out / "plots" / split
-        plot_roc(p["labels"], p["proba"], plots / "roc.png", class_names=names)
-        plot_pr(p["labels"], p["proba"], plots / "pr.png", class_names=names)
-        plot_confusion_matrix(p["labels"], p["proba"], plots / "confusion_matrix.png", class_names=names)
-        plot_embedding(p["features"], p["labels"], plots / "features_pca.png", class_names=names)
+        write_plots(p, names, out / "plots" / split)
     write_json(out / "metrics.json", result)
     return result
 
 
 def run(args: argparse.Namespace) -> int:
-    from medimb.training.workflow import _data_error_in
+    from medimb.data.errors import surface_data_errors
 
     if not Path(args.data).exists():
         raise UserError(f"--data does not exist: {args.data}")
-    try:
+    with surface_data_errors():  # a DataError is a UserError: one line, no traceback
         result = evaluate(args.checkpoint, args.data, args.out, args.splits, args.device)
-    except UserError:
-        raise
-    except Exception as exc:
-        err = _data_error_in(exc)
-        if err is None:
-            raise
-        raise UserError(str(err)) from exc
     keys = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
     parts = [f"{s} " + " ".join(f"{k}={result[s][k]:.3f}" for k in keys if result[s].get(k) is not None)
              for s in args.splits]

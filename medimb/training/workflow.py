@@ -39,7 +39,8 @@ from monai.handlers import (
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
-from medimb.data import BatchAugmentation, DataError, DataSplits, create_sampler, load_splits
+from medimb.data import BatchAugmentation, DataSplits, create_sampler, load_splits
+from medimb.data.errors import surface_data_errors
 from medimb.networks import create_model, predict_proba, save_checkpoint
 from medimb.training.config import Stage1Config, Stage2Config, TrainConfig
 from medimb.training.engines import (
@@ -401,43 +402,25 @@ def evaluate_splits(model, splits: DataSplits, device, num_workers: int = 0) -> 
     return metrics, preds
 
 
-def _plots(preds: dict, class_names: list[str], plot_dir: Path) -> list[str]:
-    """ROC, PR, confusion matrix and a PCA of the pooled features (what the classifier sees), test split."""
+def write_plots(pred: dict, class_names: list[str], plot_dir: Path) -> list[str]:
+    """ROC, PR, confusion matrix and a PCA of the pooled features (what the classifier sees) of one split's
+    predictions (``predict`` output: labels (N,), proba (N, K), features (N, F)); returns the PNG paths."""
     from medimb.evaluation import plots
 
-    p = preds["test"]
-    y, proba = p["labels"], p["proba"]
+    y, proba = pred["labels"], pred["proba"]
     written = [
         plots.plot_roc(y, proba, plot_dir / "roc.png", class_names=class_names),
         plots.plot_pr(y, proba, plot_dir / "pr.png", class_names=class_names),
         plots.plot_confusion_matrix(y, proba, plot_dir / "confusion_matrix.png", class_names=class_names),
-        plots.plot_embedding(p["features"], y, plot_dir / "features_pca.png", class_names=class_names),
+        plots.plot_embedding(pred["features"], y, plot_dir / "features_pca.png", class_names=class_names),
     ]
     return [str(x) for x in written]
 
 
-def _data_error_in(exc: BaseException) -> DataError | None:
-    """The DataError that caused ``exc`` (MONAI wraps transform errors in RuntimeError), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DataError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """:func:`run_training`, with input-data errors raised inside MONAI transforms surfaced as :class:`DataError`."""
-    try:
+    with surface_data_errors():
         return run_training(config, resume=resume, progress=progress)
-    except DataError:
-        raise
-    except Exception as exc:
-        err = _data_error_in(exc)
-        if err is None:
-            raise
-        raise DataError(str(err)) from exc
 
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -476,5 +459,5 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     result = {"val": metrics["val"], "test": metrics["test"], "selection": selection,
               "method": method.name, "class_names": splits.class_names}
     write_json(out / "metrics.json", result)
-    result["plots"] = _plots(preds, splits.class_names, out / "plots")
+    result["plots"] = write_plots(preds["test"], splits.class_names, out / "plots")
     return result
