@@ -44,18 +44,21 @@ def test_stage2_leaves_backbone_bit_identical(tmp_path, rebalance):
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_seed, crash_epoch", [(0, 3), (1, 1)], ids=["mid-stage1", "stage-boundary"])
+def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch, crash_seed, crash_epoch):
+    """Killed in the middle of stage 1, or after stage 1 finished and before stage 2 trained a step
+    (stage 2's EpochSeeder runs with seed + 1): the resumed run ends bit-identical to the uninterrupted one."""
     data = tiny_npz(tmp_path / "tiny.npz")
     full = train(tiny_config(data, tmp_path / "full", epochs=3, stage2_epochs=2), progress=False)
 
     original = workflow.EpochSeeder.__call__
 
-    def crash_at_stage1_epoch3(self, engine):
-        if engine.state.epoch == 3 and self.seed == 0:  # stage 1 (stage 2 runs with seed + 1)
+    def crash(self, engine):
+        if engine.state.epoch == crash_epoch and self.seed == crash_seed:
             raise KeyboardInterrupt
         original(self, engine)
 
-    monkeypatch.setattr(workflow.EpochSeeder, "__call__", crash_at_stage1_epoch3)
+    monkeypatch.setattr(workflow.EpochSeeder, "__call__", crash)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "resumed", epochs=3, stage2_epochs=2), progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()

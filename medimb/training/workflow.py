@@ -357,6 +357,9 @@ def run_stage2(model, splits: DataSplits, cfg: Stage2Config, out: Path, device: 
     """Freeze the backbone and re-balance the classifier (cRT / LWS trained class-balanced; tau-norm searched)."""
     if cfg.rebalance == "tau_norm":
         return _tau_norm(model, splits, cfg, device, num_workers)
+    # The re-initialised head draws from the global RNG, whose state after stage 1 differs between an
+    # uninterrupted run and one resumed at the stage boundary: seed it so both start stage 2 alike.
+    torch.manual_seed(seed * 10007 + 1)
     prepare_stage2(model, cfg.rebalance)
     head_kwargs = model.config.get("head_kwargs", {})
     loss = build_classification_loss(cfg.loss, splits.class_counts, head_kwargs, **cfg.loss_kwargs).to(device)
