@@ -18,6 +18,7 @@ def test_evaluate_reproduces_training_metrics(tmp_path, capsys):
     assert code == 0 and "val balanced_accuracy=" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["test"] == res["test"] and metrics["val"] == res["val"] and metrics["method"] == "crt"
+    assert metrics["flip_tta"] is True  # evaluated the way training reported (flip TTA by default)
     assert (tmp_path / "eval" / "plots" / "test" / "roc.png").exists()
 
 

@@ -102,3 +102,32 @@ def test_every_method_has_one_config_and_round_trips():
     a = method_config("ce")
     a.stage1.epochs = 1
     assert method_config("ce").stage1.epochs == 30  # copies, the registry is never mutated
+
+
+def test_flip_tta_averages_probabilities_over_every_axis_flip(tmp_path):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    splits = load_splits(data)
+    torch.manual_seed(0)
+    model = build_model(tiny_config(data, tmp_path / "out"), splits).eval()
+    assert workflow.flip_combinations(3) == [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
+
+    plain = workflow.predict(model, splits.test, torch.device("cpu"))
+    tta = workflow.predict(model, splits.test, torch.device("cpu"), flip_tta=True)
+    x = torch.stack([torch.as_tensor(splits.test[i]["image"]) for i in range(len(splits.test))])
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(model(x.flip(d)), 1) for d in workflow.flip_combinations(3)]).mean(0)
+    assert torch.allclose(torch.as_tensor(tta["proba"]), expected, atol=1e-5)
+    assert not torch.allclose(torch.as_tensor(plain["proba"]), expected, atol=1e-4)  # the untrained net is not symmetric
+    assert (tta["features"] == plain["features"]).all()  # features stay those of the unflipped input
+    # the averaged prediction is flip-invariant: a flipped test set gets the same probabilities
+    with torch.no_grad():
+        flipped = torch.stack([torch.softmax(model(x.flip(2).flip(d)), 1) for d in workflow.flip_combinations(3)]).mean(0)
+    assert torch.allclose(flipped, expected, atol=1e-5)
+
+
+def test_flip_tta_only_for_models_trained_with_flips(tmp_path):
+    splits = load_splits(tiny_npz(tmp_path / "tiny.npz"))
+    assert workflow.uses_flip_tta(True, splits.preprocessing)
+    assert not workflow.uses_flip_tta(False, splits.preprocessing)
+    splits.preprocessing.augmentation.flip_prob = 0.0
+    assert not workflow.uses_flip_tta(True, splits.preprocessing)

@@ -33,7 +33,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, splits=(
     from medimb.data import load_splits
     from medimb.evaluation import compute_metrics
     from medimb.networks import CheckpointError, load_checkpoint
-    from medimb.training.workflow import predict, resolve_device, write_json, write_plots
+    from medimb.training.workflow import predict, resolve_device, uses_flip_tta, write_json, write_plots
 
     dev = resolve_device(device)
     try:
@@ -47,10 +47,12 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, splits=(
         raise UserError(f"{data}: {data_splits.num_classes} classes, the model predicts {model.config['num_classes']}")
     names = meta.get("class_names") or data_splits.class_names
     out = Path(out)
-    result: dict = {"checkpoint": str(Path(checkpoint).resolve()), "method": meta.get("method")}
+    # evaluate the way training reported its metrics (flip TTA unless the run turned it off)
+    tta = uses_flip_tta(meta.get("train_config", {}).get("flip_tta", False), data_splits.preprocessing)
+    result: dict = {"checkpoint": str(Path(checkpoint).resolve()), "method": meta.get("method"), "flip_tta": tta}
     for split in splits:
         dataset = data_splits.train_eval if split == "train" else getattr(data_splits, split)
-        p = predict(model, dataset, dev)
+        p = predict(model, dataset, dev, flip_tta=tta)
         result[split] = compute_metrics(p["labels"], p["proba"])
         write_plots(p, names, out / "plots" / split)
     write_json(out / "metrics.json", result)

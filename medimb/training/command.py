@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="datalists: cache preprocessed volumes in memory (default), on disk under --out, or not")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-tta", action="store_true",
+                   help="report metrics without flip test-time augmentation (default: mean over all axis flips)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -66,8 +68,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise UserError("--spatial-size takes 1 or 3 positive integers")
     return TrainConfig(
         data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()), method=method,
-        network=args.network, seed=args.seed, device=args.device, amp=not args.no_amp, cache=args.cache,
-        num_workers=args.num_workers, spatial_size=size, slices=args.slices,
+        network=args.network, seed=args.seed, device=args.device, amp=not args.no_amp, flip_tta=not args.no_tta,
+        cache=args.cache, num_workers=args.num_workers, spatial_size=size, slices=args.slices,
     )
 
 

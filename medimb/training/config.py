@@ -141,6 +141,7 @@ class TrainConfig:
     num_workers: int = 0
     spatial_size: tuple[int, ...] | None = None
     slices: int | None = None
+    flip_tta: bool = True  # final metrics average predictions over flips (when training flips; see predict)
 
     def to_dict(self) -> dict:
         return asdict(self)

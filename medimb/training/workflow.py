@@ -311,22 +311,39 @@ def run_stage1(model, splits: DataSplits, cfg: Stage1Config, out: Path, device: 
     )
 
 
+def flip_combinations(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a ``(B, C, *S)`` tensor, as tensor dims: ``[(), (2,), (3,), (2, 3), ...]``
+    (``2**spatial_dims`` entries, the identity first)."""
+    axes = range(2, 2 + spatial_dims)
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2**spatial_dims)]
+
+
 @torch.no_grad()
-def predict(model, dataset, device: torch.device, batch_size: int = EVAL_BATCH, num_workers: int = 0) -> dict:
+def predict(model, dataset, device: torch.device, batch_size: int = EVAL_BATCH, num_workers: int = 0,
+            flip_tta: bool = False) -> dict:
     """Run ``model.forward_all`` over ``dataset``: ``labels`` (N,), ``logits`` (N, K), ``proba`` (N, K),
-    ``features`` (N, F), ``embedding`` (N, E) as numpy arrays."""
+    ``features`` (N, F), ``embedding`` (N, E) as numpy arrays.
+
+    ``flip_tta``: test-time augmentation by flips, for models trained with random flips of every spatial
+    axis. ``proba`` is then the mean of the class probabilities over all ``2**spatial_dims`` flipped copies
+    of each input (8 in 3D, 4 in 2D), ``logits`` their mean; ``features``/``embedding`` stay those of the
+    unflipped input.
+    """
     model.eval().to(device)
-    out: dict[str, list] = {"labels": [], "logits": [], "features": [], "embedding": []}
+    out: dict[str, list] = {"labels": [], "logits": [], "features": [], "embedding": [], "proba": []}
     for batch in _loader(dataset, batch_size, None, num_workers, device):
         x = batch["image"]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        res = model.forward_all(x.to(device))
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device)
+        res = model.forward_all(x)
         out["labels"].append(torch.as_tensor(batch["label"]).reshape(-1))
-        for k in ("logits", "features", "embedding"):
+        for k in ("features", "embedding"):
             out[k].append(res[k].float().cpu())
-    arrays = {k: torch.cat(v) for k, v in out.items()}
-    arrays["proba"] = predict_proba(model, arrays["logits"])
-    return {k: v.numpy() for k, v in arrays.items()}
+        logits = [res["logits"].float().cpu()]
+        if flip_tta:
+            logits += [model(x.flip(dims)).float().cpu() for dims in flip_combinations(x.ndim - 2)[1:]]
+        out["logits"].append(torch.stack(logits).mean(0))
+        out["proba"].append(torch.stack([predict_proba(model, z) for z in logits]).mean(0))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
 def _tau_norm(model, splits: DataSplits, cfg: Stage2Config, device, num_workers: int) -> dict:
@@ -396,11 +413,19 @@ def build_model(config: TrainConfig, splits: DataSplits):
     )
 
 
-def evaluate_splits(model, splits: DataSplits, device, num_workers: int = 0) -> tuple[dict, dict]:
+def uses_flip_tta(requested: bool, preprocessing) -> bool:
+    """Flip TTA only for models whose training augmentation flipped every axis (``flip_prob > 0``)."""
+    return bool(requested) and preprocessing.augmentation.flip_prob > 0
+
+
+def evaluate_splits(model, splits: DataSplits, device, num_workers: int = 0,
+                    flip_tta: bool = False) -> tuple[dict, dict]:
     """Metrics of ``model`` on val and test; returns ``(metrics, predictions)`` keyed by split."""
     from medimb.evaluation.metrics import compute_metrics
 
-    preds = {s: predict(model, getattr(splits, s), device, num_workers=num_workers) for s in ("val", "test")}
+    tta = uses_flip_tta(flip_tta, splits.preprocessing)
+    preds = {s: predict(model, getattr(splits, s), device, num_workers=num_workers, flip_tta=tta)
+             for s in ("val", "test")}
     metrics = {s: compute_metrics(p["labels"], p["proba"]) for s, p in preds.items()}
     return metrics, preds
 
@@ -457,7 +482,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         write_json(out / "state" / "stage1.done", selection["stage1"])
     if method.stage2 is not None:
         selection["stage2"] = run_stage2(model, splits, method.stage2, out, device, **common)
-    metrics, preds = evaluate_splits(model, splits, device, config.num_workers)
+    metrics, preds = evaluate_splits(model, splits, device, config.num_workers, config.flip_tta)
     save_checkpoint(out / "final.pt", model, **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"]))
     result = {"val": metrics["val"], "test": metrics["test"], "selection": selection,
               "method": method.name, "class_names": splits.class_names}
