@@ -40,12 +40,21 @@ import torch
 
 from medimb.data.transforms import build_eval_transforms
 from medimb.evaluation.localization import localization_scores
-from medimb.explain import FeatureMapClassifier, create_explainer, invert_to_source
+from medimb.explain import (
+    FeatureMapClassifier,
+    create_explainer,
+    forward_to_network_grid,
+    invert_to_source,
+    minmax_per_volume,
+    upsample_to,
+)
 from medimb.explain.pipeline import preprocess
 from medimb.networks import load_checkpoint, predict_proba
 
 METHODS = ("coam", "cam", "gradcam")
 EXTRA_METHODS = ("coam_cosine", "gradcampp")  # reported for information, not part of the targets
+# sanity rows: known maps through the same preprocess -> network grid -> invert -> score path
+ORACLES = ("oracle_mask", "oracle_featuregrid")
 THRESHOLD = 0.5
 
 
@@ -92,6 +101,18 @@ def truth_on_grid(mask_path: Path, reference_path: str) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0) > 0
 
 
+def oracle_maps(mask_net: torch.Tensor, feature_shape) -> dict[str, torch.Tensor]:
+    """Known maps on the network grid, ``(1, *S_net)`` each, to run through the same export and scoring:
+
+    - ``oracle_mask``: the truth mask itself; must score pointing game 1 (else geometry is broken);
+    - ``oracle_featuregrid``: the mask averaged onto the model's feature-map grid and upsampled back
+      the way COAM/CAM are (trilinear): the best a perfect map at that resolution can do.
+    """
+    coarse = torch.nn.functional.adaptive_avg_pool3d(mask_net[None], tuple(feature_shape))
+    return {"oracle_mask": mask_net,
+            "oracle_featuregrid": minmax_per_volume(upsample_to(coarse, mask_net.shape[1:]))[0]}
+
+
 def source_affine(path: str) -> np.ndarray:
     import nibabel as nib
 
@@ -128,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=None, help="synth nominal slices (default: synth's)")
     parser.add_argument("--workers", type=int, default=2, help="medimb-prep synth worker processes (default 2)")
     parser.add_argument("--method", default="cmsl", help="medimb training method (default cmsl)")
+    parser.add_argument("--network", default="cpunet", help="backbone name (default cpunet)")
+    parser.add_argument("--network-kwargs", type=json.loads, default={},
+                        help='JSON for create_model, e.g. \'{"stem_width": 16, "widths": [32], "global_pool": "max"}\'')
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="stage-1 batch size (default 8)")
     parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: the method's)")
@@ -171,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if method.stage2 is not None:
             method.stage2.epochs = max(2, args.epochs // 4)
         config = TrainConfig(data=str(datalist), out=str(train_dir), method=method, seed=args.seed,
-                             device="cpu", amp=False, spatial_size=tuple(args.spatial_size))
+                             device="cpu", amp=False, spatial_size=tuple(args.spatial_size),
+                             network=args.network, network_kwargs=dict(args.network_kwargs))
         from medimb.training.workflow import train
 
         result = train(config, progress=True)
@@ -205,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         mask = truth_on_grid(truth_dir / f"{case}_lesion.nii.gz", images[0])
         affine = source_affine(images[0])
         row = {"case": case, "p_malignant": float(proba[1]), "lesion_voxels": int(mask.sum())}
-        for name, explainer in explainers.items():
-            heat = invert_to_source(explainer(x, class_idx=1)[0], data, transform)
+        with torch.no_grad():
+            feature_shape = model.forward_features(x).shape[2:]
+        mask_net = forward_to_network_grid(truth_dir / f"{case}_lesion.nii.gz", meta["preprocessing"])
+        maps = {name: explainer(x, class_idx=1)[0] for name, explainer in explainers.items()}
+        maps.update(oracle_maps(mask_net, feature_shape))
+        for name, net_map in maps.items():
+            heat = invert_to_source(net_map, data, transform)
             heat = heat / max(float(heat.max()), 1e-12)  # resampling can shave the peak below 1
             row[name] = localization_scores(heat, mask, affine, THRESHOLD)
         timed = {m: explainers[m] for m in ("coam", "gradcam", "cam")}
@@ -215,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case}: " + ", ".join(
             f"{m} pg={row[m]['pointing_game']:.0f} d={row[m]['com_distance_mm']:.1f}mm "
             f"dice={row[m]['dice']:.2f}"
-            for m in METHODS), flush=True)
+            for m in (*METHODS, "oracle_mask")), flush=True)
     if not per_case:
         print("no positive test cases: nothing to score", file=sys.stderr)
         return 1
@@ -233,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs, "batch_size": args.batch_size,
         "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
+        "network_config": meta.get("config", {}),
         "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),
         "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice")}
-                   for m in (*METHODS, *EXTRA_METHODS)},
+                   for m in (*METHODS, *EXTRA_METHODS, *ORACLES)},
         "time_ms_per_volume": time_ms,
         "coam_over_forward": time_ms["coam"] / time_ms["forward"],
         "coam_over_gradcam": time_ms["coam"] / time_ms["gradcam"],
@@ -245,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=1))
     print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 |\n|---|---|---|---|")
-    for m in (*METHODS, *EXTRA_METHODS):
+    for m in (*METHODS, *EXTRA_METHODS, *ORACLES):
         s = summary["scores"][m]
         print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} |")
     print("\n| per volume (batch 1) | ms |\n|---|---|")

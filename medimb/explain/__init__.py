@@ -12,6 +12,7 @@ from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, GradCAMExplai
 from medimb.explain.coam import COAM, coam_from_features, upsample_to
 from medimb.explain.export import (
     DEFAULT_THRESHOLD,
+    forward_to_network_grid,
     invert_to_source,
     threshold_region,
     write_heatmap,
@@ -23,6 +24,6 @@ from medimb.explain.normalize import minmax_per_volume
 __all__ = [
     "CAMExplainer", "COAM", "DEFAULT_METHODS", "DEFAULT_THRESHOLD", "FeatureMapClassifier",
     "GradCAMExplainer", "METHODS", "cam_classifier", "coam_from_features", "create_explainer",
-    "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region", "upsample_to",
+    "forward_to_network_grid", "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region", "upsample_to",
     "write_heatmap", "write_label",
 ]

@@ -43,6 +43,22 @@ def invert_to_source(heat: torch.Tensor, data: dict, transform, key: str = "imag
     return array[0] if array.ndim == 4 else array
 
 
+def forward_to_network_grid(source_path: str | os.PathLike, preprocessing) -> torch.Tensor:
+    """Push a source-grid volume (e.g. a lesion mask) through the *geometric* part of a checkpoint's
+    preprocessing (orientation, spacing, crop/pad; no intensity scaling), bilinear.
+
+    It lands voxel for voxel where the scan's network input is, so it can stand in for an attention
+    map: an oracle that :func:`invert_to_source` must bring back onto the source (localisation
+    benchmark sanity row, geometry tests). ``preprocessing``: a ``Preprocessing`` or its dict.
+    Returns ``(1, *S_net)`` float32.
+    """
+    from medimb.data.transforms import Preprocessing, build_eval_transforms
+
+    pre = preprocessing if isinstance(preprocessing, dict) else preprocessing.to_dict()
+    geometry = build_eval_transforms(Preprocessing.from_dict({**pre, "in_channels": 1, "intensity": "none"}))
+    return geometry({"image": [str(source_path)]})["image"].as_tensor().float()
+
+
 def source_shape(source_path: str | os.PathLike) -> tuple[int, ...]:
     """Spatial shape of a NIfTI file (trailing singleton axes dropped)."""
     shape = tuple(nib.load(str(source_path)).shape)

@@ -15,6 +15,7 @@ from torch import nn
 
 import medimb.networks.backbones  # noqa: F401  (registers the backbones)
 import medimb.networks.slices  # noqa: F401
+from medimb.networks.backbones import Backbone
 from medimb.networks.heads import HEADS, EmbeddingHead, LWSHead, TauNormHead, create_head
 from medimb.networks.registry import get_backbone_builder
 
@@ -102,6 +103,7 @@ def create_model(
     head_kwargs: dict[str, Any] | None = None,
     embedding_dim: int = 128,
     channels_last: bool | None = None,
+    global_pool: str = "avg",
     **kwargs: Any,
 ) -> ImbalanceClassifier:
     """Build a classifier from the backbone registered as ``name`` (see :func:`list_models`).
@@ -117,6 +119,9 @@ def create_model(
         embedding_dim: E, size of the L2-normalised embedding for metric losses.
         channels_last: run the backbone in channels-last memory format; ``None`` takes the backbone's
             preference (on for ``cpunet``, where it was measured faster on CPU).
+        global_pool: how the feature map becomes the feature vector: ``"avg"`` (default), ``"max"`` or
+            ``"avgmax"`` (see ``medimb.networks.backbones.GLOBAL_POOLS``); recorded in ``config``
+            when not the default. Backbones with their own pooling (``slice_pool``) accept only ``"avg"``.
         **kwargs: backbone arguments, e.g. ``widths=(24, 48, 96)``.
     """
     if in_channels < 1:
@@ -128,6 +133,10 @@ def create_model(
     if head not in HEADS:
         raise KeyError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
     backbone = get_backbone_builder(name)(in_channels, spatial_dims, **kwargs)
+    if global_pool != "avg":
+        if type(backbone).pool is not Backbone.pool:
+            raise ValueError(f"{name} pools its feature map its own way; global_pool={global_pool!r} does not apply")
+        backbone.set_global_pool(global_pool)
     classifier = create_head(head, backbone.num_features, num_classes, **(head_kwargs or {}))
     embedding = EmbeddingHead(backbone.num_features, embedding_dim)
     if channels_last is None:
@@ -141,6 +150,7 @@ def create_model(
         "head_kwargs": classifier.head_kwargs(),
         "embedding_dim": int(embedding_dim),
         "channels_last": bool(channels_last),
+        **({"global_pool": global_pool} if global_pool != "avg" else {}),
         **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
     }
     return ImbalanceClassifier(backbone, classifier, embedding, config)
