@@ -202,3 +202,29 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
     assert "gradcan" in _run_error([*base, "--data", str(scans[0]), "--methods", "gradcan"], capsys)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("backbone", ["slice_pool", "slice_channels"])
+def test_explains_2p5d_checkpoints_on_the_slab(tmp_path, backbone):
+    """2.5D models see a slab of K adjacent slices: every method's overlay is on the source grid,
+    non-zero only on those K slices (the central ones)."""
+    torch.manual_seed(0)
+    kwargs = {"encoder_kwargs": {"widths": (4, 8), "depths": (1, 1)}}
+    if backbone == "slice_channels":
+        kwargs["num_slices"] = 3
+    model = create_model(backbone, in_channels=1, num_classes=2, head="linear", **kwargs)
+    pre = Preprocessing(spatial_size=(24, 24, 3), pixdim=(2.0, 2.0, 0.0), slices=3).to_dict()
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, preprocessing=pre, class_names=["a", "b"], method="t",
+                           epoch=0)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    data = np.random.default_rng(0).random((20, 18, 9)).astype(np.float32)
+    data[8:12, 6:10, 3:6] += 3.0  # the central 3 slices are 3, 4, 5
+    write_nifti(tmp_path / "scan.nii.gz", data, affine)
+    out = tmp_path / "out"
+    assert main(["explain", "--checkpoint", str(ckpt), "--data", str(tmp_path / "scan.nii.gz"), "--out", str(out),
+                 "--methods", "coam,gradcam,cam"]) == 0
+    for method in ("coam", "gradcam", "cam"):
+        heat = np.asarray(nib.load(str(out / f"scan_{method}.nii.gz")).dataobj)
+        assert heat.shape == data.shape
+        outside = np.delete(heat, [3, 4, 5], axis=2)
+        assert outside.max() == 0 and heat[:, :, 3:6].max() > 0.5, method

@@ -92,9 +92,9 @@ def check_inputs(model: torch.nn.Module, preprocessing: dict, items: list[dict])
     if preprocessing.get("source", "nifti") != "nifti":
         raise UserError(
             f"this checkpoint was trained on {preprocessing.get('source')!r} arrays, not NIfTI scans")
-    if preprocessing.get("slices") or preprocessing.get("slices_as_channels"):
-        raise UserError("2.5D checkpoints (a slab of slices per input) are not supported by explain yet: "
-                        "their feature maps are 2D and cannot be mapped back to a 3D overlay")
+    # 2.5D checkpoints (``slices=K``) are fine: their backbones return a 3D-shaped feature map over the
+    # slab, (B, F, K, H', W') for slice_pool and (B, F, 1, H', W') for slice_channels, and Invertd undoes
+    # the slab cut (crop + transpose); the overlay is 0 outside the K slices the network saw.
     expected = int(preprocessing.get("in_channels", 1))
     model_channels = int((getattr(model, "config", None) or {}).get("in_channels", expected))
     if model_channels != expected:
