@@ -93,6 +93,29 @@ def build_datalist(converted: Path, labels_csv: Path, out: Path, seed: int) -> N
     out.write_text(json.dumps(splits, indent=1))
 
 
+def largest_field_of_view_first(datalist: Path) -> str:
+    """Move the training item whose first image has the largest field of view (product of the extents
+    in mm) to the front of the training split, in place; returns its subject.
+
+    ``medimb.data`` fits the network grid's spacing to the *first* training scan, so that scan's field
+    of view is all the network sees of every other scan; a small one crops lesions out of larger scans.
+    """
+    import nibabel as nib
+
+    data = json.loads(datalist.read_text())
+    base = datalist.parent
+
+    def extent(item) -> float:
+        img = nib.load(str(base / (item["image"][0] if isinstance(item["image"], list) else item["image"])))
+        return float(np.prod(np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3])))
+
+    training = data["training"]
+    best = max(range(len(training)), key=lambda i: extent(training[i]))
+    training.insert(0, training.pop(best))
+    datalist.write_text(json.dumps(data, indent=1))
+    return str(training[0].get("subject", best))
+
+
 def truth_on_grid(mask_path: Path, reference_path: str) -> np.ndarray:
     """The truth mask resampled (world space, nearest) onto the reference NIfTI's grid, as (i, j, k)."""
     reference = sitk.ReadImage(reference_path)
@@ -157,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: the method's)")
     parser.add_argument("--spatial-size", type=int, nargs=3, default=(32, 32, 32))
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per volume")
+    parser.add_argument("--largest-first", action="store_true",
+                        help="put the training scan with the largest field of view first in the datalist "
+                             "(medimb.data fits the network grid to the first training scan)")
+    parser.add_argument("--max-positives", type=int, default=None,
+                        help="score only the first N malignant test cases (quick checks; default all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
 
@@ -181,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("medimb-prep datalist not available: building the datalist in the benchmark", flush=True)
             build_datalist(converted, synth / "labels.csv", datalist, args.seed)
+        if args.largest_first:
+            print("first training scan (largest field of view):", largest_field_of_view_first(datalist), flush=True)
     t_data = time.perf_counter() - t0
 
     checkpoint = train_dir / "final.pt"
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             FeatureMapClassifier(model).check_matches(x)
         n_test += 1
         correct += int(int(proba.argmax()) == int(item["label"]))
-        if int(item["label"]) != 1:
+        if int(item["label"]) != 1 or (args.max_positives is not None and len(per_case) >= args.max_positives):
             continue
         mask = truth_on_grid(truth_dir / f"{case}_lesion.nii.gz", images[0])
         affine = source_affine(images[0])
@@ -237,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         maps.update(oracle_maps(mask_net, feature_shape))
         for name, net_map in maps.items():
             heat = invert_to_source(net_map, data, transform)
-            heat = heat / max(float(heat.max()), 1e-12)  # resampling can shave the peak below 1
-            row[name] = localization_scores(heat, mask, affine, THRESHOLD)
+            if float(heat.max()) <= 0:  # e.g. a Grad-CAM whose ReLU removed everything: no peak, a miss
+                row[name] = {"pointing_game": 0.0, "com_distance_mm": float("nan"), "dice": 0.0, "empty": 1.0}
+                continue
+            heat = heat / float(heat.max())  # resampling can shave the peak below 1
+            row[name] = {**localization_scores(heat, mask, affine, THRESHOLD), "empty": 0.0}
         timed = {m: explainers[m] for m in ("coam", "gradcam", "cam")}
         timings.append(time_methods(model, x, timed, args.repeats))
         per_case.append(row)
@@ -251,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def mean(method: str, key: str) -> float:
-        return float(np.mean([r[method][key] for r in per_case]))
+        """Mean over cases; the CoM distance of an empty (all-zero) map is undefined and left out."""
+        return float(np.nanmean([r[method][key] for r in per_case]))
 
     time_ms = {k: 1000 * float(np.median([t[k] for t in timings])) for k in timings[0]}
     summary = {
@@ -264,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
         "network_config": meta.get("config", {}),
+        "preprocessing": {k: meta["preprocessing"].get(k) for k in ("spatial_size", "pixdim", "intensity")},
         "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),
-        "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice")}
+        "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice", "empty")}
                    for m in (*METHODS, *EXTRA_METHODS, *ORACLES)},
         "time_ms_per_volume": time_ms,
         "coam_over_forward": time_ms["coam"] / time_ms["forward"],
@@ -275,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         "per_case": per_case,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=1))
-    print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 |\n|---|---|---|---|")
+    print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 | empty maps |\n|---|---|---|---|---|")
     for m in (*METHODS, *EXTRA_METHODS, *ORACLES):
         s = summary["scores"][m]
-        print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} |")
+        print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} "
+              f"| {s['empty'] * len(per_case):.0f} |")
     print("\n| per volume (batch 1) | ms |\n|---|---|")
     for k, v in time_ms.items():
         print(f"| {k} | {v:.1f} |")
