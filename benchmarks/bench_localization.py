@@ -14,6 +14,17 @@ Steps (each skipped when its output already exists in --work, so a run can be re
 6. time per volume of a plain forward pass, COAM and Grad-CAM (network grid, batch 1, interleaved,
    median of --repeats), all in this one process.
 
+Sanity rows scored through the very same path (``ORACLES``): ``oracle_mask``, the truth mask pushed
+through the checkpoint's geometric preprocessing onto the network grid (must score pointing game ~1,
+else the geometry is broken), and ``oracle_featuregrid``, that mask averaged onto the model's last
+feature-map grid and upsampled like the maps (the best any map at that resolution can do). A map that
+is all zero on the source grid counts as a miss and is reported under "empty maps".
+
+A network that keeps a fine last feature map (small lesions) and learns the synthetic task::
+
+    --method ce --largest-first \
+    --network-kwargs '{"stem_width": 16, "widths": [32], "depths": [2], "global_pool": "max"}'
+
 Usage::
 
     .venv/bin/python benchmarks/bench_localization.py --work /tmp/bench_loc --cases 200
