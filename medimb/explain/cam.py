@@ -12,6 +12,8 @@ Classifier weights for CAM (``CAM_k(i) = w_k . f_i``):
 - cosine / CMSL heads (logit ``s * <w_k/|w_k|, f/|f|>``): the L2-normalised class weights, no bias.
   With average pooling ``f = mean_i f_i``, the logit equals ``(s/|f|) * mean_i <w_k/|w_k|, f_i>``, so
   this CAM is the exact per-location decomposition of the logit up to a positive factor.
+  With global max pooling (``global_pool="max"``) CAM is no longer a decomposition of the logit (only
+  the arg-max location of each channel reaches it); Grad-CAM's gradients follow the model's own pooling.
 
 All maps are rescaled with :func:`medimb.explain.normalize.minmax_per_volume` (1 = attended); MONAI's
 default normaliser would invert them.
