@@ -48,11 +48,13 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
         m.stage2.epochs = args.stage2_epochs
     run_dir = Path(args.out) / dataset / method / f"seed{seed}"
     cfg = TrainConfig(data=str(Path(args.data_dir) / f"{dataset}.npz"), out=str(run_dir), method=m,
-                      network=args.network, seed=seed, device=args.device)
+                      network=args.network, network_kwargs=json.loads(args.network_kwargs), seed=seed,
+                      device=args.device)
     start = time.perf_counter()
     res = train(cfg, resume=(run_dir / "config.json").exists(), progress=not args.no_progress)
     record = {
         "dataset": dataset, "method": method, "seed": seed, "network": args.network,
+        "network_kwargs": cfg.network_kwargs, "flip_tta": cfg.flip_tta,
         "stage1_epochs": m.stage1.epochs, "stage2_epochs": m.stage2.epochs if m.stage2 else 0,
         "seconds": round(time.perf_counter() - start, 1), "load_avg_end": os.getloadavg(),
         "val": {k: res["val"][k] for k in KEYS}, "test": {k: res["test"][k] for k in KEYS},
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="stage-1 epochs (default: each method's default)")
     p.add_argument("--stage2-epochs", type=int)
     p.add_argument("--network", default="cpunet")
+    p.add_argument("--network-kwargs", default="{}", help='JSON for create_model, e.g. \'{"stem_width": 8}\'')
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_imbalance"), help="run folders + result cache")
     p.add_argument("--table-only", action="store_true", help="print the table of cached results, train nothing")
