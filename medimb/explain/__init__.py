@@ -24,6 +24,6 @@ from medimb.explain.normalize import minmax_per_volume
 __all__ = [
     "CAMExplainer", "COAM", "DEFAULT_METHODS", "DEFAULT_THRESHOLD", "FeatureMapClassifier",
     "GradCAMExplainer", "METHODS", "cam_classifier", "coam_from_features", "create_explainer",
-    "forward_to_network_grid", "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region", "upsample_to",
-    "write_heatmap", "write_label",
+    "forward_to_network_grid", "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region",
+    "upsample_to", "write_heatmap", "write_label",
 ]
