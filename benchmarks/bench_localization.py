@@ -22,7 +22,7 @@ is all zero on the source grid counts as a miss and is reported under "empty map
 
 A network that keeps a fine last feature map (small lesions) and learns the synthetic task::
 
-    --method ce --largest-first \
+    --method ce \
     --network-kwargs '{"stem_width": 16, "widths": [32], "depths": [2], "global_pool": "max"}'
 
 Usage::
@@ -104,29 +104,6 @@ def build_datalist(converted: Path, labels_csv: Path, out: Path, seed: int) -> N
     out.write_text(json.dumps(splits, indent=1))
 
 
-def largest_field_of_view_first(datalist: Path) -> str:
-    """Move the training item whose first image has the largest field of view (product of the extents
-    in mm) to the front of the training split, in place; returns its subject.
-
-    ``medimb.data`` fits the network grid's spacing to the *first* training scan, so that scan's field
-    of view is all the network sees of every other scan; a small one crops lesions out of larger scans.
-    """
-    import nibabel as nib
-
-    data = json.loads(datalist.read_text())
-    base = datalist.parent
-
-    def extent(item) -> float:
-        img = nib.load(str(base / (item["image"][0] if isinstance(item["image"], list) else item["image"])))
-        return float(np.prod(np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3])))
-
-    training = data["training"]
-    best = max(range(len(training)), key=lambda i: extent(training[i]))
-    training.insert(0, training.pop(best))
-    datalist.write_text(json.dumps(data, indent=1))
-    return str(training[0].get("subject", best))
-
-
 def truth_on_grid(mask_path: Path, reference_path: str) -> np.ndarray:
     """The truth mask resampled (world space, nearest) onto the reference NIfTI's grid, as (i, j, k)."""
     reference = sitk.ReadImage(reference_path)
@@ -191,9 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: the method's)")
     parser.add_argument("--spatial-size", type=int, nargs=3, default=(32, 32, 32))
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per volume")
-    parser.add_argument("--largest-first", action="store_true",
-                        help="put the training scan with the largest field of view first in the datalist "
-                             "(medimb.data fits the network grid to the first training scan)")
     parser.add_argument("--max-positives", type=int, default=None,
                         help="score only the first N malignant test cases (quick checks; default all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
@@ -220,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("medimb-prep datalist not available: building the datalist in the benchmark", flush=True)
             build_datalist(converted, synth / "labels.csv", datalist, args.seed)
-        if args.largest_first:
-            print("first training scan (largest field of view):", largest_field_of_view_first(datalist), flush=True)
     t_data = time.perf_counter() - t0
 
     checkpoint = train_dir / "final.pt"

@@ -405,9 +405,10 @@ def check_dataset_dir(dataset_dir: str, data: str) -> bool:
     return True
 
 
-def fit_pixdim(image_path: str, spatial_size, orientation: str = "RAS") -> tuple[float, ...]:
-    """Voxel spacing (mm, in the array-axis order of ``orientation``) at which the field of view of
-    ``image_path`` fills ``spatial_size`` (also in that order): :func:`medimb.data.datasets.infer_pixdim`
+def fit_pixdim(image_paths, spatial_size, orientation: str = "RAS") -> tuple[float, ...]:
+    """Voxel spacing (mm, in the array-axis order of ``orientation``) at which the largest field of view
+    among ``image_paths`` (one path or a list) fills ``spatial_size`` (also in that order):
+    :func:`medimb.data.datasets.infer_pixdim`
     for orientations other than RAS, e.g. ``"SAR"`` (axial slices first, as the 2.5D ``slice_pool``
     network reads them along the first spatial axis)."""
     from medimb.data.datasets import infer_pixdim
@@ -419,7 +420,7 @@ def fit_pixdim(image_path: str, spatial_size, orientation: str = "RAS") -> tuple
     size_ras = [0, 0, 0]
     for ax, w in enumerate(axes):
         size_ras[w] = int(spatial_size[ax])
-    pix_ras = infer_pixdim(image_path, tuple(size_ras))
+    pix_ras = infer_pixdim(image_paths, tuple(size_ras))
     return tuple(pix_ras[w] for w in axes)
 
 

@@ -161,6 +161,40 @@ def test_25d_slab_layout(tmp_path):
     assert splits.val[0]["image"].shape == (1, 3, 16, 16)  # (C, K, X, Y): slab as the first spatial axis
 
 
+def test_network_grid_fits_the_largest_training_field_of_view(tmp_path):
+    """The spacing is fitted per axis to the largest training scan, not the first, so no scan is cropped."""
+    from medimb.data.datasets import infer_pixdim
+
+    small = str(tmp_path / "small.nii.gz")
+    wide = str(tmp_path / "wide.nii.gz")  # stored LPS: its voxel axes map to R and A with flipped signs
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 4), np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), small)
+    nib.save(nib.Nifti1Image(np.zeros((20, 8, 2), np.float32), np.diag([-1.5, -1.0, 2.0, 1.0])), wide)
+    assert infer_pixdim(small, (10, 10, 6)) == (1.0, 1.0, 2.0)
+    # R: max(10, 30) mm / 10; A: max(10, 8) / 10; S: max(12, 4) / 6
+    assert infer_pixdim([small, wide], (10, 10, 6)) == (3.0, 1.0, 2.0)
+    with pytest.raises(DataError, match="no training scans"):
+        infer_pixdim([], (10, 10, 6))
+
+
+def test_padding_repeats_the_scan_edge_instead_of_a_constant(tmp_path):
+    """Constant 0 after z-scoring is the scan's mean: a bright slab next to a dark scan end. Datalist
+    defaults pad by repeating the outermost voxels, so the padded slices equal the scan's end slices."""
+    path = _datalist(tmp_path)
+    splits = load_splits(path, cache="none", spatial_size=(12, 10, 8))  # grid as large as the scans
+    pre = splits.preprocessing
+    assert pre.pad_mode == "edge"
+    pre.pixdim = (2.0, 1.0, 1.5)  # native spacing; the 8 slices are padded to 14 (3 on each side)
+    pre.spatial_size = (12, 10, 14)
+    image = build_eval_transforms(pre)({"image": load_datalist(path)["val"][0]["image"]})["image"]
+    assert image.shape == (1, 12, 10, 14)
+    assert torch.equal(image[..., 0], image[..., 3]) and torch.equal(image[..., -1], image[..., -4])
+    assert not torch.equal(image[..., 3], image[..., 4])  # real slices differ (random data)
+    legacy = type(pre).from_dict({k: v for k, v in pre.to_dict().items() if k != "pad_mode"})
+    assert legacy.pad_mode == "constant"  # checkpoints written before pad_mode keep zero padding
+    zero_padded = build_eval_transforms(legacy)({"image": load_datalist(path)["val"][0]["image"]})["image"]
+    assert torch.count_nonzero(zero_padded[..., :3]) == 0
+
+
 def test_channel_mismatch_with_checkpoint_preprocessing(tmp_path):
     path = _datalist(tmp_path, channels=1)
     pre = load_splits(path, cache="none", spatial_size=(8, 8, 8)).preprocessing.to_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,11 +66,8 @@ def _medmnist_preprocessing(images: np.ndarray) -> Preprocessing:
     )
 
 
-def infer_pixdim(image_path: str, spatial_size: tuple[int, ...]) -> tuple[float, ...]:
-    """Spacing (mm, RAS axis order) at which the field of view of ``image_path`` fills ``spatial_size``.
-
-    Reads the NIfTI header only. Used as the default so a whole scan, not a central crop, reaches the network.
-    """
+def _field_of_view(image_path: str) -> tuple[float, float, float]:
+    """Extent in mm of the scan along the R, A, S world axes (NIfTI header only, no voxel data read)."""
     img = nib.load(image_path)
     shape = img.shape[:3]
     zooms = img.header.get_zooms()[:3]
@@ -77,19 +75,34 @@ def infer_pixdim(image_path: str, spatial_size: tuple[int, ...]) -> tuple[float,
     extent = [0.0, 0.0, 0.0]
     for vox_axis, (world_axis, _) in enumerate(ornt):
         extent[int(world_axis)] = shape[vox_axis] * float(zooms[vox_axis])
-    return tuple(round(e / s, 4) for e, s in zip(extent, spatial_size))
+    return tuple(extent)
+
+
+def infer_pixdim(image_paths: str | Sequence[str], spatial_size: tuple[int, ...]) -> tuple[float, ...]:
+    """Spacing (mm, RAS axis order) at which the largest field of view among ``image_paths`` fills
+    ``spatial_size``, axis by axis.
+
+    Reads NIfTI headers only. Used as the default so that every whole scan, not a central crop, reaches the
+    network: fitting to one scan (say the first) crops any scan with a larger field of view along some axis,
+    and a lesion near its edge can then fall outside the network input altogether.
+    """
+    paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
+    if not paths:
+        raise DataError("no training scans to fit the network grid's spacing to")
+    extent = np.max([_field_of_view(str(p)) for p in paths], axis=0)
+    return tuple(round(float(e) / s, 4) for e, s in zip(extent, spatial_size))
 
 
 def default_nifti_preprocessing(
-    first_item: dict, spatial_size: tuple[int, ...] = (64, 64, 64), slices: int | None = None
+    train_items: Sequence[dict], spatial_size: tuple[int, ...] = (64, 64, 64), slices: int | None = None
 ) -> Preprocessing:
-    """Defaults for a datalist: RAS, spacing fitted to the first training scan, per-channel z-score,
-    crop/pad to ``spatial_size``, flips + small affine + intensity jitter + noise."""
-    images = first_item["image"]
+    """Defaults for a datalist: RAS, spacing fitted so the largest training field of view fills the grid,
+    z-score, edge-replicating crop/pad to ``spatial_size``, flips + small affine + intensity jitter + noise."""
+    images = train_items[0]["image"]
     size = tuple(spatial_size)
     if slices:
         size = (*size[:2], int(slices))
-    pixdim = infer_pixdim(images[0], tuple(spatial_size))
+    pixdim = infer_pixdim([item["image"][0] for item in train_items], tuple(spatial_size))
     if slices:
         pixdim = (*pixdim[:2], 0.0)  # keep native slice spacing: K adjacent acquired slices
     return Preprocessing(
@@ -100,6 +113,7 @@ def default_nifti_preprocessing(
         orientation="RAS",
         pixdim=pixdim,
         intensity="zscore",
+        pad_mode="edge",
         slices=slices,
         augmentation=Augmentation(flip_prob=0.5, affine_prob=0.3, intensity_prob=0.3, noise_prob=0.2),
     )
@@ -151,7 +165,7 @@ def load_splits(
         items = load_datalist(path)
         declared = json.loads(path.read_text()).get("num_classes")
         num_classes = declared if isinstance(declared, int) else max(it["label"] for s in items.values() for it in s) + 1
-        pre = default_nifti_preprocessing(items["train"][0], spatial_size or (64, 64, 64), slices)
+        pre = default_nifti_preprocessing(items["train"], spatial_size or (64, 64, 64), slices)
         names = _datalist_class_names(path, num_classes)
     else:
         raise DataError(f"--data must be a MedMNIST .npz file or a datalist .json, got {path}")

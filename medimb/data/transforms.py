@@ -66,6 +66,11 @@ class Preprocessing:
 
     source: ``"nifti"`` (datalist of files) or ``"medmnist"`` (in-memory uint8 arrays).
     spatial_size: network input size after crop/pad, RAS axis order; with ``slices=K`` its last entry is K.
+    pad_mode: how crop/pad fills voxels beyond the scan: ``"edge"`` repeats the outermost voxels (the
+    default for datalists: after z-scoring, a constant 0 is the scan's mean intensity, and the step from
+    dark background or the end slice to that value is an artificial edge that features and attention
+    maps latch on to) or any other ``ResizeWithPadOrCrop`` mode, e.g. ``"constant"`` (zeros, the
+    behaviour of checkpoints that predate this field).
     pixdim: target voxel spacing in mm (None keeps the native grid; an entry <= 0 keeps that axis). orientation: axcodes, e.g. ``"RAS"``.
     intensity: ``zscore``, ``percentile`` (``percentiles`` -> [0, 1]), ``scale255`` (uint8 -> [0, 1]) or ``none``.
     channel_wise: normalise each channel with its own statistics. Off by default: the channels
@@ -85,6 +90,7 @@ class Preprocessing:
     orientation: str | None = "RAS"
     pixdim: tuple[float, ...] | None = None
     intensity: str = "zscore"
+    pad_mode: str = "constant"
     channel_wise: bool = False
     percentiles: tuple[float, float] = (0.5, 99.5)
     slices: int | None = None
@@ -175,7 +181,7 @@ def _deterministic(pre: Preprocessing) -> list:
     if pre.pixdim:
         tf.append(Spacingd(keys="image", pixdim=pre.pixdim, mode="bilinear"))
     tf += _intensity(pre)
-    tf.append(ResizeWithPadOrCropd(keys="image", spatial_size=pre.spatial_size))
+    tf.append(ResizeWithPadOrCropd(keys="image", spatial_size=pre.spatial_size, mode=pre.pad_mode))
     return tf
 
 
@@ -197,7 +203,8 @@ def _augmentation(pre: Preprocessing) -> list:
                 prob=a.affine_prob,
                 rotate_range=[a.rotate_range] * (1 if nd == 2 else 3),
                 scale_range=[a.scale_range] * nd,
-                padding_mode="zeros",
+                # the same fill beyond the scan as crop/pad: border voxels, unless zeros were chosen
+                padding_mode="zeros" if pre.pad_mode == "constant" else "border",
                 mode="bilinear",
             )
         )
