@@ -56,7 +56,7 @@ step synth "$BIN/medimb-prep" synth "$OUT/synth" --cases "$CASES" --seed 0 --for
 step convert "$BIN/medimb-prep" convert "$OUT/synth/archive" "$OUT/converted" --workers 2
 # 3. datalist: subject-grouped, stratified splits; image = the DCE phases (pre first)
 step datalist "$BIN/medimb-prep" datalist "$OUT/converted" --labels "$OUT/synth/labels.csv" --key case \
-  -o "$OUT/converted/datalist.json" --seed 0
+  -o "$OUT/converted/datalist.json" --seed 0 --class-names benign,malignant
 # 4. stage 1: CMSL head + loss, instance-balanced sampling
 step train_stage1 bundle "['$CONFIGS/train.json']" --train#trainer#max_epochs "$EPOCHS1"
 # 5. stage 2: frozen backbone, classifier re-training with class-balanced sampling (cRT)

@@ -301,8 +301,11 @@ def build_datalist(
     hash_keys: bool = False,
     deid_key: str | None = None,
     masks: str | os.PathLike | None = None,
+    class_names: list[str] | None = None,
 ) -> dict:
     """Build the datalist and write it (atomically) to ``output``; returns it.
+
+    ``class_names`` (one per class index 0..K-1) are written as ``"class_names"``.
 
     Image paths are written relative to ``output``'s folder. With ``masks`` (e.g. a synthetic
     archive's ``truth/`` folder), each item also gets ``"mask"``: ``<masks>/<subject>_lesion.nii.gz``.
@@ -337,6 +340,12 @@ def build_datalist(
         datalist["folds"] = spec.folds
     datalist["channels"] = items[0].channels
     datalist["num_classes"] = max(max(labels.values()), max(i.label for i in items)) + 1
+    if class_names is not None:
+        names = [n.strip() for n in class_names]
+        if len(names) != datalist["num_classes"] or not all(names) or len(set(names)) != len(names):
+            raise DatalistError(f"--class-names {','.join(class_names)!r}: give {datalist['num_classes']} distinct, "
+                                f"non-empty names, one per class 0..{datalist['num_classes'] - 1}")
+        datalist["class_names"] = names
     datalist["seed"] = spec.seed
     write_json_atomic(output, datalist)
     return datalist

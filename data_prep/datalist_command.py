@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--key", required=True,
                    help="labels column matched to the converted subjects (sub-...; or sub-.../ses-... per session)")
     p.add_argument("--label-column", default="label", help="labels column with integer classes (default: label)")
+    p.add_argument("--class-names", default=None, metavar="NAME,NAME,...",
+                   help="names of classes 0, 1, ... (e.g. benign,malignant); written as class_names, used by "
+                   "medimb in checkpoints, predictions.csv and the explain previews")
     p.add_argument("-o", "--output", default=None, help="datalist JSON to write (default: OUT/datalist.json)")
     p.add_argument("--val", type=float, default=None,
                    help="fraction of subjects for validation (default 0.2; 0 with --folds)")
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             channels=args.channels, series=args.series, ignore_unlabeled=args.ignore_unlabeled,
             ignore_missing=args.ignore_missing_images, hash_keys=args.hash_keys, deid_key=args.deid_key,
             masks=args.masks,
+            class_names=args.class_names.split(",") if args.class_names else None,
         )
     except DatalistError as exc:
         raise UserError(str(exc)) from None

@@ -247,6 +247,18 @@ def test_cli_prints_class_counts_and_errors(cohort, tmp_path, capsys):
     assert "--key 'nope' is not a column" in capsys.readouterr().err
 
 
+def test_class_names_are_written_and_checked(cohort, tmp_path, capsys):
+    converted, labels_path, _ = cohort
+    out = tmp_path / "named.json"
+    args = ["datalist", str(converted), "--labels", str(labels_path), "--key", "case", "-o", str(out)]
+    assert main([*args, "--class-names", "benign, malignant"]) == 0
+    assert json.loads(out.read_text())["class_names"] == ["benign", "malignant"]
+    for bad in ("benign", "a,b,c", "a,a", "a,"):
+        assert main([*args, "--class-names", bad]) == 2
+        assert "give 2 distinct, non-empty names" in capsys.readouterr().err
+    assert json.loads(out.read_text())["class_names"] == ["benign", "malignant"]  # a refused run writes nothing
+
+
 @pytest.mark.slow  # importing monai (torch) alone takes 5-20 s on the shared 2-core machine
 def test_converted_synthetic_archive_loads_with_monai(tmp_path):
     """The real chain: synth -> convert -> datalist -> monai.data.load_decathlon_datalist."""
