@@ -10,7 +10,8 @@ Steps (each skipped when its output already exists in --work, so a run can be re
    COAM, CAM and Grad-CAM (class "malignant"), each inverted to the source NIfTI grid with
    ``medimb.explain.invert_to_source``; the truth mask is resampled onto that grid in world space
    (SimpleITK, nearest neighbour). Scores: pointing game, centre-of-mass distance (mm; map voxels
-   >= 0.5), Dice of ``map >= 0.5``;
+   >= 0.5), Dice of ``map >= 0.5``; and, as a diagnostic, how often the map peaks on the scan's outer
+   faces (against the faces' share of the voxels: more means the map follows the field-of-view edge);
 6. time per volume of a plain forward pass, COAM and Grad-CAM (network grid, batch 1, interleaved,
    median of --repeats), all in this one process.
 
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mask = truth_on_grid(truth_dir / f"{case}_lesion.nii.gz", images[0])
         affine = source_affine(images[0])
-        row = {"case": case, "p_malignant": float(proba[1]), "lesion_voxels": int(mask.sum())}
+        row = {"case": case, "p_malignant": float(proba[1]), "lesion_voxels": int(mask.sum()),
+               # share of the scan's voxels on its outer faces: the chance level of "peak_on_border"
+               "border_share": 1.0 - float(np.prod([max(n - 2, 0) for n in mask.shape])) / mask.size}
         with torch.no_grad():
             feature_shape = model.forward_features(x).shape[2:]
         mask_net = forward_to_network_grid(truth_dir / f"{case}_lesion.nii.gz", meta["preprocessing"])
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, net_map in maps.items():
             heat = invert_to_source(net_map, data, transform)
             if float(heat.max()) <= 0:  # e.g. a Grad-CAM whose ReLU removed everything: no peak, a miss
-                row[name] = {"pointing_game": 0.0, "com_distance_mm": float("nan"), "dice": 0.0, "empty": 1.0}
+                row[name] = {"pointing_game": 0.0, "com_distance_mm": float("nan"), "dice": 0.0,
+                             "peak_on_border": float("nan"), "empty": 1.0}
                 continue
             heat = heat / float(heat.max())  # resampling can shave the peak below 1
             row[name] = {**localization_scores(heat, mask, affine, THRESHOLD), "empty": 0.0}
@@ -281,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),
         "network_config": meta.get("config", {}),
-        "preprocessing": {k: meta["preprocessing"].get(k) for k in ("spatial_size", "pixdim", "intensity")},
+        "preprocessing": {k: meta["preprocessing"].get(k)
+                          for k in ("spatial_size", "pixdim", "intensity", "pad_mode")},
+        "border_share": float(np.mean([r["border_share"] for r in per_case])),
         "test_cases": n_test, "test_accuracy": correct / max(n_test, 1), "positive_test_cases": len(per_case),
-        "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice", "empty")}
+        "scores": {m: {k: mean(m, k) for k in ("pointing_game", "com_distance_mm", "dice", "peak_on_border", "empty")}
                    for m in (*METHODS, *EXTRA_METHODS, *ORACLES)},
         "time_ms_per_volume": time_ms,
         "coam_over_forward": time_ms["coam"] / time_ms["forward"],
@@ -293,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "per_case": per_case,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=1))
-    print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 | empty maps |\n|---|---|---|---|---|")
+    print("\n| method | pointing game | CoM distance (mm) | Dice @0.5 | peak on scan border "
+          f"(chance {summary['border_share']:.2f}) | empty maps |\n|---|---|---|---|---|---|")
     for m in (*METHODS, *EXTRA_METHODS, *ORACLES):
         s = summary["scores"][m]
         print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} "
-              f"| {s['empty'] * len(per_case):.0f} |")
+              f"| {s['peak_on_border']:.3f} | {s['empty'] * len(per_case):.0f} |")
     print("\n| per volume (batch 1) | ms |\n|---|---|")
     for k, v in time_ms.items():
         print(f"| {k} | {v:.1f} |")

@@ -10,6 +10,7 @@ from medimb.evaluation.localization import (
     centre_of_mass_mm,
     dice_of_threshold,
     localization_scores,
+    peak_on_border,
     pointing_game,
 )
 
@@ -30,6 +31,15 @@ def test_pointing_game():
     assert pointing_game(heat, mask)
     heat[0, 0, 0] = 2.0
     assert not pointing_game(heat, mask)
+
+
+def test_peak_on_border_flags_maps_that_peak_on_the_scan_faces():
+    heat, _ = lesion_and_map()
+    assert not peak_on_border(heat)
+    for corner in ((5, 5, 0), (5, 5, 9), (0, 7, 4), (5, 19, 4)):
+        edged = heat.copy()
+        edged[corner] = 2.0
+        assert peak_on_border(edged), corner
 
 
 def test_com_distance_uses_world_millimetres():
@@ -62,7 +72,8 @@ def test_dice_of_threshold():
 def test_scores_and_bad_input():
     heat, mask = lesion_and_map()
     scores = localization_scores(heat, mask, np.eye(4))
-    assert scores == {"pointing_game": 1.0, "com_distance_mm": pytest.approx(0.0, abs=1e-9), "dice": 1.0}
+    assert scores == {"pointing_game": 1.0, "com_distance_mm": pytest.approx(0.0, abs=1e-9), "dice": 1.0,
+                      "peak_on_border": 0.0}
     with pytest.raises(ValueError, match="same grid"):
         pointing_game(heat[:-1], mask)
     with pytest.raises(ValueError, match="empty"):

@@ -8,6 +8,9 @@ voxel spacing or orientation.
 - :func:`centre_of_mass_distance_mm`: distance from the map's centre of mass (over the voxels at or
   above ``threshold``, weighted by the map) to the lesion's centroid.
 - :func:`dice_of_threshold`: Dice between ``map >= threshold`` and the lesion (MONAI ``compute_dice``).
+- :func:`peak_on_border`: does the map peak on the scan's outer faces? A diagnostic, not a score: a
+  map that peaks there more often than the faces' share of the volume responds to the field-of-view
+  edge (e.g. padding) rather than anatomy.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def peak_voxel(heat: np.ndarray) -> tuple[int, ...]:
     """Index of the map's maximum (the first one if several voxels tie)."""
     heat = np.asarray(heat)
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape))
+
+
+def peak_on_border(heat: np.ndarray) -> bool:
+    """``(*S)`` map -> True when its maximum lies on the first or last index of any axis."""
+    heat = np.asarray(heat)
+    return any(i in (0, n - 1) for i, n in zip(peak_voxel(heat), heat.shape))
 
 
 def pointing_game(heat: np.ndarray, mask: np.ndarray) -> bool:
@@ -83,9 +92,11 @@ def dice_of_threshold(heat: np.ndarray, mask: np.ndarray, threshold: float = DEF
 
 def localization_scores(heat: np.ndarray, mask: np.ndarray, affine: np.ndarray,
                         threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """``{"pointing_game": 0/1, "com_distance_mm": float, "dice": float}`` for one map and lesion."""
+    """``{"pointing_game": 0/1, "com_distance_mm": float, "dice": float, "peak_on_border": 0/1}`` for one
+    map and lesion."""
     return {
         "pointing_game": float(pointing_game(heat, mask)),
+        "peak_on_border": float(peak_on_border(heat)),
         "com_distance_mm": centre_of_mass_distance_mm(heat, mask, affine, threshold),
         "dice": dice_of_threshold(heat, mask, threshold),
     }
