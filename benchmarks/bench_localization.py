@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = load_checkpoint(checkpoint)
     torch.manual_seed(args.seed)
     transform = build_eval_transforms(meta["preprocessing"])
-    class_names = meta.get("class_names") or ["0", "1"]
     items = json.loads(datalist.read_text())["test"]
     base = datalist.parent
     truth_dir = synth / "truth"

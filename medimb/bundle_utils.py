@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from medimb.atomic import write_text_atomic
+
 
 class BundleInputError(SystemExit):
     """A mistake in the bundle's inputs (dataset dir, datalist, checkpoint).
@@ -104,22 +106,6 @@ def check_inputs(dataset_dir: str, datalist: str, num_channels: int | None = Non
                 f"set --num_channels {found} (and the metadata's num_channels) or rebuild the datalist"
             )
     return True
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it (a killed run leaves no partial file)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_main_process() -> bool:

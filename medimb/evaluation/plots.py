@@ -6,7 +6,6 @@ Inputs: labels ``y_true (N,)``, probabilities ``proba (N, K)``, embeddings ``(N,
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import auc as area_under  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
 
+from medimb.atomic import atomic_output  # noqa: E402
 from medimb.evaluation.metrics import _as_arrays, _to_numpy  # noqa: E402
 
 
@@ -35,15 +35,9 @@ def _class_names(k: int, class_names: Sequence[str] | None) -> list[str]:
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` via a temporary file + rename, then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

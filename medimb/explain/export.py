@@ -10,7 +10,6 @@ file is then written with the *source file's own header* (qform and sform copied
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
+
+from medimb.atomic import atomic_output
 
 #: maps are in [0, 1]; the label map / Dice region is ``map >= DEFAULT_THRESHOLD``
 DEFAULT_THRESHOLD = 0.5
@@ -84,15 +85,8 @@ def _write_like(path: Path, array: np.ndarray, source_path, dtype) -> None:
         image.header["cal_min"], image.header["cal_max"] = 0.0, 1.0
     else:
         image.header["cal_min"], image.header["cal_max"] = 0, 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=".part.nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_heatmap(path: str | os.PathLike, heat: np.ndarray, source_path: str | os.PathLike) -> None:

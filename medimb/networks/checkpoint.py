@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from medimb.atomic import atomic_output
 from medimb.networks.model import ImbalanceClassifier, create_model
 
 RESERVED_KEYS = ("model", "config")
@@ -31,16 +31,9 @@ def save_checkpoint(path: str | os.PathLike, model: ImbalanceClassifier, **meta:
     if not hasattr(model, "config"):
         raise TypeError(f"expected a model from medimb.networks.create_model, got {type(model).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "config": model.config, **meta}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

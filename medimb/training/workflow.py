@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from monai.handlers import (
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
+from medimb.atomic import write_text_atomic
 from medimb.data import BatchAugmentation, DataSplits, create_sampler, load_splits
 from medimb.data.errors import surface_data_errors
 from medimb.networks import create_model, predict_proba, save_checkpoint
@@ -66,16 +65,7 @@ def resolve_device(device: str) -> torch.device:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:
