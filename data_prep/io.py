@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary file in the destination folder, then rename.
 
 A killed process therefore never leaves a partial file under the final name, and a re-run can
-trust that any file that exists is complete.
+trust that any file that exists is complete. Finished files get ``0o666`` minus the umask, as a plain
+``open`` would give them, not the ``0o600`` of :func:`tempfile.mkstemp`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator[P
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)  # read the umask (set and restore: the only portable way)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -6,10 +6,14 @@ import os
 
 import pytest
 
-from medimb.atomic import atomic_output, write_text_atomic
+from data_prep import io as prep_io
+from medimb import atomic
+from medimb.atomic import atomic_output
 
 
-def test_success_replaces_the_file_with_umask_permissions(tmp_path):
+@pytest.mark.parametrize("write_text_atomic", [atomic.write_text_atomic, prep_io.write_text_atomic],
+                         ids=["medimb", "data_prep"])
+def test_success_replaces_the_file_with_umask_permissions(tmp_path, write_text_atomic):
     target = tmp_path / "sub" / "metrics.json"
     old = os.umask(0o027)
     try:
