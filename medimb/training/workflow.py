@@ -110,6 +110,8 @@ class _SaverState:
         self.saver = saver
 
     def state_dict(self) -> dict:
+        # MONAI's CheckpointSaver has load_state_dict but no state_dict: read its ignite Checkpoint (the
+        # attribute load_state_dict itself restores), pinned by the resume tests in test_training.py
         return self.saver._key_metric_checkpoint.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
