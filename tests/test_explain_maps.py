@@ -86,3 +86,28 @@ def test_parse_methods():
     assert parse_methods(None) == ["coam", "gradcam", "cam"]
     with pytest.raises(ValueError, match="gradcan"):
         parse_methods("coam,gradcan")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_explaining_leaves_the_model_in_eval_mode_and_unchanged(method):
+    """MONAI's CAM hooks restore the mode of the module they wrap; a wrapper left in its default
+    training mode used to switch the model to training after the first map, so BatchNorm normalised
+    every later case with its own statistics and overwrote the running statistics (wrong predictions)."""
+    from medimb.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cpunet", in_channels=1, num_classes=2, widths=[8, 16], depths=[1, 1]).eval()
+    x, other = bright_cube_input(), torch.randn(1, 1, 16, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(other)
+    explainer = create_explainer(method, model)
+    for _ in range(2):
+        explainer(x, class_idx=1)
+        assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(other), logits)
+    model.train()
+    explainer(x, class_idx=1)
+    assert model.training  # a model in training mode stays so

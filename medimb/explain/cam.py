@@ -51,6 +51,7 @@ class FeatureMapClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.feature_map = nn.Identity()
+        self.train(model.training)  # a new Module is in training mode; MONAI restores *this* mode after a map
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         """``(B, F, *S')`` -> ``(B, F)`` with the model's own pooling when it exposes one, else the mean."""
@@ -128,8 +129,18 @@ class _MonaiCAMExplainer:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
-        """``(B, C, *S)`` -> ``(B, 1, *S)`` in [0, 1]; ``class_idx=None`` explains the predicted class."""
-        raw = self.compute_map(x, class_idx).detach().float()
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` in [0, 1]; ``class_idx=None`` explains the predicted class.
+
+        The model leaves in the mode it came in: MONAI's hooks switch to eval for the map and then restore
+        the *wrapper's* mode, which would otherwise put an eval model into training mode (BatchNorm then
+        normalises every later input with its own statistics and overwrites the running statistics).
+        """
+        was_training = self.model.training
+        self.wrapped.train(was_training)
+        try:
+            raw = self.compute_map(x, class_idx).detach().float()
+        finally:
+            self.wrapped.train(was_training)
         return minmax_per_volume(upsample_to(raw, x.shape[2:]))
 
 
