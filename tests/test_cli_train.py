@@ -64,6 +64,28 @@ def test_train_writes_metrics_checkpoints_plots_config(tmp_path, capsys):
     assert config["method"]["name"] == "ce" and config["method"]["stage1"]["epochs"] == 1
 
 
+def test_network_kwargs_reach_the_model_and_bad_ones_fail_in_one_line(tmp_path, capsys):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    base = ["--data", data, "--method", "ce", "--epochs", 1, "--device", "cpu", "--no-progress", "--batch-size", 8]
+    code, _, err = _train([*base, "--out", tmp_path / "run", "--network-kwargs",
+                           '{"stem_width": 4, "widths": [8], "depths": [1]}'], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["network_kwargs"] == {
+        "stem_width": 4, "widths": [8], "depths": [1]}
+    from medimb.networks import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert model.config["widths"] == [8] and model.config["stem_width"] == 4
+    for bad, message in (('{"width": [8]}', "do not fit --network cpunet"),
+                         ('{"num_classes": 3}', "do not fit --network cpunet")):
+        code, _, err = _train([*base, "--out", tmp_path / "bad", "--network-kwargs", bad], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # argparse: not JSON / not an object
+        main(["train", *map(str, base), "--out", str(tmp_path / "bad"), "--network-kwargs", "[8]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="training method (default: two-stage, the recommended recipe; see below)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--network", default="cpunet", help="network name (medimb.networks.list_models(); default cpunet)")
+    p.add_argument("--network-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='backbone options for create_model, e.g. \'{"stem_width": 16, "widths": [32], "depths": [2]}\' '
+                        "(a finer last feature map for attention maps of small lesions; docs/training.md)")
     p.add_argument("--epochs", type=int, help="stage-1 epochs (default per method: 30)")
     p.add_argument("--stage2-epochs", type=int, help="stage-2 epochs for two-stage methods (default 10)")
     p.add_argument("--batch-size", type=int, help="batch size of both stages (default 32)")
@@ -46,6 +49,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"widths\": [32]}}', got {text}")
+    return value
+
+
+def _check_network_kwargs(name: str, kwargs: dict) -> None:
+    """Build ``name`` with ``kwargs`` once (3D, else 2D) so a wrong option fails now, in one line."""
+    from medimb.networks import create_model
+
+    errors = []
+    for dims in (3, 2):
+        try:
+            create_model(name, in_channels=1, num_classes=2, spatial_dims=dims, **kwargs)
+            return
+        except (TypeError, ValueError) as exc:
+            errors.append(exc)
+    raise UserError(f"--network-kwargs {json.dumps(kwargs)} do not fit --network {name}: {errors[0]}")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -68,7 +95,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise UserError("--spatial-size takes 1 or 3 positive integers")
     return TrainConfig(
         data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()), method=method,
-        network=args.network, seed=args.seed, device=args.device, amp=not args.no_amp, flip_tta=not args.no_tta,
+        network=args.network, network_kwargs=dict(args.network_kwargs), seed=args.seed, device=args.device, amp=not args.no_amp, flip_tta=not args.no_tta,
         cache=args.cache, num_workers=args.num_workers, spatial_size=size, slices=args.slices,
     )
 
@@ -80,6 +107,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise UserError(f"--data does not exist: {args.data}")
     if args.network not in list_models():
         raise UserError(f"unknown --network {args.network!r}; choose from {', '.join(list_models())}")
+    if args.network_kwargs:
+        _check_network_kwargs(args.network, args.network_kwargs)
     if args.device.startswith("cuda"):
         import torch
 
