@@ -165,7 +165,9 @@ def load_splits(
         items = load_datalist(path)
         declared = json.loads(path.read_text()).get("num_classes")
         num_classes = declared if isinstance(declared, int) else max(it["label"] for s in items.values() for it in s) + 1
-        pre = default_nifti_preprocessing(items["train"], spatial_size or (64, 64, 64), slices)
+        # the default reads every training scan's header: only when no preprocessing (checkpoint) is given
+        pre = None if preprocessing is not None else default_nifti_preprocessing(
+            items["train"], spatial_size or (64, 64, 64), slices)
         names = _datalist_class_names(path, num_classes)
     else:
         raise DataError(f"--data must be a MedMNIST .npz file or a datalist .json, got {path}")
