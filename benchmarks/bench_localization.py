@@ -23,8 +23,8 @@ is all zero on the source grid counts as a miss and is reported under "empty map
 
 The defaults are the configuration of the results in docs/benchmarks.md: 1000 synthetic cases (32x32
 matrix, ~12 slices), a ``cpunet`` whose last feature map stays at 1/2 of the input
-(``DEFAULT_NETWORK_KWARGS``) with global average pooling, cross-entropy, 60 epochs, batch 16, 32x32x16
-input. About 20 minutes on one core (training 17, explanation 3-4).
+(``DEFAULT_NETWORK_KWARGS``) with global average pooling, cross-entropy, 60 epochs, batch 16, 32x32x32
+input. About 15 minutes on two cores (training 12, explanation 2).
 
 Usage::
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16, help="stage-1 batch size (default 16)")
     parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: the method's)")
-    parser.add_argument("--spatial-size", type=int, nargs=3, default=(32, 32, 16))
+    parser.add_argument("--spatial-size", type=int, nargs=3, default=(32, 32, 32))
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats per volume (default 3)")
     parser.add_argument("--max-positives", type=int, default=None,
                         help="score only the first N malignant test cases (quick checks; default all)")
