@@ -37,6 +37,34 @@ PUBLISHED = {  # MedMNIST v2 (Yang et al., Sci. Data 2023), test split: (AUC, AC
 }
 
 
+def apply_overrides(method, overrides: list[str]) -> dict:
+    """``["head_kwargs.scale=32", "stage1.loss_kwargs.margin=0.35"]`` -> set those fields of a MethodConfig
+    (values parsed as JSON, else kept as text); returns ``{field: value}`` for the record."""
+    applied = {}
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, last = field.split(".")
+        obj = method
+        for part in parents:
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part, None)
+            if obj is None:
+                raise SystemExit(f"--set {item!r}: {method.name} has no field {part!r}")
+        if isinstance(obj, dict):
+            obj[last] = value
+        elif hasattr(obj, last):
+            setattr(obj, last, value)
+        else:
+            raise SystemExit(f"--set {item!r}: {method.name} has no field {last!r}")
+        applied[field] = value
+    return applied
+
+
 def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     cache = Path(args.out) / dataset / method / f"seed{seed}.json"
     if cache.exists():
@@ -46,6 +74,7 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
         m.stage1.epochs = args.epochs
     if args.stage2_epochs and m.stage2 is not None:
         m.stage2.epochs = args.stage2_epochs
+    overrides = apply_overrides(m, args.set)
     run_dir = Path(args.out) / dataset / method / f"seed{seed}"
     cfg = TrainConfig(data=str(Path(args.data_dir) / f"{dataset}.npz"), out=str(run_dir), method=m,
                       network=args.network, network_kwargs=json.loads(args.network_kwargs), seed=seed,
@@ -54,7 +83,7 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
     res = train(cfg, resume=(run_dir / "config.json").exists(), progress=not args.no_progress)
     record = {
         "dataset": dataset, "method": method, "seed": seed, "network": args.network,
-        "network_kwargs": cfg.network_kwargs, "flip_tta": cfg.flip_tta,
+        "network_kwargs": cfg.network_kwargs, "flip_tta": cfg.flip_tta, "overrides": overrides,
         "stage1_epochs": m.stage1.epochs, "stage2_epochs": m.stage2.epochs if m.stage2 else 0,
         "seconds": round(time.perf_counter() - start, 1), "load_avg_end": os.getloadavg(),
         "val": {k: res["val"][k] for k in KEYS}, "test": {k: res["test"][k] for k in KEYS},
@@ -136,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--network", default="cpunet")
     p.add_argument("--network-kwargs", default="{}", help='JSON for create_model, e.g. \'{"stem_width": 8}\'')
     p.add_argument("--device", default="auto")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override method fields, e.g. head_kwargs.scale=32 stage1.loss_kwargs.margin=0.35 "
+                        "stage1.metric_weight=0.3 (sweeps: one --out per setting, the cache does not key on it)")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_imbalance"), help="run folders + result cache")
     p.add_argument("--table-only", action="store_true", help="print the table of cached results, train nothing")
     p.add_argument("--throughput", action="store_true", help="stage-1 samples/s with and without the metric loss")
