@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from medimb.atomic import write_text_atomic
 from medimb.training import METHODS, TrainConfig, method_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,10 +90,7 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
         "val": {k: res["val"][k] for k in KEYS}, "test": {k: res["test"][k] for k in KEYS},
         "selection": res["selection"],
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(cache)
+    write_text_atomic(cache, json.dumps(record, indent=2))
     return record
 
 

@@ -74,6 +74,17 @@ THRESHOLD = 0.5
 DEFAULT_NETWORK_KWARGS = {"stem_width": 16, "widths": [32], "depths": [2]}
 
 
+def paired_hits(per_case: list[dict], a: str = "coam", b: str = "gradcam") -> dict:
+    """Pointing-game hits of methods ``a`` and ``b`` on the same cases: the discordant counts and the exact
+    McNemar p-value (two-sided binomial test on the discordant pairs; scipy)."""
+    from scipy.stats import binomtest
+
+    only_a = sum(1 for r in per_case if r[a]["pointing_game"] and not r[b]["pointing_game"])
+    only_b = sum(1 for r in per_case if r[b]["pointing_game"] and not r[a]["pointing_game"])
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {f"only_{a}": only_a, f"only_{b}": only_b, "mcnemar_p": float(p)}
+
+
 def prep_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "data_prep", *args]
 
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_ms_per_volume": time_ms,
         "coam_over_forward": time_ms["coam"] / time_ms["forward"],
         "coam_over_gradcam": time_ms["coam"] / time_ms["gradcam"],
+        "coam_vs_gradcam": paired_hits(per_case),
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
                     "explain": round(time.perf_counter() - t0 - t_data - t_train, 1)},
         "per_case": per_case,

@@ -51,7 +51,6 @@ class FeatureMapClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.feature_map = nn.Identity()
-        self.train(model.training)  # a new Module is in training mode; MONAI restores *this* mode after a map
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         """``(B, F, *S')`` -> ``(B, F)`` with the model's own pooling when it exposes one, else the mean."""

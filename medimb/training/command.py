@@ -95,7 +95,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise UserError("--spatial-size takes 1 or 3 positive integers")
     return TrainConfig(
         data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()), method=method,
-        network=args.network, network_kwargs=dict(args.network_kwargs), seed=args.seed, device=args.device, amp=not args.no_amp, flip_tta=not args.no_tta,
+        network=args.network, network_kwargs=dict(args.network_kwargs), seed=args.seed, device=args.device,
+        amp=not args.no_amp, flip_tta=not args.no_tta,
         cache=args.cache, num_workers=args.num_workers, spatial_size=size, slices=args.slices,
     )
 
