@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
-import warnings
 
 #: subcommand modules, in the order `--help` lists them
 COMMAND_MODULES = (
@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    # pydicom's value-validation warnings quote DICOM values (a birth date, a name): never log them
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
+    # pydicom's value-validation warnings quote DICOM values (a birth date, a name) and source paths:
+    # they go through logging (shown with --verbose only) and every log line through the PHI scrubber
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    from data_prep.deid import install_log_scrubbing
+
+    install_log_scrubbing()
+    if hasattr(signal, "SIGTERM"):  # a killed run (SIGTERM) still writes report.json on its way out
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

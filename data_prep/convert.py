@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,10 +29,11 @@ from tqdm import tqdm
 
 from data_prep import deid
 from data_prep.geometry import voxel_sizes
+from data_prep.headers import ORIENTATION_TOL, SPACING_RANGE_MM
 from data_prep.io import GZIP_LEVEL, remove_partial_files, write_json_atomic, write_nifti_atomic, write_text_atomic
 from data_prep.pixels import PixelError, read_frames, to_volume
 from data_prep.report import Issue, summarize
-from data_prep.scan import ScanResult, SeriesPlan, scan_archive
+from data_prep.scan import ScanResult, SeriesOutcome, SeriesPlan, scan_archive
 from data_prep.sidecar import build_sidecar
 
 log = logging.getLogger("data_prep.convert")
@@ -89,21 +91,80 @@ def _fmt(values) -> str:
     return "x".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def check_volume(data: np.ndarray, affine: np.ndarray, slope: float, inter: float) -> str | None:
+    """Why a volume must not be written, or None when it passes (the step before any output).
+
+    ``data`` (X, Y, Z[, T]) stored values, physical value = ``data * slope + inter``; ``affine`` (4, 4)
+    RAS. Checks: no empty axis; a finite, non-singular affine whose axes are orthogonal within
+    :data:`data_prep.headers.ORIENTATION_TOL` (NIfTI's qform cannot hold a sheared grid) with voxel
+    sizes in :data:`data_prep.headers.SPACING_RANGE_MM`; a scaling float32 can hold; finite voxels.
+    """
+    if data.size == 0 or min(data.shape) < 1:
+        return f"empty volume {data.shape}"
+    affine = np.asarray(affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        return "the affine is not finite"
+    zooms = voxel_sizes(affine)
+    lo, hi = SPACING_RANGE_MM
+    if not np.all((zooms >= lo) & (zooms <= hi)):
+        return f"voxel size {_fmt([float(z) for z in zooms])} mm is outside {lo:g}-{hi:g} mm"
+    axes = affine[:3, :3] / zooms
+    if np.abs(axes.T @ axes - np.eye(3)).max() > ORIENTATION_TOL:
+        return "the voxel axes are not orthogonal (sheared or tilted stack)"
+    if not (np.isfinite(np.float32(slope)) and np.isfinite(np.float32(inter)) and slope != 0):
+        return "the rescale slope/intercept cannot be stored as float32"
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            return "non-finite voxel values"
+    else:
+        peak = max(abs(float(data.min())), abs(float(data.max())))
+        if peak * abs(slope) + abs(inter) > np.finfo(np.float32).max:
+            return "scaled voxel values overflow float32"
+    return None
+
+
 def convert_series(plan: SeriesPlan, root: str, out: str, options: ConvertOptions,
                    scrub_values: tuple = ()) -> tuple[list[dict], list[Issue]]:
-    """Assemble and write every output of one plan; returns manifest rows and issues."""
-    scrub = deid.PhiScrubber(scrub_values).scrub
+    """Assemble, check and write every output of one plan; returns manifest rows and issues.
+
+    Never raises: an unexpected error becomes an ``internal_error`` issue of this series, and any
+    output of the series already written is removed (no half-converted series is left behind).
+    """
+    scrubber = deid.PhiScrubber(scrub_values)
+    deid.set_log_scrubber(scrubber, root)
+    written: list[Path] = []
+    try:
+        rows, issues = _convert_series(plan, root, out, options, scrubber, written)
+    except Exception as exc:
+        log.debug("converting %s failed", plan.label, exc_info=True)
+        rows, issues = [], [_series_issue(plan, "internal_error",
+                                          f"unexpected {type(exc).__name__} while converting this series")]
+    if issues:
+        for path in written:
+            path.unlink(missing_ok=True)
+    return rows, issues
+
+
+def _series_issue(plan: SeriesPlan, reason: str, detail: str) -> Issue:
+    return Issue(reason, detail, subject=plan.subject, session=plan.session, series=plan.label, action="failed")
+
+
+def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[dict], list[Issue]]:
+    scrub = scrubber.scrub
     folder = Path(out) / plan.subject / plan.session
     stem = f"{plan.subject}_{plan.session}_{plan.label}"
     frames = [p.frames for p in plan.phases]
     try:
         stacks = read_frames(root, frames)
     except PixelError as exc:
-        return [], [Issue("pixel_decode_error", scrub(exc.detail), path=scrub(exc.path), subject=plan.subject,
-                          session=plan.session, series=plan.label, action="failed")]
+        return [], [Issue("pixel_decode_error", scrubber.scrub(exc.detail), path=scrubber.scrub_path(exc.path),
+                          subject=plan.subject, session=plan.session, series=plan.label, action="failed")]
     vol = to_volume(stacks, frames)
     del stacks
     affine = np.asarray(plan.affine)
+    problem = check_volume(vol.data, affine, vol.slope, vol.inter)
+    if problem:
+        return [], [_series_issue(plan, "invalid_volume", problem)]
     spacing = _fmt([round(float(v), 4) for v in voxel_sizes(affine)])
     rows: list[dict] = []
 
@@ -115,9 +176,11 @@ def convert_series(plan: SeriesPlan, root: str, out: str, options: ConvertOption
         number = plan.series_number if series_number is None else series_number
         _maybe_fault(nii)
         write_nifti_atomic(nii, data, affine, slope, inter, pixdim4=pixdim4, compresslevel=options.compresslevel)
+        written.append(nii)
         sc = build_sidecar(plan.params, modality=plan.modality, description=desc, series_number=number,
                            scrub=scrub, extra=extra)
         write_json_atomic(side, sc)
+        written.append(side)
         rows.append({
             "subject": plan.subject, "session": plan.session, "series": plan.label,
             "series_number": "" if number is None else number, "description": desc,
@@ -147,8 +210,7 @@ def convert_series(plan: SeriesPlan, root: str, out: str, options: ConvertOption
                 emit(f"{stem}_4d", vol.data, vol.slope, vol.inter, "4d", time_s=None, pixdim4=step,
                      extra={"PhaseTimes": times, "NumberOfPhases": len(times)})
     except OSError as exc:
-        return [], [Issue("write_error", scrub(f"{type(exc).__name__}: {exc.strerror or exc}"), subject=plan.subject,
-                          session=plan.session, series=plan.label, action="failed")]
+        return [], [_series_issue(plan, "write_error", scrub(f"{type(exc).__name__}: {exc.strerror or exc}"))]
     return rows, []
 
 
@@ -177,7 +239,10 @@ def _task(args):
     plan, root, out, options, scrub_values = args
     rows, issues = convert_series(plan, root, out, options, scrub_values)
     if rows and not issues:
-        write_json_atomic(_marker(out, plan), {"options": asdict(options), "rows": rows})
+        try:
+            write_json_atomic(_marker(out, plan), {"options": asdict(options), "rows": rows})
+        except OSError:  # without its marker the series is simply converted again next time
+            log.warning("could not record %s as done; a re-run converts it again", plan.label)
     return plan.task_id, rows, issues
 
 
@@ -192,71 +257,132 @@ def write_manifest(out: str, rows: list[dict]) -> None:
     write_text_atomic(Path(out) / "manifest.csv", buf.getvalue())
 
 
+class OutputLocked(RuntimeError):
+    """Another process is converting into the same output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(out: str):
+    """Hold an exclusive lock on ``OUT/.medimb-prep/lock`` (``flock``: released by the kernel when the
+    holder dies, so a killed run never leaves a stale lock). Raises :class:`OutputLocked` when another
+    process holds it and ``OSError`` when ``OUT`` cannot be written."""
+    import fcntl
+
+    state = Path(out) / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise OutputLocked(f"another medimb-prep convert (pid {holder}) is writing into {out}; wait for it "
+                               "to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def convert_archive(root: str, out: str, workers: int = 1, key: str | None = None,
                     options: ConvertOptions = ConvertOptions(), progress: bool = True,
                     scan: ScanResult | None = None) -> ConvertResult:
-    """Scan ``root`` and convert every planned series into ``out``; writes manifest and report."""
+    """Scan ``root`` and convert every planned series into ``out``; writes manifest and report.
+
+    One bad file or series never stops the archive: it becomes a report entry. ``report.json`` is
+    written however the run ends (``"complete": false`` when interrupted). Raises ``ValueError`` for a
+    usage error, :class:`OutputLocked` when another run writes into ``out`` and ``OSError`` when ``out``
+    cannot be written at all.
+    """
     root = os.path.abspath(root)
     out = os.path.abspath(out)
     if Path(out).resolve().is_relative_to(Path(root).resolve()):
         raise ValueError("the output folder must not be inside the archive (the archive is never modified)")
     Path(out).mkdir(parents=True, exist_ok=True)
-    removed = remove_partial_files(out)
-    if removed:
-        log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    with contextlib.ExitStack() as stack:
-        # the pool is forked now, while this process is small: workers then hold one series each,
-        # not a copy of the whole archive's plan
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
-        return _convert(root, out, key, options, progress, scan, pool)
+    with output_lock(out):
+        removed = remove_partial_files(out)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run", removed)
+        with contextlib.ExitStack() as stack:
+            # the pool is forked now, while this process is small: workers then hold one series each,
+            # not a copy of the whole archive's plan
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
+            return _convert(root, out, key, options, progress, scan, pool)
 
 
 def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
     scan = scan or scan_archive(root, key=key, progress=progress, pool=pool)
-    scrub_values = tuple(getattr(scan.scrubber, "values", ()))
+    deid.set_log_scrubber(scan.scrubber, root)
+    if deid.is_public_key(key) and not scan.synthetic:
+        log.warning(deid.PUBLIC_KEY_WARNING)
+    scrub_values = tuple(scan.scrubber.values)
     issues = list(scan.issues)
+    outcomes: list[SeriesOutcome] = list(scan.outcomes)
     rows: list[dict] = []
     todo = []
-    resumed = 0
     for plan in scan.plans:
         done = _resume_rows(out, plan, options)
         if done is not None:
             rows.extend(done)
-            resumed += 1
+            outcomes.append(_outcome(plan, "resumed", done))
         else:
             todo.append(plan)
     todo.sort(key=lambda p: -p.n_slices)  # big series first: better load balance
-    converted = failed = 0
+    by_id = {p.task_id: p for p in todo}
+
+    def collect(plan, r, i):
+        rows.extend(r)
+        issues.extend(i)
+        outcomes.append(_outcome(plan, "failed" if i else "converted", r))
+        bar.update(1)
+
+    complete = False
     bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress)
-    args = [(p, root, out, options, scrub_values) for p in todo]
-    if pool is not None and len(todo) > 1:
-        futures = [pool.submit(_task, a) for a in args]
-        for f in as_completed(futures):
-            _, r, i = f.result()
-            rows.extend(r)
-            issues.extend(i)
-            converted += bool(r and not i)
-            failed += bool(i)
-            bar.update(1)
-    else:
-        for a in args:
-            _, r, i = _task(a)
-            rows.extend(r)
-            issues.extend(i)
-            converted += bool(r and not i)
-            failed += bool(i)
-            bar.update(1)
-    bar.close()
-    write_manifest(out, rows)
-    report = {
+    try:
+        args = [(p, root, out, options, scrub_values) for p in todo]
+        if pool is not None and len(todo) > 1:
+            futures = {pool.submit(_task, a): a[0] for a in args}
+            for f in as_completed(futures):
+                plan = futures[f]
+                try:
+                    _, r, i = f.result()
+                except Exception as exc:  # a worker died (killed, out of memory): that series only
+                    r, i = [], [_series_issue(plan, "internal_error",
+                                              f"the worker process converting this series died ({type(exc).__name__})")]
+                collect(plan, r, i)
+        else:
+            for a in args:
+                _, r, i = _task(a)
+                collect(by_id[a[0].task_id], r, i)
+        complete = True
+    finally:
+        bar.close()
+        report = _report(scan, outcomes, issues, rows, complete)
+        write_manifest(out, rows)
+        write_json_atomic(Path(out) / "report.json", report)
+    counts = Counter(o.status for o in outcomes)
+    return ConvertResult(rows, issues, counts["converted"], counts["resumed"], counts["failed"], scan.n_files)
+
+
+def _outcome(plan: SeriesPlan, status: str, rows: list[dict]) -> SeriesOutcome:
+    return SeriesOutcome(plan.subject, plan.session, plan.label, status, plan.n_files, outputs=len(rows))
+
+
+def _report(scan: ScanResult, outcomes: list[SeriesOutcome], issues: list[Issue], rows: list[dict],
+            complete: bool) -> dict:
+    """report.json: counts, one entry per series (what became of it) and every issue."""
+    counts = Counter(o.status for o in outcomes)
+    return {
+        "complete": complete,
         "archive_files": scan.n_files,
         "series_planned": len(scan.plans),
-        "series_converted": converted,
-        "series_resumed": resumed,
-        "series_failed": failed,
+        "series_converted": counts["converted"],
+        "series_resumed": counts["resumed"],
+        "series_failed": counts["failed"],
+        "series_skipped": counts["skipped"],
         "outputs": len(rows),
         "summary": summarize(issues),
+        "series": [asdict(o) for o in sorted(outcomes, key=lambda o: (o.subject, o.session, o.series))],
         "issues": [i.to_dict() for i in issues],
     }
-    write_json_atomic(Path(out) / "report.json", report)
-    return ConvertResult(rows, issues, converted, resumed, failed, scan.n_files)

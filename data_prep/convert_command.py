@@ -19,15 +19,14 @@ def add_parser(subparsers) -> None:
                    help="exit non-zero when any file or series was skipped with a warning or failed")
     p.add_argument("--dce-4d", action="store_true", help="also write a 4D file per DCE series")
     p.add_argument("--subtract", action="store_true", help="also write post-minus-pre subtraction volumes")
-    p.add_argument("--deid-key", default=None,
-                   help=f"key for subject pseudonyms (default: ${deid.KEY_ENV}, else a public demo key)")
+    deid.add_key_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from data_prep.cli import UserError
-    from data_prep.convert import ConvertOptions, convert_archive
+    from data_prep.convert import ConvertOptions, OutputLocked, convert_archive
 
     archive = Path(args.archive)
     if not archive.is_dir():
@@ -35,11 +34,14 @@ def run(args) -> int:
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     options = ConvertOptions(dce_4d=args.dce_4d, subtract=args.subtract)
+    key = deid.key_from_arguments(args)
     try:
-        result = convert_archive(str(archive), args.out, workers=args.workers, key=deid.resolve_key(args.deid_key),
+        result = convert_archive(str(archive), args.out, workers=args.workers, key=key,
                                  options=options, progress=not args.no_progress)
-    except ValueError as exc:
+    except (ValueError, OutputLocked) as exc:
         raise UserError(str(exc)) from exc
+    except OSError as exc:  # OUT itself cannot be written (read-only, no space, permissions)
+        raise UserError(f"cannot write into {args.out}: {exc.strerror or exc}") from exc
     sev = {"info": 0, "warning": 0, "error": 0}
     for i in result.issues:
         sev[i.severity] += 1

@@ -10,6 +10,7 @@ shared and per-frame functional groups. Problems become a :class:`FileIssue` wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,29 @@ from data_prep.fastheader import parse_file, vr_of
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+#: person names (PN) whose components are scrubbed from free text (see :func:`data_prep.deid.identifying_values`)
+NAME_TAGS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+             "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
+             "PhysiciansOfRecord", "RequestingPhysician", "OperatorsName")
+#: IDs, numbers and dates removed wherever they appear whole
+ID_TAGS = ("PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber", "StudyID",
+           "DeviceSerialNumber", "PatientAddress", "PatientTelephoneNumbers", "StudyDate", "SeriesDate",
+           "AcquisitionDate", "ContentDate", "InstitutionAddress", "StationName", "MedicalRecordLocator",
+           "IssuerOfPatientID")
+#: institution names: the whole name and its distinctive words
+INSTITUTION_TAGS = ("InstitutionName", "InstitutionalDepartmentName")
+#: one file's decoded pixels may not exceed this (a damaged Rows/NumberOfFrames must not exhaust memory)
+MAX_DECODED_BYTES = 4 << 30
+#: PixelSpacing outside this range (mm) is not a real scan
+SPACING_RANGE_MM = (1e-3, 1e3)
+#: direction cosines must be unit vectors and orthogonal within this tolerance
+ORIENTATION_TOL = 1e-2
+_FLOAT32_MAX = 3.4e38
+
+#: ImplementationVersionName of the files `medimb-prep synth` writes (invented identities: the public
+#: de-identification key is fine for them, and only for them)
+SYNTH_MARK = "MEDIMB_SYNTH"
 
 #: the only tags read during the scan (everything the plan, the sidecar and the scrubber need)
 HEADER_TAGS = [
@@ -40,6 +64,8 @@ HEADER_TAGS = [
     "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
     "BodyPartExamined", "PatientPosition", "ImagingFrequency", "PixelBandwidth",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    # identifying attributes (PS3.15 Table E.1-1): read only to scrub them from every output
+    *NAME_TAGS, *ID_TAGS, *INSTITUTION_TAGS,
 ]
 
 
@@ -159,15 +185,30 @@ class FileHeader:
     spacing_between_slices: float | None
     frames: list[Frame] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    synthetic: bool = False  # written by `medimb-prep synth` (ImplementationVersionName SYNTH_MARK)
 
 
 @dataclass(frozen=True)
 class FileIssue:
-    """A file that cannot take part in conversion, with a report ``reason`` code and a detail."""
+    """A file that cannot take part in conversion, with a report ``reason`` code and a detail.
+
+    ``phi`` holds the file's identifying values when its header could be read (so that they are
+    scrubbed from every output even though the file itself is not converted)."""
 
     path: str
     reason: str
     detail: str
+    phi: tuple = ()
+
+
+class InvalidHeader(ValueError):
+    """A header value that is present but cannot be right; ``reason`` is a report code
+    (``invalid_value`` or ``invalid_geometry``). Details name the attribute, never its value."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 def tm_seconds(value) -> float | None:
@@ -184,16 +225,71 @@ def tm_seconds(value) -> float | None:
         ss = float(text[4:] or 0)
     except ValueError:
         return None
-    return hh * 3600 + mm * 60 + ss
+    t = hh * 3600 + mm * 60 + ss
+    return t if math.isfinite(t) else None
+
+
+_MULTI = (list, tuple, pydicom.multival.MultiValue)
 
 
 def _num(value, default=None):
+    """One finite number, else ``default`` (absent, empty, non-numeric, multi-valued, NaN, inf)."""
     try:
         if value is None or value == "":
             return default
-        return float(value)
+        f = float(value)
     except (TypeError, ValueError):
         return default
+    return f if math.isfinite(f) else default
+
+
+def _int_or_none(value) -> int | None:
+    """One integer value (``'3'``, ``3``, ``'3.0'``), else None."""
+    f = _num(value)
+    return int(f) if f is not None and f == int(f) else None
+
+
+def _one_int(ds, keyword: str, default: int | None = None, lo: int = 0, hi: int | None = None) -> int:
+    """A required single integer in ``[lo, hi]``; absent gives ``default`` (or fails when None)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise InvalidHeader("invalid_value", f"{keyword} is missing")
+        return default
+    if isinstance(value, _MULTI) and not isinstance(value, str):
+        raise InvalidHeader("invalid_value", f"{keyword} has {len(value)} values where one is expected")
+    n = _int_or_none(value)
+    if n is None or n < lo or (hi is not None and n > hi):
+        limits = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise InvalidHeader("invalid_value", f"{keyword} is not an integer in {limits}")
+    return n
+
+
+def _scaling(slope_value, inter_value) -> tuple[float, float]:
+    """``(RescaleSlope, RescaleIntercept)``: absent gives (1, 0); present must be finite, storable as
+    float32 (NIfTI scl_slope/scl_inter) and the slope non-zero."""
+    out = []
+    for keyword, value, default in (("RescaleSlope", slope_value, 1.0), ("RescaleIntercept", inter_value, 0.0)):
+        if value is None or value == "":
+            out.append(default)
+            continue
+        f = _num(value[0] if isinstance(value, _MULTI) and not isinstance(value, str) and len(value) else value)
+        if f is None or abs(f) > _FLOAT32_MAX or (keyword == "RescaleSlope" and f == 0):
+            raise InvalidHeader("invalid_value", f"{keyword} is not a finite{' non-zero' if default else ''} number")
+        out.append(f)
+    return out[0], out[1]
+
+
+def _echo(value) -> float | None:
+    """EchoNumbers / EffectiveEchoTime: absent gives None; present must be one finite number."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, _MULTI) and not isinstance(value, str):
+        value = value[0] if len(value) else None
+    f = _num(value)
+    if f is None:
+        raise InvalidHeader("invalid_value", "the echo number/time is not a finite number")
+    return f
 
 
 def _seq_item(groups, keyword):
@@ -209,28 +305,62 @@ def _fg(per_frame, shared, keyword):
     return _seq_item(per_frame, keyword) or _seq_item(shared, keyword)
 
 
-def _tuple(value, n):
-    if value is None:
+def _vector(value, n: int, keyword: str) -> tuple | None:
+    """``n`` finite numbers; absent gives None (a series-level ``missing_geometry``), anything else
+    that is not ``n`` finite numbers is an ``invalid_geometry`` of this file."""
+    if value is None or value == "":
         return None
-    try:
-        vals = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return vals if len(vals) == n else None
+    values = [value] if isinstance(value, str) or not isinstance(value, _MULTI) else list(value)
+    nums = [_num(v) for v in values]
+    if len(nums) != n or any(v is None for v in nums):
+        raise InvalidHeader("invalid_geometry", f"{keyword} is not {n} finite numbers")
+    return tuple(nums)
+
+
+def check_geometry(position, orientation, spacing) -> None:
+    """Raise :class:`InvalidHeader` (``invalid_geometry``) unless the direction cosines are unit,
+    orthogonal vectors (within :data:`ORIENTATION_TOL`) and PixelSpacing lies in
+    :data:`SPACING_RANGE_MM`. ``None`` (absent) values are not checked here."""
+    if orientation is not None:
+        r, c = orientation[:3], orientation[3:]
+        norm_r, norm_c = math.sqrt(sum(v * v for v in r)), math.sqrt(sum(v * v for v in c))
+        if abs(norm_r - 1) > ORIENTATION_TOL or abs(norm_c - 1) > ORIENTATION_TOL:
+            raise InvalidHeader("invalid_geometry", "ImageOrientationPatient vectors are not unit vectors")
+        if abs(sum(a * b for a, b in zip(r, c))) > ORIENTATION_TOL:
+            raise InvalidHeader("invalid_geometry", "ImageOrientationPatient row and column are not orthogonal")
+    if spacing is not None:
+        lo, hi = SPACING_RANGE_MM
+        if not all(lo <= v <= hi for v in spacing):
+            raise InvalidHeader("invalid_geometry", f"PixelSpacing is outside {lo:g}-{hi:g} mm")
+
+
+def _geometry(pos_value, ori_value, spacing_value) -> dict:
+    geom = dict(position=_vector(pos_value, 3, "ImagePositionPatient"),
+                orientation=_vector(ori_value, 6, "ImageOrientationPatient"),
+                spacing=_vector(spacing_value, 2, "PixelSpacing"))
+    check_geometry(**geom)
+    return geom
 
 
 def _phi_values(ds) -> tuple:
-    """PHI strings of this file, only for scrubbing them from every output."""
-    vals = []
-    for kw in ("PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs"):
-        v = ds.get(kw)
-        if v:
-            vals.extend(str(x) for x in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]))
-    name = ds.get("PatientName")
-    if name:
-        vals.append(str(name))
-        vals.extend(part for part in str(name).replace("=", "^").split("^") if part)
-    return tuple(v.strip() for v in vals if v and v.strip())
+    """Identifying strings of this file (see :func:`data_prep.deid.identifying_values`), only to
+    scrub them from every output. Never fails: a damaged value is skipped."""
+    def strings(keyword):
+        try:
+            v = ds.get(keyword)
+        except Exception:  # a damaged element must not hide the others
+            return []
+        if v is None or v == "":
+            return []
+        return [str(x) for x in v] if isinstance(v, _MULTI) and not isinstance(v, str) else [str(v)]
+    from data_prep.deid import identifying_values
+
+    values = identifying_values(
+        name_values=[x for kw in NAME_TAGS for x in strings(kw)],
+        other_values=[x for kw in ID_TAGS for x in strings(kw)],
+        institution_values=[x for kw in INSTITUTION_TAGS for x in strings(kw)],
+    )
+    return tuple(sorted(values))
 
 
 def _params(ds) -> dict:
@@ -253,29 +383,26 @@ def _params(ds) -> dict:
             num = _num(v[0] if isinstance(v, (list, tuple)) else v)
             if num is not None:
                 out[kw] = num
-        elif isinstance(v, (list, tuple, pydicom.multival.MultiValue)):
+        elif isinstance(v, _MULTI) and not isinstance(v, str):
             out[kw] = [str(x) for x in v]
         else:
             out[kw] = str(v)
     return out
 
 
-def _frames(ds, rel: str) -> list[Frame]:
+def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
+    """One :class:`Frame` per frame, each with validated geometry, scaling and echo."""
     sop = str(ds.get("SOPInstanceUID", ""))
-    n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     acq_number = _num(ds.get("AcquisitionNumber"), -1.0)
     if per_frame_seq is None and shared is None:
         # classic image (possibly multi-frame without functional groups: same geometry for all frames)
+        slope, inter = _scaling(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
         base = dict(
-            position=_tuple(ds.get("ImagePositionPatient"), 3),
-            orientation=_tuple(ds.get("ImageOrientationPatient"), 6),
-            spacing=_tuple(ds.get("PixelSpacing"), 2),
-            slope=_num(ds.get("RescaleSlope"), 1.0),
-            inter=_num(ds.get("RescaleIntercept"), 0.0),
-            echo=_num(ds.get("EchoNumbers")),
+            **_geometry(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")),
+            slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")),
         )
         t = tm_seconds(ds.get("AcquisitionTime")) or tm_seconds(ds.get("AcquisitionDateTime"))
         key = (
@@ -287,9 +414,12 @@ def _frames(ds, rel: str) -> list[Frame]:
         if n_frames == 1:
             return [Frame(rel, None, time_key=key, time_s=t, sop_uid=sop, **base)]
         return [Frame(rel, f, time_key=key, time_s=t, sop_uid=f"{sop}#{f}", **base) for f in range(n_frames)]
+    if per_frame_seq is not None and len(per_frame_seq) not in (0, n_frames):
+        raise InvalidHeader("invalid_value", f"{len(per_frame_seq)} per-frame functional groups for "
+                                             f"NumberOfFrames {n_frames}")
     frames = []
     for f in range(n_frames):
-        pf = per_frame_seq[f] if per_frame_seq is not None and f < len(per_frame_seq) else None
+        pf = per_frame_seq[f] if per_frame_seq else None
         pos = _fg(pf, shared, "PlanePositionSequence")
         ori = _fg(pf, shared, "PlaneOrientationSequence")
         meas = _fg(pf, shared, "PixelMeasuresSequence")
@@ -298,14 +428,14 @@ def _frames(ds, rel: str) -> list[Frame]:
         echo = _fg(pf, shared, "MREchoSequence")
         t = tm_seconds(content.get("FrameAcquisitionDateTime")) if content is not None else None
         temporal = _num(content.get("TemporalPositionIndex"), -1.0) if content is not None else -1.0
+        slope, inter = _scaling(pvt.get("RescaleSlope"), pvt.get("RescaleIntercept")) if pvt is not None else (1.0, 0.0)
         frames.append(Frame(
             rel, f,
-            position=_tuple(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
-            orientation=_tuple(ori.get("ImageOrientationPatient"), 6) if ori is not None else None,
-            spacing=_tuple(meas.get("PixelSpacing"), 2) if meas is not None else None,
-            slope=_num(pvt.get("RescaleSlope"), 1.0) if pvt is not None else 1.0,
-            inter=_num(pvt.get("RescaleIntercept"), 0.0) if pvt is not None else 0.0,
-            echo=_num(echo.get("EffectiveEchoTime")) if echo is not None else None,
+            **_geometry(pos.get("ImagePositionPatient") if pos is not None else None,
+                        ori.get("ImageOrientationPatient") if ori is not None else None,
+                        meas.get("PixelSpacing") if meas is not None else None),
+            slope=slope, inter=inter,
+            echo=_echo(echo.get("EffectiveEchoTime")) if echo is not None else None,
             time_key=(temporal, -1.0, t if t is not None else -1.0, acq_number),
             time_s=t,
             sop_uid=f"{sop}#{f}",
@@ -318,6 +448,7 @@ def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
 
     Returns ``(data_offset, dtype, bits_stored, rows, cols, n_frames)`` with ``dtype`` a numpy string such as ``'<u2'``, or
     None when pydicom must decode (compressed, 1-bit, signed with BitsStored < BitsAllocated, odd layout).
+    Called only after :func:`_pixel_description` validated the values it reads.
     """
     if ts not in NATIVE_SYNTAXES:
         return None
@@ -337,18 +468,48 @@ def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
         if head[4:6] not in (b"OW", b"OB"):
             return None
         length, start = struct.unpack(end + "I", head[8:12])[0], offset + 12
-    need = int(ds.get("Rows")) * int(ds.get("Columns")) * n_frames * bits // 8
+    rows, cols = int(_num(ds.get("Rows"))), int(_num(ds.get("Columns")))
+    need = rows * cols * n_frames * bits // 8
     if length == 0xFFFFFFFF or length < need:
         return None
-    return (start, f"{end}{'i' if signed else 'u'}{bits // 8}", stored, int(ds.get("Rows")), int(ds.get("Columns")), n_frames)
+    return (start, f"{end}{'i' if signed else 'u'}{bits // 8}", stored, rows, cols, n_frames)
+
+
+def _pixel_description(ds, ts: str, available: int) -> tuple[int, int, int]:
+    """Validated ``(rows, cols, n_frames)`` of an image, checked against the ``available`` bytes
+    after the pixel data element's start before anything is allocated. Raises :class:`InvalidHeader`
+    (or returns a reason through it: ``truncated``, ``unsupported_pixels``)."""
+    rows = _one_int(ds, "Rows", lo=1, hi=65535)
+    cols = _one_int(ds, "Columns", lo=1, hi=65535)
+    if _one_int(ds, "SamplesPerPixel", default=1, lo=1, hi=4) != 1:
+        raise InvalidHeader("unsupported_pixels", "colour/multi-sample images are not converted")
+    bits = _one_int(ds, "BitsAllocated", default=16, lo=1, hi=64)
+    if bits not in (1, 8, 16, 32, 64):
+        raise InvalidHeader("invalid_value", "BitsAllocated is not 1, 8, 16, 32 or 64")
+    _one_int(ds, "BitsStored", default=bits, lo=1, hi=bits)
+    _one_int(ds, "PixelRepresentation", default=0, lo=0, hi=1)
+    n_frames = _one_int(ds, "NumberOfFrames", default=1, lo=1)
+    decoded = rows * cols * n_frames * bits // 8
+    if decoded > MAX_DECODED_BYTES:
+        raise InvalidHeader("invalid_value", f"Rows x Columns x NumberOfFrames would decode to "
+                                             f"{decoded / 2**30:.3g} GiB (limit {MAX_DECODED_BYTES / 2**30:g} GiB)")
+    if ts in NATIVE_SYNTAXES or not ts:
+        if available < decoded:
+            raise InvalidHeader("truncated", f"{available} bytes left for pixel data that needs {decoded}")
+    elif n_frames * 8 > available:  # encapsulated: every frame needs at least one 8-byte item header
+        raise InvalidHeader("invalid_value", f"NumberOfFrames {n_frames} is more than the "
+                                             f"{available}-byte encapsulated pixel data can hold")
+    return rows, cols, n_frames
 
 
 def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | FileIssue:
     """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root.
 
     ``use_fast=False`` forces pydicom for every file (the fast reader falls back to it by itself).
+    Never raises: whatever goes wrong becomes a :class:`FileIssue`.
     """
     rel = os.path.relpath(path, root)
+    phi: tuple = ()
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -358,7 +519,8 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
             if fast is not None:
                 raw_meta, ts, elements, pixel_offset = fast
                 sop = raw_meta.get(0x00020002, b"").decode("ascii", "replace").rstrip("\x00 ")
-                meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop}
+                version = raw_meta.get(0x00020013, b"").decode("ascii", "replace").rstrip("\x00 ")
+                meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop, "ImplementationVersionName": version}
                 ds = FastHeader(elements)
                 at_eof = False
             else:
@@ -369,55 +531,57 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
                 meta = getattr(full_ds, "file_meta", None)
                 ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
                 ds = RawHeader(full_ds, little_endian=ts != "1.2.840.10008.1.2.2")
-            n_frames = int(_num(ds.get("NumberOfFrames"), 1) or 1)
-            layout = None if at_eof or not ds.get("Rows") else native_layout(fh, pixel_offset, ts, ds, n_frames)
+            phi = _phi_values(ds)
+            sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+            if sop_class == DICOMDIR_SOP_CLASS:
+                return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)", phi)
+            is_image_class = "Image Storage" in getattr(pydicom.uid.UID(sop_class), "name", "")
+            if at_eof and (ds.get("Rows") or is_image_class):
+                return FileIssue(rel, "truncated", "the file ends before its pixel data", phi)
+            if not ds.get("Rows") or not ds.get("Columns"):
+                return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})", phi)
+            rows, cols, n_frames = _pixel_description(ds, ts, size - pixel_offset)
+            layout = native_layout(fh, pixel_offset, ts, ds, n_frames)
+            frames = _frames(ds, rel, n_frames)
     except PermissionError as exc:
-        return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})")
+        return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})", phi)
     except InvalidDicomError:
-        return FileIssue(rel, "not_dicom", "no DICOM preamble/prefix")
+        return FileIssue(rel, "not_dicom", "no DICOM preamble/prefix", phi)
+    except InvalidHeader as exc:
+        return FileIssue(rel, exc.reason, exc.detail, phi)
     except OSError as exc:
-        return FileIssue(rel, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
-    except Exception as exc:  # pydicom raises many types on a cut-off header
-        return FileIssue(rel, "corrupt_header", f"header cannot be parsed ({type(exc).__name__})")
-    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-    if sop_class == DICOMDIR_SOP_CLASS:
-        return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)")
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    is_image_class = "Image Storage" in getattr(pydicom.uid.UID(sop_class), "name", "")
-    if at_eof and (rows or is_image_class):
-        return FileIssue(rel, "truncated", "the file ends before its pixel data")
-    if not rows or not cols:
-        return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})")
-    if int(_num(ds.get("SamplesPerPixel"), 1)) != 1:
-        return FileIssue(rel, "unsupported_pixels", "colour/multi-sample images are not converted")
-    if ts in NATIVE_SYNTAXES or not ts:
-        expected = int(rows) * int(cols) * n_frames * int(_num(ds.get("BitsAllocated"), 16)) // 8
-        if size - pixel_offset < expected:
-            return FileIssue(rel, "truncated", f"{size - pixel_offset} bytes left for pixel data that needs {expected}")
-    frames = _frames(ds, rel)
+        return FileIssue(rel, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}", phi)
+    except Exception as exc:  # pydicom raises many types on a damaged header
+        return FileIssue(rel, "corrupt_header", f"header cannot be parsed ({type(exc).__name__})", phi)
     if layout is not None:
         frames = [dataclasses.replace(f, pixel=layout) for f in frames]
     study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
     image_type = ds.get("ImageType") or []
     image_type = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
-    sn = ds.get("SeriesNumber")
     return FileHeader(
         path=rel,
         patient_id=str(ds.get("PatientID", "") or ""),
-        phi=_phi_values(ds),
+        phi=phi,
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         study_datetime=study_dt,
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        series_number=int(sn) if sn not in (None, "") else None,
+        series_number=_int_or_none(ds.get("SeriesNumber")),
         description=str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or ""),
         modality=str(ds.get("Modality", "") or ""),
         image_type=image_type,
         sop_class=sop_class,
         transfer_syntax=ts,
-        rows=int(rows),
-        cols=int(cols),
-        slice_thickness=_num(ds.get("SliceThickness")),
-        spacing_between_slices=_num(ds.get("SpacingBetweenSlices")),
+        rows=rows,
+        cols=cols,
+        slice_thickness=_positive(ds.get("SliceThickness")),
+        spacing_between_slices=_positive(ds.get("SpacingBetweenSlices")),
         frames=frames,
         params=_params(ds),
+        synthetic=str(meta.get("ImplementationVersionName", "") if meta else "").strip() == SYNTH_MARK,
     )
+
+
+def _positive(value) -> float | None:
+    """A finite positive number, else None (a bad SliceThickness is ignored, not fatal)."""
+    f = _num(value)
+    return f if f is not None and f > 0 else None

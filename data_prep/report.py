@@ -32,6 +32,13 @@ REASONS = {
     "missing_slice": ("error", "a gap of a whole number of slice spacings: a slice is missing"),
     "nonuniform_spacing": ("error", "slice spacing varies; cannot be one regular volume"),
     "invalid_orientation": ("error", "ImageOrientationPatient row and column vectors are parallel"),
+    "invalid_value": ("error", "a header value needed to read the image is malformed or impossible"),
+    "invalid_geometry": ("error", "position, orientation or pixel spacing is not finite, not orthonormal or "
+                                  "out of range"),
+    "inconsistent_spacing": ("warning", "slices whose PixelSpacing differs from the rest of their series"),
+    "localizer_in_series": ("warning", "images tagged LOCALIZER/SCOUT inside a series of other images; dropped"),
+    "invalid_volume": ("error", "the assembled volume failed the checks before writing"),
+    "internal_error": ("error", "an unexpected error in medimb-prep; the rest of the archive was converted"),
     "inconsistent_phases": ("error", "DCE phases with different slice counts"),
     "pixel_decode_error": ("error", "pixel data cannot be decoded (missing codec or damaged data)"),
     "write_error": ("error", "the output could not be written"),
@@ -52,7 +59,7 @@ class Issue:
     subject: str = ""
     session: str = ""
     series: str = ""
-    action: str = "skipped"  # skipped | failed | dropped | split
+    action: str = "skipped"  # skipped | failed | dropped | split | not_followed (a folder or folder link)
 
     @property
     def severity(self) -> str:

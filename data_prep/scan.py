@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,7 +24,10 @@ from tqdm import tqdm
 from data_prep import deid
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
+
 from data_prep.report import Issue
+
+log = logging.getLogger("data_prep.scan")
 
 #: a stray orientation group with at least this many slices is kept as its own volume
 MIN_STACK_SLICES = 4
@@ -68,11 +72,28 @@ class SeriesPlan:
 
 
 @dataclass
+class SeriesOutcome:
+    """What became of one series (for report.json's ``series`` list): ``status`` is ``converted``,
+    ``resumed``, ``failed`` or ``skipped``; ``files`` the distinct source files whose pixels are in
+    its outputs (or would have been); files dropped from it are file-level issues instead."""
+
+    subject: str
+    session: str
+    series: str
+    status: str
+    files: int
+    outputs: int = 0
+    reason: str = ""
+
+
+@dataclass
 class ScanResult:
     plans: list[SeriesPlan]
     issues: list[Issue]
     n_files: int
     scrubber: deid.PhiScrubber
+    outcomes: list[SeriesOutcome] = field(default_factory=list)  # series failed or skipped while planning
+    synthetic: bool = False  # every image comes from `medimb-prep synth`
 
 
 # ----------------------------------------------------------------------------------------- walk
@@ -85,11 +106,21 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
     root = os.path.abspath(root)
     files, issues = [], []
     seen_dirs = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
+    def unreadable(exc: OSError) -> None:
+        issues.append(Issue("unreadable", f"folder cannot be listed ({exc.strerror or type(exc).__name__})",
+                            path=os.path.relpath(exc.filename or root, root), action="not_followed"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(dirpath)
+        except OSError as exc:
+            unreadable(exc)
+            dirnames[:] = []
+            continue
         ident = (st.st_dev, st.st_ino)
         if ident in seen_dirs:
-            issues.append(Issue("symlink_loop", "folder reached again through a link", path=os.path.relpath(dirpath, root)))
+            issues.append(Issue("symlink_loop", "folder reached again through a link", path=os.path.relpath(dirpath, root),
+                                action="not_followed"))
             dirnames[:] = []
             continue
         seen_dirs.add(ident)
@@ -99,10 +130,12 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
             try:
                 sd = os.stat(full)
             except OSError:
-                issues.append(Issue("symlink_loop", "link cannot be resolved", path=os.path.relpath(full, root)))
+                issues.append(Issue("symlink_loop", "link cannot be resolved", path=os.path.relpath(full, root),
+                                    action="not_followed"))
                 continue
             if (sd.st_dev, sd.st_ino) in seen_dirs:
-                issues.append(Issue("symlink_loop", "link points back to an ancestor folder", path=os.path.relpath(full, root)))
+                issues.append(Issue("symlink_loop", "link points back to an ancestor folder",
+                                    path=os.path.relpath(full, root), action="not_followed"))
                 continue
             kept.append(d)
         dirnames[:] = kept
@@ -120,9 +153,18 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
     return files, issues
 
 
+def _read_one(path: str, root: str) -> FileHeader | FileIssue:
+    """``read_header`` that cannot fail: one file never stops the archive."""
+    try:
+        return read_header(path, root)
+    except Exception as exc:  # read_header turns known problems into FileIssues; this is the net
+        return FileIssue(os.path.relpath(path, root), "internal_error",
+                         f"unexpected {type(exc).__name__} while reading the header")
+
+
 def _read_many(args):
     paths, root = args
-    return [read_header(p, root) for p in paths]
+    return [_read_one(p, root) for p in paths]
 
 
 def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool = True, pool=None):
@@ -176,9 +218,23 @@ def _time_rank_phases(frames: list[Frame], normal) -> tuple[list[list[Frame]], l
     return [phases[p] for p in sorted(phases)], dups, conflicts
 
 
+def _series_number(headers) -> int | None:
+    """The SeriesNumber most files of a series agree on (a damaged value in one file is outvoted)."""
+    numbers = Counter(h.series_number for h in headers if h.series_number is not None)
+    return numbers.most_common(1)[0][0] if numbers else None
+
+
 def _series_label(number, description) -> str:
     num = f"s{int(number):03d}" if number is not None else "s000"
     return f"{num}-{deid.sanitize_label(description, max_len=30, fallback='series')}"
+
+
+def _is_localizer(h: FileHeader) -> bool:
+    return "LOCALIZER" in h.image_type or "SCOUT" in h.image_type
+
+
+def _distinct_files(frames) -> int:
+    return len({f.path for f in frames})
 
 
 class _Planner:
@@ -186,8 +242,10 @@ class _Planner:
         self.headers = headers
         self.key = key
         self.scrub = scrubber.scrub
+        self.scrub_path = scrubber.scrub_path
         self.issues: list[Issue] = []
         self.plans: list[SeriesPlan] = []
+        self.outcomes: list[SeriesOutcome] = []
 
     def run(self) -> None:
         by_subject: dict[str, list[FileHeader]] = defaultdict(list)
@@ -208,32 +266,58 @@ class _Planner:
             series[h.series_uid].append(h)
         study_plans = []
         used_labels: set[str] = set()
-        for uid in sorted(series, key=lambda u: (series[u][0].series_number or 0, deid.keyed_hash(u, self.key))):
-            study_plans.extend(self._series(subject, session, uid, series[uid], used_labels))
+        for uid in sorted(series, key=lambda u: (_series_number(series[u]) or 0, deid.keyed_hash(u, self.key))):
+            hs = series[uid]
+            label = self._label(hs, used_labels)
+            try:
+                study_plans.extend(self._series(subject, session, uid, label, hs))
+            except Exception as exc:  # one series never stops the archive; the report says which
+                log.debug("planning %s failed", label, exc_info=True)
+                self._fail("internal_error", f"unexpected {type(exc).__name__} while planning this series",
+                           subject, session, label, files=len(hs))
         self.plans.extend(self._merge_dce(subject, session, study_plans))
 
-    def _issue(self, reason, detail, subject, session, label="", path="", action="skipped"):
-        self.issues.append(Issue(reason, self.scrub(detail), path=self.scrub(path), subject=subject,
-                                 session=session, series=label, action=action))
-
-    def _series(self, subject, session, uid, headers, used_labels):
+    def _label(self, headers, used_labels) -> str:
         h0 = min(headers, key=lambda h: h.path)
-        base = _series_label(h0.series_number, self.scrub(h0.description))
-        label = base
-        i = 2
+        base = _series_label(_series_number(headers), self.scrub(h0.description))
+        label, i = base, 2
         while label in used_labels:
             label = f"{base}-{i}"
             i += 1
         used_labels.add(label)
+        return label
+
+    def _issue(self, reason, detail, subject, session, label="", path="", action="skipped"):
+        self.issues.append(Issue(reason, self.scrub(detail), path=self.scrub_path(path) if path else "",
+                                 subject=subject, session=session, series=label, action=action))
+
+    def _fail(self, reason, detail, subject, session, label, files: int, action="failed"):
+        """A whole series (or split part of one) is not converted: one issue and one outcome."""
+        self._issue(reason, detail, subject, session, label, action=action)
+        self.outcomes.append(SeriesOutcome(subject, session, label, "skipped" if action == "skipped" else "failed",
+                                           files, reason=reason))
+
+    def _drop(self, reason, detail, subject, session, label, frames):
+        """Images left out of a series that is converted: one issue per file."""
+        for path in sorted({f.path for f in frames}):
+            self._issue(reason, detail, subject, session, label, path=path, action="dropped")
+
+    def _series(self, subject, session, uid, label, headers):
+        localizers = [h for h in headers if _is_localizer(h)]
+        if localizers and 2 * len(localizers) >= len(headers):
+            self._fail("localizer", f"ImageType says localizer ({len(headers)} files)", subject, session, label,
+                       files=len(headers), action="skipped")
+            return []
+        if localizers:  # a few images tagged LOCALIZER inside a real series: drop them, keep the series
+            self._drop("localizer_in_series", f"ImageType says localizer, unlike the {len(headers) - len(localizers)} "
+                       "other files of its series", subject, session, label, [f for h in localizers for f in h.frames])
+            headers = [h for h in headers if not _is_localizer(h)]
         frames = [f for h in headers for f in h.frames]
         head_of = {h.path: h for h in headers}
-        if any("LOCALIZER" in h.image_type or "SCOUT" in h.image_type for h in headers):
-            self._issue("localizer", f"ImageType says localizer ({len(frames)} images)", subject, session, label)
-            return []
         bad = [f for f in frames if f.position is None or f.orientation is None or f.spacing is None]
         if bad:
-            self._issue("missing_geometry", f"{len(bad)} of {len(frames)} images lack position, orientation or pixel spacing",
-                        subject, session, label, action="failed")
+            self._fail("missing_geometry", f"{len(bad)} of {len(frames)} images lack position, orientation or "
+                       "pixel spacing", subject, session, label, files=_distinct_files(frames))
             return []
         # split by echo (multi-echo series are separate volumes, not phases)
         echoes = sorted({f.echo for f in frames}, key=lambda e: (e is None, e))
@@ -245,15 +329,16 @@ class _Planner:
         return out
 
     def _stacks(self, subject, session, label, uid, frames, head_of):
-        # group by (orientation, size); keep full stacks, report strays
+        # group by (orientation, matrix size, pixel spacing); keep full stacks, report strays
         groups: dict[tuple, list[Frame]] = defaultdict(list)
         for f in frames:
             h = head_of[f.path]
-            groups[(orientation_key(f.orientation), h.rows, h.cols)].append(f)
+            groups[(orientation_key(f.orientation), h.rows, h.cols, tuple(round(v, 4) for v in f.spacing))].append(f)
         if len(groups) > 1:
             sizes = sorted(groups.values(), key=len, reverse=True)
             if len(sizes[0]) < MIN_STACK_SLICES:
-                self._issue("localizer", f"{len(frames)} images in {len(groups)} different planes", subject, session, label)
+                self._fail("localizer", f"{len(frames)} images in {len(groups)} different planes or sizes",
+                           subject, session, label, files=_distinct_files(frames), action="skipped")
                 return []
             main_key = max(groups, key=lambda k: len(groups[k]))
             out, n = [], 0
@@ -262,40 +347,45 @@ class _Planner:
                     n += 1
                     sub_label = label if n == 1 else f"{label}-o{n}"
                     if n > 1:
-                        self._issue("split_orientation", f"{len(g)} images in a second plane converted separately",
-                                    subject, session, sub_label, action="split")
+                        self._issue("split_orientation", f"{len(g)} images in a second plane, matrix or pixel "
+                                    "spacing converted separately", subject, session, sub_label, action="split")
                     out.extend(self._phases(subject, session, sub_label, uid, g, head_of))
                     continue
-                size_differs = (k[1], k[2]) != (main_key[1], main_key[2])
-                reason = "inconsistent_size" if size_differs else "inconsistent_orientation"
-                for f in g:
-                    self._issue(reason, f"image differs from the {len(groups[main_key])} others of its series",
-                                subject, session, label, path=f.path, action="dropped")
+                if (k[1], k[2]) != (main_key[1], main_key[2]):
+                    reason = "inconsistent_size"
+                elif k[0] != main_key[0]:
+                    reason = "inconsistent_orientation"
+                else:
+                    reason = "inconsistent_spacing"
+                self._drop(reason, f"image differs from the {len(groups[main_key])} others of its series",
+                           subject, session, label, g)
             return out
         return self._phases(subject, session, label, uid, frames, head_of)
 
     def _phases(self, subject, session, label, uid, frames, head_of):
+        n_files = _distinct_files(frames)
         normal = slice_normal(frames[0].orientation)
         phases, dups, conflicts = _time_rank_phases(frames, normal)
-        for f in dups:
-            self._issue("duplicate_file", "second copy of an image", subject, session, label, path=f.path, action="dropped")
+        self._drop("duplicate_file", "second copy of an image", subject, session, label,
+                   [f for f in dups if f.path not in {g.path for p in phases for g in p}])
+        n_files -= len({f.path for f in dups} - {g.path for p in phases for g in p})
         if conflicts:
-            self._issue("duplicate_slice_position",
-                        f"{len(conflicts)} image(s) share a slice position and acquisition time with another",
-                        subject, session, label, action="failed")
+            self._fail("duplicate_slice_position",
+                       f"{len(conflicts)} image(s) share a slice position and acquisition time with another",
+                       subject, session, label, files=n_files)
             return []
         counts = {len(p) for p in phases}
         if len(counts) > 1:
             # phases of unequal length: either DCE with a missing slice, or a missing slice at some positions
-            self._issue("inconsistent_phases" if len(phases) > 1 else "missing_slice",
-                        f"{len(phases)} phases with {sorted(counts)} slices", subject, session, label, action="failed")
+            self._fail("inconsistent_phases" if len(phases) > 1 else "missing_slice",
+                       f"{len(phases)} phases with {sorted(counts)} slices", subject, session, label, files=n_files)
             return []
         ordered = []
         for p in phases:
             try:
                 so = sort_slices([f.position for f in p], p[0].orientation)
             except GeometryError as exc:
-                self._issue(exc.reason, exc.detail, subject, session, label, action="failed")
+                self._fail(exc.reason, exc.detail, subject, session, label, files=n_files)
                 return []
             ordered.append([p[i] for i in so.order])
         h0 = head_of[ordered[0][0].path]
@@ -305,18 +395,18 @@ class _Planner:
         first = ordered[0]
         affine = affine_ras(first[0].position, first[-1].position, first[0].orientation, first[0].spacing,
                             len(first), single_slice_spacing=single)
+        number = _series_number([head_of[f.path] for f in first])
+        description = deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback="")
         plan = SeriesPlan(
             task_id=deid.keyed_hash(f"{uid}|{label}", self.key, digits=16),
             subject=subject, session=session, label=label, modality=h0.modality,
-            description=deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback=""),
-            series_number=h0.series_number,
-            phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), h0.series_number,
-                              deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback=""))
+            description=description, series_number=number,
+            phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description)
                     for p, t in zip(ordered, times)],
             affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)), dce=len(ordered) > 1,
             params=dict(h0.params, SliceThickness=h0.slice_thickness,
                         SpacingBetweenSlices=h0.spacing_between_slices, ImageType=list(h0.image_type)),
-            n_files=len({f.path for f in frames}),
+            n_files=n_files,
         )
         return [plan]
 
@@ -365,11 +455,12 @@ class _Planner:
 
 
 def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber):
-    """Group headers into :class:`SeriesPlan` tasks; returns ``(plans, issues)``."""
+    """Group headers into :class:`SeriesPlan` tasks; returns ``(plans, issues, outcomes)`` where
+    ``outcomes`` lists the series that were not planned (failed or skipped)."""
     planner = _Planner(headers, key, scrubber)
     planner.run()
     planner.plans.sort(key=lambda p: (p.subject, p.session, p.label))
-    return planner.plans, planner.issues
+    return planner.plans, planner.issues, planner.outcomes
 
 
 def _share_repeated_values(headers: list[FileHeader]) -> None:
@@ -383,18 +474,30 @@ def _share_repeated_values(headers: list[FileHeader]) -> None:
         h.image_type = small.setdefault(h.image_type, h.image_type)
 
 
+#: file-level reasons that mean "this file should have been an image but cannot be read"
+_FAILED_FILE_REASONS = {"truncated", "corrupt_header", "unreadable", "invalid_value", "invalid_geometry",
+                        "internal_error"}
+
+
 def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True,
                  pool=None) -> ScanResult:
-    """Walk, read headers and plan; see module docstring. ``pool``: an executor to reuse."""
-    paths, issues = walk_archive(root)
-    results = read_headers(paths, os.path.abspath(root), workers=workers, progress=progress, pool=pool)
+    """Walk, read headers and plan; see module docstring. ``pool``: an executor to reuse.
+
+    ``n_files`` counts every file-like entry of the archive, broken links included, so that each one
+    is either in a series' outputs or named by a file-level issue."""
+    root = os.path.abspath(root)
+    paths, walk_issues = walk_archive(root)
+    results = read_headers(paths, root, workers=workers, progress=progress, pool=pool)
     headers = [r for r in results if isinstance(r, FileHeader)]
+    file_issues = [r for r in results if isinstance(r, FileIssue)]
     _share_repeated_values(headers)
-    scrubber = deid.PhiScrubber(v for h in headers for v in h.phi)
-    issues = [Issue(i.reason, i.detail, path=scrubber.scrub(i.path)) for i in issues]
-    for r in results:
-        if isinstance(r, FileIssue):
-            issues.append(Issue(r.reason, r.detail, path=scrubber.scrub(r.path),
-                                action="failed" if r.reason in ("truncated", "corrupt_header", "unreadable") else "skipped"))
-    plans, plan_issues = plan_series(headers, key, scrubber)
-    return ScanResult(plans, issues + plan_issues, len(paths), scrubber)
+    scrubber = deid.PhiScrubber(v for r in (*headers, *file_issues) for v in r.phi)
+    issues = [Issue(i.reason, scrubber.scrub(i.detail), path=scrubber.scrub_path(i.path), action=i.action)
+              for i in walk_issues]
+    for r in file_issues:
+        issues.append(Issue(r.reason, scrubber.scrub(r.detail), path=scrubber.scrub_path(r.path),
+                            action="failed" if r.reason in _FAILED_FILE_REASONS else "skipped"))
+    plans, plan_issues, outcomes = plan_series(headers, key, scrubber)
+    n_files = len(paths) + sum(i.action != "not_followed" for i in walk_issues)
+    synthetic = bool(headers) and all(h.synthetic for h in headers)
+    return ScanResult(plans, issues + plan_issues, n_files, scrubber, outcomes, synthetic)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("archive", help="folder holding the DICOM archive (read only)")
     p.add_argument("--json", dest="json_path", default=None, help="write the machine-readable scan manifest here")
     p.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1), help="header reader processes")
-    p.add_argument("--deid-key", default=None, help=f"key for subject pseudonyms (default: ${deid.KEY_ENV})")
+    deid.add_key_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -55,8 +56,11 @@ def run(args) -> int:
 
     if not Path(args.archive).is_dir():
         raise UserError(f"archive folder not found: {args.archive}")
-    result = scan_archive(args.archive, workers=max(1, args.workers), key=deid.resolve_key(args.deid_key),
-                          progress=not args.no_progress)
+    key = deid.key_from_arguments(args)
+    result = scan_archive(args.archive, workers=max(1, args.workers), key=key, progress=not args.no_progress)
+    deid.set_log_scrubber(result.scrubber, str(Path(args.archive).resolve()))
+    if deid.is_public_key(key) and not result.synthetic:
+        logging.getLogger("data_prep.scan").warning(deid.PUBLIC_KEY_WARNING)
     rows = series_rows(result)
     print(format_table(rows) if rows else "no convertible series found")
     summary = summarize(result.issues)

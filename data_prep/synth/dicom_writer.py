@@ -27,6 +27,7 @@ from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from scipy import ndimage
 
+from data_prep.headers import SYNTH_MARK
 from data_prep.synth.geometry import SeriesGeometry, make_geometry
 from data_prep.synth.identity import PatientIdentity, dicom_time
 from data_prep.synth.phantom import Case
@@ -157,6 +158,7 @@ class StudyWriter:
         ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta.ImplementationVersionName = SYNTH_MARK  # lets medimb-prep recognise invented identities
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = image_type
         ds.SOPClassUID = MR_IMAGE_STORAGE
