@@ -42,8 +42,7 @@ def add_parser(subparsers) -> None:
                    help="accept labels that match no converted series")
     p.add_argument("--hash-keys", action="store_true",
                    help="the key column holds PatientIDs: pseudonymise them like the converter (see --deid-key)")
-    p.add_argument("--deid-key", default=None,
-                   help=f"key used by `convert` (default: ${deid.KEY_ENV}, else the public demo key)")
+    deid.add_key_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         datalist = build_datalist(
             args.out, args.labels, args.key, output, spec=spec, label_column=args.label_column,
             channels=args.channels, series=args.series, ignore_unlabeled=args.ignore_unlabeled,
-            ignore_missing=args.ignore_missing_images, hash_keys=args.hash_keys, deid_key=args.deid_key,
+            ignore_missing=args.ignore_missing_images, hash_keys=args.hash_keys, deid_key=deid.key_from_arguments(args),
             masks=args.masks,
             class_names=args.class_names.split(",") if args.class_names else None,
         )

@@ -207,6 +207,12 @@ class PhiScrubber:
             out = self._pattern.sub("[removed]", out)
         return _DATE.sub("[date]", out)
 
+    @staticmethod
+    def scrub_coded(text: object) -> str:
+        """UIDs and dates only, for coded values (PatientPosition, ImageType, ...): these come from
+        the scanner's vocabulary, and a value that happens to equal a name part stays."""
+        return _DATE.sub("[date]", _UID.sub("[uid]", str(text)))
+
     def scrub_path(self, rel_path: object) -> str:
         """An archive-relative path with identifying parts replaced (each component scrubbed)."""
         return "/".join(self.scrub(part) for part in str(rel_path).replace(os.sep, "/").split("/"))

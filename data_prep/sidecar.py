@@ -8,6 +8,7 @@ DCE outputs add ``PhaseIndex``/``PhaseTime`` (s after the first phase) or, for 4
 from __future__ import annotations
 
 import data_prep
+from data_prep.deid import PhiScrubber
 
 _RENAME = {"ManufacturerModelName": "ManufacturersModelName"}  # dcm2niix's spelling
 _MS_TO_S = ("EchoTime", "RepetitionTime", "InversionTime")
@@ -21,7 +22,11 @@ _COPY = (
 
 def build_sidecar(params: dict, *, modality: str, description: str, series_number, scrub,
                   extra: dict | None = None) -> dict:
-    """Sidecar dict from the scan's acquisition ``params``; every string passes through ``scrub``."""
+    """Sidecar dict from the scan's acquisition ``params``.
+
+    Free text (ProtocolName; ``description`` comes scrubbed) passes through ``scrub``; coded and
+    device values (PatientPosition, ImageType, Manufacturer, ...) only lose UIDs and dates, so that a
+    patient named ``HFS`` does not blank out the patient position."""
     out: dict = {"Modality": modality, "SeriesDescription": description}
     if series_number is not None:
         out["SeriesNumber"] = int(series_number)
@@ -32,7 +37,8 @@ def build_sidecar(params: dict, *, modality: str, description: str, series_numbe
         if v is None or v == "" or v == []:
             continue
         k = _RENAME.get(k, k)
-        out[k] = [scrub(x) for x in v] if isinstance(v, list) else (scrub(v) if isinstance(v, str) else v)
+        coded = PhiScrubber.scrub_coded
+        out[k] = [coded(x) for x in v] if isinstance(v, list) else (coded(v) if isinstance(v, str) else v)
     for k in _MS_TO_S:
         if params.get(k) is not None:
             out[k] = round(float(params[k]) / 1000.0, 8)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from data_prep import deid
 from data_prep.cli import UserError
 from data_prep.synth.archive import synthesize_archive
 from data_prep.synth.phantom import PhantomConfig
@@ -32,9 +33,7 @@ def add_parser(subparsers) -> None:
                         f"(default {_DEFAULTS.slices})")
     parser.add_argument("--post-phases", type=int, default=_DEFAULTS.post_phases,
                         help=f"post-contrast phases after the pre-contrast one (default {_DEFAULTS.post_phases})")
-    parser.add_argument("--deid-key", default=None,
-                        help="key for the case pseudonyms in labels.csv; use the converter's key "
-                        "(default: $MEDIMB_DEID_KEY, else the public default)")
+    deid.add_key_arguments(parser)  # the key of the case pseudonyms in labels.csv: use the converter's
     parser.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes synthesising cases in parallel; output does not depend on it "
                         "(default: %(default)s)")
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                                post_phases=args.post_phases)
         summary = synthesize_archive(
             args.out, cases=args.cases, positive_fraction=args.positive_fraction, seed=args.seed,
-            config=config, deid_key=args.deid_key, force=args.force, progress=sys.stderr.isatty(),
+            config=config, deid_key=deid.key_from_arguments(args), force=args.force, progress=sys.stderr.isatty(),
             workers=args.workers,
         )
     except (ValueError, FileExistsError) as exc:

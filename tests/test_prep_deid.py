@@ -1,0 +1,135 @@
+"""The PHI scrubber (PS3.15 Clean Descriptors), the key sources and the public-key warning."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from data_prep import deid
+from data_prep.deid import PhiScrubber, identifying_values
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def scrubber():
+    return PhiScrubber(identifying_values(
+        name_values=["HFS^Zqxgiven", "Hartmann^Peter^^Dr."],
+        other_values=["ZQX1234567", "19610203", "ACC-77"],
+        institution_values=["Zqxville General Hospital"]))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0001_1.3.12.2.1107.5.2.43.67060.2022040715053454597060816.dcm", "0001_[uid].dcm"),
+    ("MR.1.3.12.2.1107.5.2.43", "MR.[uid]"),
+    ("t1 post Dr Hartmann 07.04.2022", "t1 post Dr [removed] [date]"),
+    ("dyn 2022-04-07 04/07/2022 7 Apr 2022 April 7, 2022 20220407", "dyn [date] [date] [date] [date] [date]"),
+    ("Zqxville_T1 ZQX1234567", "[removed]_T1 [removed]"),
+    ("General Hospital protocol", "General Hospital protocol"),  # generic words of an institution stay
+    ("Peterson Annotation", "Peterson Annotation"),  # whole words only
+    ("acc-77 x", "[removed] x"),
+])
+def test_scrubber(scrubber, text, expected):
+    assert scrubber.scrub(text) == expected
+    assert scrubber.scrub(scrubber.scrub(text)) == expected  # idempotent
+
+
+def test_coded_values_are_not_name_scrubbed(scrubber):
+    assert scrubber.scrub("HFS") == "[removed]"
+    assert PhiScrubber.scrub_coded("HFS") == "HFS"
+
+
+def test_paths_are_scrubbed_per_component(scrubber):
+    assert scrubber.scrub_path("HFS_Zqxgiven/ZQX1234567/1.2.840.10008.1.2.3.4") == \
+        "[removed]_[removed]/[removed]/[uid]"
+
+
+def test_key_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv(deid.KEY_ENV, raising=False)
+    monkeypatch.delenv(deid.KEY_FILE_ENV, raising=False)
+    assert deid.resolve_key() == deid.DEFAULT_KEY
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert deid.resolve_key(key_file=key_file) == "s3cret"
+    monkeypatch.setenv(deid.KEY_FILE_ENV, str(key_file))
+    assert deid.resolve_key() == "s3cret"
+    monkeypatch.setenv(deid.KEY_ENV, "from-env")
+    assert deid.resolve_key() == "from-env"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(deid.KeyFileError, match="empty"):
+        deid.resolve_key(key_file=tmp_path / "empty")
+
+
+def _convert(args, capsys=None):
+    """The real command line in a subprocess (logging set up as a user gets it)."""
+    env = {k: v for k, v in os.environ.items() if k not in (deid.KEY_ENV, deid.KEY_FILE_ENV)}
+    run = subprocess.run([sys.executable, "-m", "data_prep", "convert", *args, "-j", "1", "--no-progress"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    return run.returncode, run
+
+
+def test_public_key_warns_on_real_archives_only(tmp_path, dicom_series, monkeypatch, capsys):
+    monkeypatch.delenv(deid.KEY_ENV, raising=False)
+    monkeypatch.delenv(deid.KEY_FILE_ENV, raising=False)
+    dicom_series(tmp_path / "arc" / "s", patient_id="PID-1")
+    code, run = _convert([str(tmp_path / "arc"), str(tmp_path / "out")], capsys)
+    assert code == 0 and "public default de-identification key" in run.stderr
+    key_file = tmp_path / "key"
+    key_file.write_text("site-secret\n")
+    code, run = _convert([str(tmp_path / "arc"), str(tmp_path / "out2"), "--deid-key-file", str(key_file)], capsys)
+    assert code == 0 and "public default" not in run.stderr
+    code, run = _convert([str(tmp_path / "arc"), str(tmp_path / "out3"), "--deid-key", "site-secret"], capsys)
+    assert "other users of this machine" in run.stderr  # a key on argv is visible in ps
+    # the synthetic archive is marked, so the demo runs without the warning
+    for f in (tmp_path / "arc" / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.file_meta.ImplementationVersionName = "MEDIMB_SYNTH"
+        ds.save_as(f)
+    code, run = _convert([str(tmp_path / "arc"), str(tmp_path / "out4")], capsys)
+    assert code == 0 and "public default" not in run.stderr
+
+
+def test_patient_named_like_a_position_keeps_the_position(tmp_path, dicom_series, capsys):
+    dicom_series(tmp_path / "arc" / "s", patient_id="PID-1", patient_name="HFS^ZQXGIVEN", description="t1 HFS")
+    for f in (tmp_path / "arc" / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientPosition = "HFS"
+        ds.save_as(f)
+    code, _ = _convert([str(tmp_path / "arc"), str(tmp_path / "out"), "--deid-key", "k"], capsys)
+    assert code == 0
+    [sidecar] = (tmp_path / "out").glob("sub-*/ses-*/*.json")
+    side = json.loads(sidecar.read_text())
+    assert side["PatientPosition"] == "HFS"
+    assert "HFS" not in side["SeriesDescription"]  # in free text the name is removed
+
+
+def test_library_warnings_are_scrubbed(tmp_path):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)  # as with --verbose
+    try:
+        filt = deid.install_log_scrubbing()
+        deid.set_log_scrubber(PhiScrubber(["ZQXNAME"]), root=str(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"odd value in {tmp_path}/ZQXNAME/1.2.826.0.1.3680043.8.498.1.dcm", UserWarning)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        for h in root.handlers:
+            h.removeFilter(filt)
+        logging.captureWarnings(False)
+    text = stream.getvalue()
+    assert "ARCHIVE/[removed]/[uid]" in text and "ZQXNAME" not in text and str(tmp_path) not in text
