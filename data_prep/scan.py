@@ -449,7 +449,7 @@ class _Planner:
                 subject=subject, session=session, label=f"{first_num}-dce", modality=first.modality,
                 description=first.description, series_number=first.series_number, phases=phases,
                 affine=first.affine, shape=first.shape, dce=True, params=first.params,
-                n_files=sum(p.n_files for p in members),
+                n_files=_distinct_files(f for p in members for ph in p.phases for f in ph.frames),
             ))
         return out
 
