@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from data_prep.fastheader import parse_file, vr_of
@@ -44,6 +44,31 @@ SPACING_RANGE_MM = (1e-3, 1e3)
 ORIENTATION_TOL = 1e-2
 _FLOAT32_MAX = 3.4e38
 
+#: ImageType / FrameType values (3rd and later) that say what an image is, and the part name we use
+#: (BIDS-like ``part`` entity); images of one series with different parts become separate volumes
+PARTS = {
+    "M": "mag", "MAGNITUDE": "mag", "P": "phase", "PHASE": "phase", "R": "real", "REAL": "real",
+    "I": "imag", "IMAGINARY": "imag", "W": "water", "WATER": "water", "F": "fat", "FAT": "fat",
+    "IP": "inphase", "IN_PHASE": "inphase", "OP": "outphase", "OUT_PHASE": "outphase",
+    "OPP_PHASE": "outphase", "FIELD_MAP": "fieldmap", "B0_MAP": "fieldmap", "B0MAP": "fieldmap",
+}
+#: GE private image type (0043,102F) values
+GE_IMAGE_TYPE = {0: "mag", 1: "phase", 2: "real", 3: "imag"}
+#: GE 3D B0 maps store the magnitude and the field map (Hz) of each slice as two images with the same
+#: position and time; (0043,1030) tells them apart: 2 magnitude, 0 field map (seen on every GE B0 map
+#: of dcm_qa_fmap, which dcm2niix also splits into a magnitude and a ``fieldmaphz`` volume)
+GE_VAS_COLLAPSE = {2: "mag", 0: "fieldmap"}
+#: private elements read by name: name -> (tag, VR). Their VR is not in pydicom's dictionary, so
+#: implicit-VR files need it from here.
+PRIVATE_TAGS = {
+    "GEImageType": (0x0043102F, "SS"),
+    "GEVasCollapse": (0x00431030, "SS"),
+    "SiemensCSAImageHeader": (0x00291010, "OB"),
+    "PhilipsScaleSlope": (0x2005100E, "FL"),
+}
+#: Philips enhanced MR: the private per-frame functional group that holds the frame's scale slope
+PHILIPS_PER_FRAME_PRIVATE = 0x2005140F
+
 #: ImplementationVersionName of the files `medimb-prep synth` writes (invented identities: the public
 #: de-identification key is fine for them, and only for them)
 SYNTH_MARK = "MEDIMB_SYNTH"
@@ -63,7 +88,7 @@ HEADER_TAGS = [
     "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ScanningSequence",
     "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
     "BodyPartExamined", "PatientPosition", "ImagingFrequency", "PixelBandwidth",
-    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "InstanceNumber",
     # identifying attributes (PS3.15 Table E.1-1): read only to scrub them from every output
     *NAME_TAGS, *ID_TAGS, *INSTITUTION_TAGS,
 ]
@@ -73,7 +98,18 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "
 _SINGLE_TEXT = {"LT", "ST", "UT", "UR"}
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FD": "d", "FL": "f"}
 _TAGS = {kw: tag_for_keyword(kw) for kw in HEADER_TAGS + ["SpecificCharacterSet"]}
+_TAGS.update({name: tag for name, (tag, _) in PRIVATE_TAGS.items()})
+_PRIVATE_VR = {tag: vr for tag, vr in PRIVATE_TAGS.values()}
 _WANTED = set(_TAGS.values())
+
+
+def _vr(tag: int, vr) -> str:
+    """The VR to decode with: the element's own, else ours for private tags, else the dictionary's."""
+    if vr and vr != "UN" and vr != b"UN":
+        return vr.decode("ascii", "replace") if isinstance(vr, bytes) else vr
+    if tag in _PRIVATE_VR:
+        return _PRIVATE_VR[tag]
+    return vr_of(tag, None)
 
 
 def decode_value(vr: str, raw: bytes, end: str = "<", encoding: str = "latin-1", default=None):
@@ -117,8 +153,10 @@ class RawHeader:
             return default
         if not isinstance(el, RawDataElement):
             value = el.value
+            if isinstance(value, bytes) and tag in _PRIVATE_VR:  # a private element pydicom read as UN
+                return decode_value(_PRIVATE_VR[tag], value, self._end, self._encoding, default)
             return default if value is None or value == "" else value
-        vr = el.VR if el.VR and el.VR != "UN" else dictionary_VR(tag)
+        vr = _vr(tag, el.VR)
         if vr == "SQ":
             return self._ds[tag].value
         return decode_value(vr, el.value, self._end, self._encoding, default)
@@ -133,11 +171,11 @@ class FastHeader:
         self._encoding = _encoding(cs[1] if cs else "")
 
     def get(self, keyword: str, default=None):
-        item = self._elements.get(_TAGS.get(keyword) or tag_for_keyword(keyword))
+        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+        item = self._elements.get(tag)
         if item is None:
             return default
-        return decode_value(vr_of(_TAGS.get(keyword) or tag_for_keyword(keyword), item[0]), item[1], "<",
-                            self._encoding, default)
+        return decode_value(_vr(tag, item[0]), item[1], "<", self._encoding, default)
 
 
 @dataclass(frozen=True)
@@ -146,7 +184,9 @@ class Frame:
 
     ``position`` (3,) and ``orientation`` (6,) are LPS (see :mod:`data_prep.geometry`); ``time_key``
     orders acquisitions at the same position (temporal position, trigger time, acquisition time
-    in s, acquisition number); ``time_s`` is the acquisition time of day in seconds (or None).
+    in s, acquisition number); ``time_s`` is the acquisition time of day in seconds (or None);
+    ``echo`` the EchoNumbers (classic) or EffectiveEchoTime (enhanced); ``part`` what the image is
+    (magnitude, phase, water, field map, ...: :func:`image_part`).
     """
 
     path: str
@@ -161,6 +201,9 @@ class Frame:
     time_s: float | None
     sop_uid: str
     pixel: tuple | None = None  # native pixel data layout (see :func:`native_layout`), else None
+    part: str = ""  # image component (:data:`PARTS`), "" when the header does not say
+    diffusion: tuple | None = None  # (b-value, x, y, z) of a diffusion-weighted image, else None
+    instance: int | None = None  # InstanceNumber: orders volumes (never slices) where times are equal
 
 
 @dataclass
@@ -280,6 +323,33 @@ def _scaling(slope_value, inter_value) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def philips_precise_float(slope: float, inter: float, scale_slope) -> tuple[float, float] | None:
+    """Philips "precise float" scaling, dcm2niix's default for Philips (its ``-p y``).
+
+    Philips stores display values ``DV = raw * RS + RI`` (RescaleSlope/Intercept) and a private
+    scale slope ``SS`` (2005,100E); the floating-point value is ``FP = DV / (RS * SS)``, i.e.
+    ``raw / SS + RI / (RS * SS)``. Returns that ``(slope, intercept)``, or None when ``SS`` is absent,
+    not finite or zero (display values are then kept, as dcm2niix does).
+    """
+    ss = _num(scale_slope[0] if isinstance(scale_slope, _MULTI) and len(scale_slope) else scale_slope)
+    if ss is None or ss == 0:
+        return None
+    return 1.0 / ss, inter / (slope * ss)
+
+
+def _private_item_value(item, tag: int):
+    """A private element's value in a (pydicom) sequence item, decoded when pydicom left it raw."""
+    if item is None:
+        return None
+    el = item.get(tag)
+    if el is None:
+        return None
+    value = el.value
+    if isinstance(value, bytes) and tag in _PRIVATE_VR:
+        return decode_value(_PRIVATE_VR[tag], value)
+    return value
+
+
 def _echo(value) -> float | None:
     """EchoNumbers / EffectiveEchoTime: absent gives None; present must be one finite number."""
     if value is None or value == "":
@@ -297,6 +367,8 @@ def _seq_item(groups, keyword):
     if groups is None:
         return None
     seq = groups.get(keyword)
+    if isinstance(keyword, int) and seq is not None:  # by tag, pydicom gives the element
+        seq = seq.value
     return seq[0] if seq else None
 
 
@@ -342,6 +414,31 @@ def _geometry(pos_value, ori_value, spacing_value) -> dict:
     return geom
 
 
+def image_part(image_type, manufacturer: str = "", ge_image_type=None, ge_vas_collapse=None) -> str:
+    """What an image is, from ImageType (or an enhanced frame's FrameType): ``mag``, ``phase``,
+    ``real``, ``imag``, ``water``, ``fat``, ``inphase``, ``outphase``, ``fieldmap`` or ``""``.
+
+    The first value from the third on that :data:`PARTS` knows wins (Siemens ``ORIGINAL\\PRIMARY\\P\\ND``
+    is phase, Philips ``...\\FIELD_MAP`` a field map). GE writes neither: its private image type and,
+    for 3D B0 maps, (0043,1030) decide (:data:`GE_IMAGE_TYPE`, :data:`GE_VAS_COLLAPSE`).
+    """
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    for v in values[2:]:
+        part = PARTS.get(str(v).strip().upper())
+        if part:
+            return part
+    if "GE" in manufacturer.upper():
+        ge_type = _int_or_none(ge_image_type)
+        if ge_type in (1, 2, 3):
+            return GE_IMAGE_TYPE[ge_type]
+        vas = _int_or_none(ge_vas_collapse)
+        if ge_type == 0 and vas in GE_VAS_COLLAPSE:
+            return GE_VAS_COLLAPSE[vas]
+        if ge_type == 0:
+            return "mag"
+    return ""
+
+
 def _phi_values(ds) -> tuple:
     """Identifying strings of this file (see :func:`data_prep.deid.identifying_values`), only to
     scrub them from every output. Never fails: a damaged value is skipped."""
@@ -375,6 +472,13 @@ def _params(ds) -> dict:
     numeric = {"MagneticFieldStrength", "EchoTime", "RepetitionTime", "FlipAngle", "InversionTime",
                "ImagingFrequency", "PixelBandwidth", "NumberOfTemporalPositions", "BitsStored"}
     out = {}
+    if "PHILIPS" in str(ds.get("Manufacturer") or "").upper():  # the scalings dcm2niix reports
+        ss = _num(ds.get("PhilipsScaleSlope"))
+        rs, ri = _num(ds.get("RescaleSlope")), _num(ds.get("RescaleIntercept"))
+        out.update({k: v for k, v in (("PhilipsRescaleSlope", rs), ("PhilipsRescaleIntercept", ri),
+                                      ("PhilipsScaleSlope", ss)) if v is not None})
+        if ss or ds.get("PerFrameFunctionalGroupsSequence") is not None:
+            out["UsePhilipsFloatNotDisplayScaling"] = 1
     for kw in keep:
         v = ds.get(kw)
         if v is None or v == "":
@@ -397,12 +501,18 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     acq_number = _num(ds.get("AcquisitionNumber"), -1.0)
+    instance = _int_or_none(ds.get("InstanceNumber"))
+    manufacturer = str(ds.get("Manufacturer") or "")
+    philips = "PHILIPS" in manufacturer.upper()
     if per_frame_seq is None and shared is None:
         # classic image (possibly multi-frame without functional groups: same geometry for all frames)
         slope, inter = _scaling(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        if philips:
+            slope, inter = philips_precise_float(slope, inter, ds.get("PhilipsScaleSlope")) or (slope, inter)
         base = dict(
             **_geometry(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")),
-            slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")),
+            slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")), instance=instance,
+            part=image_part(ds.get("ImageType"), manufacturer, ds.get("GEImageType"), ds.get("GEVasCollapse")),
         )
         t = tm_seconds(ds.get("AcquisitionTime")) or tm_seconds(ds.get("AcquisitionDateTime"))
         key = (
@@ -426,9 +536,14 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
         pvt = _fg(pf, shared, "PixelValueTransformationSequence")
         content = _fg(pf, shared, "FrameContentSequence")
         echo = _fg(pf, shared, "MREchoSequence")
+        frame_type = _fg(pf, shared, "MRImageFrameTypeSequence")
         t = tm_seconds(content.get("FrameAcquisitionDateTime")) if content is not None else None
         temporal = _num(content.get("TemporalPositionIndex"), -1.0) if content is not None else -1.0
         slope, inter = _scaling(pvt.get("RescaleSlope"), pvt.get("RescaleIntercept")) if pvt is not None else (1.0, 0.0)
+        if philips:
+            private = _fg(pf, shared, PHILIPS_PER_FRAME_PRIVATE)
+            ss = _private_item_value(private, 0x2005100E)
+            slope, inter = philips_precise_float(slope, inter, ss) or (slope, inter)
         frames.append(Frame(
             rel, f,
             **_geometry(pos.get("ImagePositionPatient") if pos is not None else None,
@@ -436,6 +551,8 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
                         meas.get("PixelSpacing") if meas is not None else None),
             slope=slope, inter=inter,
             echo=_echo(echo.get("EffectiveEchoTime")) if echo is not None else None,
+            part=image_part(frame_type.get("FrameType") if frame_type is not None else ds.get("ImageType")),
+            instance=instance,
             time_key=(temporal, -1.0, t if t is not None else -1.0, acq_number),
             time_s=t,
             sop_uid=f"{sop}#{f}",

@@ -34,6 +34,13 @@ MIN_STACK_SLICES = 4
 DCE_WORDS = ("dce", "dyn", "phase", "pre", "post", "vibrant", "thrive", "twist", "contrast")
 
 
+#: what a plan becomes: one 3D ``image``; ``dce`` (contrast dynamics, one 3D volume per phase);
+#: ``timeseries`` (fMRI, ASL, cine, ...: one 4D file); ``dwi`` (one 4D file with .bval/.bvec)
+KINDS = ("image", "dce", "timeseries", "dwi")
+#: consecutive DCE phases are at least this far apart (s); faster repeats are other time series
+DCE_MIN_PHASE_GAP_S = 2.0
+
+
 @dataclass
 class PhasePlan:
     """One 3D volume to assemble: frames in ascending slice-normal order (k = 0..N-1)."""
@@ -62,13 +69,18 @@ class SeriesPlan:
     phases: list[PhasePlan]
     affine: list
     shape: tuple
-    dce: bool
+    kind: str  # one of KINDS
     params: dict = field(default_factory=dict)
     n_files: int = 0
+    split: bool = False  # one of several volumes its series was split into (echo, image part, plane)
 
     @property
     def n_slices(self) -> int:
         return sum(len(p.frames) for p in self.phases)
+
+    @property
+    def dce(self) -> bool:
+        return self.kind == "dce"
 
 
 @dataclass
@@ -190,6 +202,51 @@ def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool =
 
 
 # -------------------------------------------------------------------------------------- grouping
+def _volumes(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
+    """Split one stack (one echo, one image part) into 3D volumes.
+
+    Images with different diffusion weighting (b-value, direction) are different volumes; within one
+    weighting, :func:`_time_rank_phases` orders repeats by time. Volumes of a diffusion series come
+    in acquisition order (lowest InstanceNumber first), others in weighting, then time order.
+    Returns ``(volumes, duplicate_files, conflicts)``.
+    """
+    by_weighting: dict = defaultdict(list)
+    for f in frames:
+        by_weighting[f.diffusion].append(f)
+    volumes, dups, conflicts = [], [], []
+    for key in sorted(by_weighting, key=lambda k: (k is not None, k or ())):
+        v, d, c = _time_rank_phases(by_weighting[key], normal)
+        volumes.extend(v)
+        dups.extend(d)
+        conflicts.extend(c)
+    if len(by_weighting) > 1:
+        volumes.sort(key=lambda vol: min((f.instance for f in vol if f.instance is not None), default=0))
+    return volumes, dups, conflicts
+
+
+def _is_epi(params: dict) -> bool:
+    seq = params.get("ScanningSequence") or ""
+    return "EP" in ([seq] if isinstance(seq, str) else list(seq))
+
+
+def _series_kind(volumes: list[list[Frame]], params: dict, times: list) -> str:
+    """``image``, ``dwi``, ``dce`` or ``timeseries`` (docs/data_prep.md, *Series types*).
+
+    DCE: repeated non-EPI acquisitions of the same stack at least :data:`DCE_MIN_PHASE_GAP_S` apart
+    (when the times are known). EPI repeats (fMRI, ASL) and fast repeats (cine) are time series.
+    """
+    if len(volumes) == 1:
+        return "image"
+    if len({f.diffusion for v in volumes for f in v}) > 1:
+        return "dwi"
+    if _is_epi(params):
+        return "timeseries"
+    known = [t for t in times if t is not None]
+    if len(known) == len(times) and np.median(np.diff(known)) < DCE_MIN_PHASE_GAP_S:
+        return "timeseries"
+    return "dce"
+
+
 def _time_rank_phases(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
     """Split one stack into phases: at each slice position, frames ordered by time are phases 0..P-1.
 
@@ -319,16 +376,26 @@ class _Planner:
             self._fail("missing_geometry", f"{len(bad)} of {len(frames)} images lack position, orientation or "
                        "pixel spacing", subject, session, label, files=_distinct_files(frames))
             return []
-        # split by echo (multi-echo series are separate volumes, not phases)
+        # split by echo and image part (magnitude/phase, water/fat, field map): separate volumes,
+        # named with BIDS-like entities, never phases of one series
         echoes = sorted({f.echo for f in frames}, key=lambda e: (e is None, e))
+        parts = sorted({f.part for f in frames})
         out = []
         for e_idx, echo in enumerate(echoes, start=1):
-            e_frames = [f for f in frames if f.echo == echo]
-            e_label = f"{label}-e{e_idx}" if len(echoes) > 1 else label
-            out.extend(self._stacks(subject, session, e_label, uid, e_frames, head_of))
+            for part in parts:
+                sub = [f for f in frames if f.echo == echo and f.part == part]
+                if not sub:
+                    continue
+                sub_label = label + (f"_echo-{e_idx}" if len(echoes) > 1 else "") + \
+                    (f"_part-{part or 'unknown'}" if len(parts) > 1 else "")
+                entities = {"EchoNumber": e_idx} if len(echoes) > 1 else {}
+                if part:
+                    entities["ImagePart"] = part
+                out.extend(self._stacks(subject, session, sub_label, uid, sub, head_of, entities,
+                                        split=len(echoes) > 1 or len(parts) > 1))
         return out
 
-    def _stacks(self, subject, session, label, uid, frames, head_of):
+    def _stacks(self, subject, session, label, uid, frames, head_of, entities, split=False):
         # group by (orientation, matrix size, pixel spacing); keep full stacks, report strays
         groups: dict[tuple, list[Frame]] = defaultdict(list)
         for f in frames:
@@ -349,7 +416,7 @@ class _Planner:
                     if n > 1:
                         self._issue("split_orientation", f"{len(g)} images in a second plane, matrix or pixel "
                                     "spacing converted separately", subject, session, sub_label, action="split")
-                    out.extend(self._phases(subject, session, sub_label, uid, g, head_of))
+                    out.extend(self._phases(subject, session, sub_label, uid, g, head_of, entities, split=True))
                     continue
                 if (k[1], k[2]) != (main_key[1], main_key[2]):
                     reason = "inconsistent_size"
@@ -360,12 +427,12 @@ class _Planner:
                 self._drop(reason, f"image differs from the {len(groups[main_key])} others of its series",
                            subject, session, label, g)
             return out
-        return self._phases(subject, session, label, uid, frames, head_of)
+        return self._phases(subject, session, label, uid, frames, head_of, entities, split)
 
-    def _phases(self, subject, session, label, uid, frames, head_of):
+    def _phases(self, subject, session, label, uid, frames, head_of, entities, split=False):
         n_files = _distinct_files(frames)
         normal = slice_normal(frames[0].orientation)
-        phases, dups, conflicts = _time_rank_phases(frames, normal)
+        phases, dups, conflicts = _volumes(frames, normal)
         self._drop("duplicate_file", "second copy of an image", subject, session, label,
                    [f for f in dups if f.path not in {g.path for p in phases for g in p}])
         n_files -= len({f.path for f in dups} - {g.path for p in phases for g in p})
@@ -397,16 +464,18 @@ class _Planner:
                             len(first), single_slice_spacing=single)
         number = _series_number([head_of[f.path] for f in first])
         description = deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback="")
+        params = dict(h0.params, SliceThickness=h0.slice_thickness, SpacingBetweenSlices=h0.spacing_between_slices,
+                      ImageType=list(h0.image_type), **entities)
+        if first[0].frame is not None and first[0].echo is not None:  # enhanced: the frame's echo time
+            params["EchoTime"] = first[0].echo
         plan = SeriesPlan(
             task_id=deid.keyed_hash(f"{uid}|{label}", self.key, digits=16),
             subject=subject, session=session, label=label, modality=h0.modality,
             description=description, series_number=number,
             phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description)
                     for p, t in zip(ordered, times)],
-            affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)), dce=len(ordered) > 1,
-            params=dict(h0.params, SliceThickness=h0.slice_thickness,
-                        SpacingBetweenSlices=h0.spacing_between_slices, ImageType=list(h0.image_type)),
-            n_files=n_files,
+            affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)),
+            kind=_series_kind(ordered, params, times), params=params, n_files=n_files, split=split,
         )
         return [plan]
 
@@ -414,7 +483,10 @@ class _Planner:
         """Several single-phase MR series of one study on the same voxel grid with the same
         ScanningSequence are DCE phases, ordered by acquisition time (then SeriesNumber)."""
         def signature(p: SeriesPlan):
-            if p.dce or p.modality != "MR" or "DERIVED" in p.params.get("ImageType", []):
+            # only single-echo magnitude images of a non-EPI sequence: never field maps, echoes of a
+            # multi-echo series, diffusion or fMRI
+            if (p.kind != "image" or p.modality != "MR" or "DERIVED" in p.params.get("ImageType", [])
+                    or p.split or p.params.get("ImagePart", "mag") != "mag" or _is_epi(p.params)):
                 return None
             # same grid (affine to 0.01 mm, shape) and same kind of sequence; TR/TE may differ slightly
             # between phases on some scanners, and descriptions are not reliable
@@ -448,7 +520,7 @@ class _Planner:
                 task_id=deid.keyed_hash("|".join(p.task_id for p in members), self.key, digits=16),
                 subject=subject, session=session, label=f"{first_num}-dce", modality=first.modality,
                 description=first.description, series_number=first.series_number, phases=phases,
-                affine=first.affine, shape=first.shape, dce=True, params=first.params,
+                affine=first.affine, shape=first.shape, kind="dce", params=first.params,
                 n_files=_distinct_files(f for p in members for ph in p.phases for f in ph.frames),
             ))
         return out

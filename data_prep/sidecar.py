@@ -16,7 +16,8 @@ _COPY = (
     "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ImagingFrequency", "ScanningSequence",
     "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
     "BodyPartExamined", "PatientPosition", "FlipAngle", "PixelBandwidth", "SliceThickness",
-    "SpacingBetweenSlices", "ImageType", "BitsStored",
+    "SpacingBetweenSlices", "ImageType", "BitsStored", "EchoNumber", "ImagePart", "PhilipsRescaleSlope",
+    "PhilipsRescaleIntercept", "PhilipsScaleSlope", "UsePhilipsFloatNotDisplayScaling",
 )
 
 
