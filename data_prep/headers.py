@@ -20,6 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
+from data_prep import mosaic
 from data_prep.fastheader import parse_file, vr_of
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -203,6 +204,7 @@ class Frame:
     pixel: tuple | None = None  # native pixel data layout (see :func:`native_layout`), else None
     part: str = ""  # image component (:data:`PARTS`), "" when the header does not say
     diffusion: tuple | None = None  # (b-value, x, y, z) of a diffusion-weighted image, else None
+    tile: tuple | None = None  # Siemens mosaic: (tile index, tiles per side, tile rows, tile cols)
     instance: int | None = None  # InstanceNumber: orders volumes (never slices) where times are equal
 
 
@@ -521,6 +523,8 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
             t if t is not None else -1.0,
             acq_number,
         )
+        if n_frames == 1 and mosaic.is_mosaic_type(ds.get("ImageType")):
+            return _mosaic_frames(ds, rel, base, key, t, sop)
         if n_frames == 1:
             return [Frame(rel, None, time_key=key, time_s=t, sop_uid=sop, **base)]
         return [Frame(rel, f, time_key=key, time_s=t, sop_uid=f"{sop}#{f}", **base) for f in range(n_frames)]
@@ -558,6 +562,23 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
             sop_uid=f"{sop}#{f}",
         ))
     return frames
+
+
+def _mosaic_frames(ds, rel: str, base: dict, key: tuple, t, sop: str) -> list[Frame]:
+    """The tiles of a Siemens mosaic as frames, each with its own position (:mod:`data_prep.mosaic`)."""
+    rows, cols = int(_num(ds.get("Rows"))), int(_num(ds.get("Columns")))
+    try:
+        layout = mosaic.mosaic_layout(ds.get("ImageType"), ds.get("SiemensCSAImageHeader"), rows, cols)
+        if base["position"] is None or base["orientation"] is None or base["spacing"] is None:
+            return [Frame(rel, None, time_key=key, time_s=t, sop_uid=sop, **base)]  # missing_geometry
+        step = mosaic.spacing_between_tiles(_num(ds.get("SpacingBetweenSlices")), _num(ds.get("SliceThickness")))
+        positions = mosaic.tile_positions(layout, base["position"], base["orientation"], base["spacing"], step)
+    except mosaic.MosaicError as exc:
+        raise InvalidHeader(exc.reason, exc.detail) from None
+    tile = (layout.tiles_per_side, layout.tile_rows, layout.tile_cols)
+    return [Frame(rel, None, time_key=key, time_s=t, sop_uid=f"{sop}#tile{i}",
+                  **dict(base, position=tuple(float(v) for v in positions[i])), tile=(i, *tile))
+            for i in range(layout.n_images)]
 
 
 def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
@@ -688,8 +709,8 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
         image_type=image_type,
         sop_class=sop_class,
         transfer_syntax=ts,
-        rows=rows,
-        cols=cols,
+        rows=frames[0].tile[2] if frames and frames[0].tile else rows,  # a mosaic's slices are its tiles
+        cols=frames[0].tile[3] if frames and frames[0].tile else cols,
         slice_thickness=_positive(ds.get("SliceThickness")),
         spacing_between_slices=_positive(ds.get("SpacingBetweenSlices")),
         frames=frames,

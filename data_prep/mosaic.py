@@ -213,6 +213,12 @@ def tile_positions(layout: MosaicLayout, image_position, orientation, pixel_spac
     return first + np.arange(layout.n_images, dtype=float)[:, None] * step
 
 
+def tile_of(image: np.ndarray, index: int, tiles_per_side: int, tile_rows: int, tile_cols: int) -> np.ndarray:
+    """Tile ``index`` of a mosaic ``(rows, cols)``: a ``(tile_rows, tile_cols)`` view (no copy)."""
+    r0, c0 = (index // tiles_per_side) * tile_rows, (index % tiles_per_side) * tile_cols
+    return image[r0:r0 + tile_rows, c0:c0 + tile_cols]
+
+
 def demosaic(image: np.ndarray, layout: MosaicLayout) -> np.ndarray:
     """Cut a mosaic ``(rows, cols)`` (pydicom ``pixel_array`` orientation) into its tiles,
     ``(n_images, tile_rows, tile_cols)``, same dtype.

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from data_prep.headers import Frame
+from data_prep.mosaic import tile_of
 
 
 class PixelError(RuntimeError):
@@ -60,10 +61,14 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
         except Exception as exc:  # codecs raise many types
             raise PixelError(path, f"{type(exc).__name__}: {str(exc)[:120]}") from exc
         for p, k, fr in wanted:
+            image = arr[fr or 0]
+            tile = frames[p][k].tile
+            if tile is not None:  # Siemens mosaic: the frame is one tile of the grid
+                image = tile_of(image, *tile)
             if out[p] is None:
                 # native byte order: big-endian files decode to '>u2', which the NIfTI writer must not see
-                out[p] = np.empty((len(frames[p]),) + arr.shape[1:], dtype=arr.dtype.newbyteorder("="))
-            out[p][k] = arr[fr or 0]
+                out[p] = np.empty((len(frames[p]),) + image.shape, dtype=arr.dtype.newbyteorder("="))
+            out[p][k] = image
         del arr
     return out  # type: ignore[return-value]
 
