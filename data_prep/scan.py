@@ -290,8 +290,9 @@ def _is_localizer(h: FileHeader) -> bool:
     return "LOCALIZER" in h.image_type or "SCOUT" in h.image_type
 
 
-def _distinct_files(frames) -> int:
-    return len({f.path for f in frames})
+def _paths(items) -> set[str]:
+    """Source file paths of frames or headers."""
+    return {x.path for x in items}
 
 
 class _Planner:
@@ -303,6 +304,14 @@ class _Planner:
         self.issues: list[Issue] = []
         self.plans: list[SeriesPlan] = []
         self.outcomes: list[SeriesOutcome] = []
+        self._counted: set[str] = set()  # files already in some series' count (each file counts once)
+
+    def _count(self, paths: set[str]) -> int:
+        """How many of ``paths`` no earlier series counted (a multi-frame file split into several
+        series, e.g. magnitude and field map, counts in the first one only)."""
+        new = paths - self._counted
+        self._counted |= new
+        return len(new)
 
     def run(self) -> None:
         by_subject: dict[str, list[FileHeader]] = defaultdict(list)
@@ -331,7 +340,7 @@ class _Planner:
             except Exception as exc:  # one series never stops the archive; the report says which
                 log.debug("planning %s failed", label, exc_info=True)
                 self._fail("internal_error", f"unexpected {type(exc).__name__} while planning this series",
-                           subject, session, label, files=len(hs))
+                           subject, session, label, _paths(hs))
         self.plans.extend(self._merge_dce(subject, session, study_plans))
 
     def _label(self, headers, used_labels) -> str:
@@ -348,11 +357,11 @@ class _Planner:
         self.issues.append(Issue(reason, self.scrub(detail), path=self.scrub_path(path) if path else "",
                                  subject=subject, session=session, series=label, action=action))
 
-    def _fail(self, reason, detail, subject, session, label, files: int, action="failed"):
+    def _fail(self, reason, detail, subject, session, label, paths: set[str], action="failed"):
         """A whole series (or split part of one) is not converted: one issue and one outcome."""
         self._issue(reason, detail, subject, session, label, action=action)
         self.outcomes.append(SeriesOutcome(subject, session, label, "skipped" if action == "skipped" else "failed",
-                                           files, reason=reason))
+                                           self._count(paths), reason=reason))
 
     def _drop(self, reason, detail, subject, session, label, frames):
         """Images left out of a series that is converted: one issue per file."""
@@ -363,7 +372,7 @@ class _Planner:
         localizers = [h for h in headers if _is_localizer(h)]
         if localizers and 2 * len(localizers) >= len(headers):
             self._fail("localizer", f"ImageType says localizer ({len(headers)} files)", subject, session, label,
-                       files=len(headers), action="skipped")
+                       _paths(headers), action="skipped")
             return []
         if localizers:  # a few images tagged LOCALIZER inside a real series: drop them, keep the series
             self._drop("localizer_in_series", f"ImageType says localizer, unlike the {len(headers) - len(localizers)} "
@@ -374,7 +383,7 @@ class _Planner:
         bad = [f for f in frames if f.position is None or f.orientation is None or f.spacing is None]
         if bad:
             self._fail("missing_geometry", f"{len(bad)} of {len(frames)} images lack position, orientation or "
-                       "pixel spacing", subject, session, label, files=_distinct_files(frames))
+                       "pixel spacing", subject, session, label, _paths(frames))
             return []
         # split by echo and image part (magnitude/phase, water/fat, field map): separate volumes,
         # named with BIDS-like entities, never phases of one series
@@ -405,7 +414,7 @@ class _Planner:
             sizes = sorted(groups.values(), key=len, reverse=True)
             if len(sizes[0]) < MIN_STACK_SLICES:
                 self._fail("localizer", f"{len(frames)} images in {len(groups)} different planes or sizes",
-                           subject, session, label, files=_distinct_files(frames), action="skipped")
+                           subject, session, label, _paths(frames), action="skipped")
                 return []
             main_key = max(groups, key=lambda k: len(groups[k]))
             out, n = [], 0
@@ -430,29 +439,29 @@ class _Planner:
         return self._phases(subject, session, label, uid, frames, head_of, entities, split)
 
     def _phases(self, subject, session, label, uid, frames, head_of, entities, split=False):
-        n_files = _distinct_files(frames)
+        used = _paths(frames)
         normal = slice_normal(frames[0].orientation)
         phases, dups, conflicts = _volumes(frames, normal)
         self._drop("duplicate_file", "second copy of an image", subject, session, label,
                    [f for f in dups if f.path not in {g.path for p in phases for g in p}])
-        n_files -= len({f.path for f in dups} - {g.path for p in phases for g in p})
+        used -= _paths(dups) - _paths(g for p in phases for g in p)
         if conflicts:
             self._fail("duplicate_slice_position",
                        f"{len(conflicts)} image(s) share a slice position and acquisition time with another",
-                       subject, session, label, files=n_files)
+                       subject, session, label, used)
             return []
         counts = {len(p) for p in phases}
         if len(counts) > 1:
             # phases of unequal length: either DCE with a missing slice, or a missing slice at some positions
             self._fail("inconsistent_phases" if len(phases) > 1 else "missing_slice",
-                       f"{len(phases)} phases with {sorted(counts)} slices", subject, session, label, files=n_files)
+                       f"{len(phases)} phases with {sorted(counts)} slices", subject, session, label, used)
             return []
         ordered = []
         for p in phases:
             try:
                 so = sort_slices([f.position for f in p], p[0].orientation)
             except GeometryError as exc:
-                self._fail(exc.reason, exc.detail, subject, session, label, files=n_files)
+                self._fail(exc.reason, exc.detail, subject, session, label, used)
                 return []
             ordered.append([p[i] for i in so.order])
         h0 = head_of[ordered[0][0].path]
@@ -475,7 +484,7 @@ class _Planner:
             phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description)
                     for p, t in zip(ordered, times)],
             affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)),
-            kind=_series_kind(ordered, params, times), params=params, n_files=n_files, split=split,
+            kind=_series_kind(ordered, params, times), params=params, n_files=self._count(used), split=split,
         )
         return [plan]
 
@@ -521,7 +530,7 @@ class _Planner:
                 subject=subject, session=session, label=f"{first_num}-dce", modality=first.modality,
                 description=first.description, series_number=first.series_number, phases=phases,
                 affine=first.affine, shape=first.shape, kind="dce", params=first.params,
-                n_files=_distinct_files(f for p in members for ph in p.phases for f in ph.frames),
+                n_files=sum(p.n_files for p in members),
             ))
         return out
 
