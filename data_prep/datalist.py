@@ -28,7 +28,11 @@ from data_prep.io import write_json_atomic
 
 MANIFEST_COLUMNS = ("subject", "session", "series", "description", "phase", "kind", "path")
 SPLITS = ("training", "validation", "test")
-CHANNEL_MODES = ("auto", "dce", "subtraction", "image", "4d")
+CHANNEL_MODES = ("auto", "dce", "subtraction", "image", "4d", "dwi", "timeseries")
+#: --channels mode -> manifest kind; the last three are one (3D or 4D) file each
+_MODE_KINDS = {"dce": "dce_phase", "subtraction": "subtraction", "image": "image", "4d": "4d", "dwi": "dwi",
+               "timeseries": "timeseries"}
+_SINGLE_FILE_KINDS = ("image", "4d", "dwi", "timeseries")
 _SHOWN = 5  # how many offending keys an error message lists
 
 
@@ -141,7 +145,8 @@ def select_channels(rows: list[dict], channels: str, where: str) -> tuple[list[d
     """Pick the volumes that form one item's image from the manifest rows of one session.
 
     ``channels``: ``auto`` (the DCE phases if the session has a DCE series, else its one image
-    series), ``dce``, ``subtraction``, ``image``, ``4d``, or comma-separated DCE phase indices such as
+    series), ``dce``, ``subtraction``, ``image``, ``4d``, ``dwi`` (a 4D diffusion series),
+    ``timeseries`` (a 4D fMRI/ASL/cine series), or comma-separated DCE phase indices such as
     ``0,1,-1`` (pre-contrast, first and last post-contrast). Returns (rows, channel names).
     """
     series = sorted({r["series"] for r in rows})
@@ -151,7 +156,7 @@ def select_channels(rows: list[dict], channels: str, where: str) -> tuple[list[d
     mode = channels
     if mode == "auto":
         mode = "dce" if by_kind.get("dce_phase") else "image"
-    wanted_kind = {"dce": "dce_phase", "subtraction": "subtraction", "image": "image", "4d": "4d"}.get(mode, "dce_phase")
+    wanted_kind = _MODE_KINDS.get(mode, "dce_phase")
     candidates = sorted(by_kind.get(wanted_kind, ()))
     if not candidates:
         raise DatalistError(f"{where}: no {wanted_kind} volume among its series {series}; "
@@ -160,7 +165,7 @@ def select_channels(rows: list[dict], channels: str, where: str) -> tuple[list[d
         raise DatalistError(f"{where}: {len(candidates)} {wanted_kind} series {candidates}; "
                             "choose one with --series PATTERN")
     chosen = [r for r in rows if r["series"] == candidates[0]]
-    if wanted_kind == "image" or wanted_kind == "4d":
+    if wanted_kind in _SINGLE_FILE_KINDS:
         picked = [r for r in chosen if r["kind"] == wanted_kind]
         return picked[:1], [wanted_kind]
     picked = _phase_rows(chosen, wanted_kind)

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the split (default 0)")
     p.add_argument("--channels", default="auto",
                    help="volumes forming the image: auto (DCE phases if present, else the one image series), "
-                   "dce, subtraction, image, 4d, or DCE phase indices like 0,1,-1 (default auto)")
+                   "dce, subtraction, image, 4d, dwi, timeseries, or DCE phase indices like 0,1,-1 (default auto; "
+                   "in a mixed archive, auto takes the DCE series and ignores DWI, field maps and time series)")
     p.add_argument("--series", default=None, metavar="PATTERN",
                    help="only series whose label or description matches this glob/substring")
     p.add_argument("--masks", default=None, metavar="DIR",

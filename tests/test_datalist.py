@@ -141,6 +141,24 @@ def test_channel_selection(tmp_path):
     assert datalist["training"][0]["image"] == "conv/sub-a/ses-1/sub-a_ses-1_s001-t2.nii.gz"
 
 
+def test_mixed_archive_picks_the_kind_asked_for(tmp_path):
+    """DWI, field maps and fMRI beside the DCE series: auto takes DCE; dwi / timeseries pick those."""
+    rows = _dce("sub-a") + _dce("sub-b")
+    for subject in ("sub-a", "sub-b"):
+        rows += [_row(subject, "ses-1", "s007-dwi", "dwi"), _row(subject, "ses-1", "s008-bold", "timeseries"),
+                 _row(subject, "ses-1", "s009-b0map_part-mag", "image"),
+                 _row(subject, "ses-1", "s009-b0map_part-fieldmap", "image")]
+    _write(tmp_path / "conv", rows, {"sub-a": 0, "sub-b": 1})
+    manifest = read_manifest(tmp_path / "conv")
+    assert [i.channels for i in collect_items(manifest)] == [["phase-00", "phase-01", "phase-02", "phase-03"]] * 2
+    dwi = collect_items(manifest, channels="dwi")
+    assert [i.channels for i in dwi] == [["dwi"]] * 2 and dwi[0].images[0].endswith("s007-dwi.nii.gz")
+    assert collect_items(manifest, channels="timeseries")[1].images[0].endswith("s008-bold.nii.gz")
+    with pytest.raises(DatalistError, match="2 image series"):
+        collect_items(manifest, channels="image")  # magnitude and field map: the user must choose
+    assert collect_items(manifest, channels="image", series="*part-mag")[0].channels == ["image"]
+
+
 def test_inconsistent_channels_and_ambiguous_series(tmp_path):
     rows = _dce("sub-a", phases=4) + _dce("sub-b", phases=3)
     _write(tmp_path / "conv", rows)
