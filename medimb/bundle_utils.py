@@ -260,12 +260,17 @@ def load_model(path: str, num_channels: int | None = None, num_classes: int | No
 
 
 def load_preprocessing(path: str) -> dict:
-    """The ``preprocessing`` dict stored in a medimb checkpoint (to rebuild the evaluation transforms)."""
-    import torch
+    """The ``preprocessing`` dict stored in a medimb checkpoint (to rebuild the evaluation transforms).
+
+    Read like every checkpoint (``medimb.networks.read_checkpoint_file``: weights-only load, checksum)."""
+    from medimb.networks import read_checkpoint_file
 
     check_checkpoint(path)
-    meta = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(meta, dict) or not meta.get("preprocessing"):
+    try:
+        meta = read_checkpoint_file(path)
+    except Exception as exc:  # noqa: BLE001 - unreadable/corrupt checkpoint: one line
+        raise BundleInputError(str(exc).splitlines()[0]) from None
+    if not meta.get("preprocessing"):
         raise BundleInputError(f"{path} has no 'preprocessing' entry: not a checkpoint written by medimb")
     return meta["preprocessing"]
 

@@ -19,7 +19,7 @@ import torch
 from explain_helpers import oblique_affine, write_nifti
 from medimb.cli import main
 from medimb.data.transforms import Preprocessing
-from medimb.networks import create_model, save_checkpoint
+from medimb.networks import create_model, read_checkpoint_file, save_checkpoint, write_checkpoint_file
 
 PRE = Preprocessing(spatial_size=(24, 24, 24), pixdim=(2.0, 2.0, 2.0), intensity="zscore").to_dict()
 
@@ -180,14 +180,14 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "no .nii or .nii.gz files" in _run_error([*base, "--data", str(tmp_path / "empty")], capsys)
 
-    # weights of another architecture under this config
+    # weights of another architecture under this config (with a valid checksum: the weights are the problem)
     other = create_model("cpunet", in_channels=1, num_classes=2, head="cmsl", widths=(4, 16), depths=(1, 1))
-    payload = torch.load(ckpt, weights_only=True)
+    payload = read_checkpoint_file(ckpt)
     payload["model"] = other.state_dict()
-    torch.save(payload, tmp_path / "mismatch.pt")
+    write_checkpoint_file(tmp_path / "mismatch.pt", payload)
     err = _run_error(["explain", "--checkpoint", str(tmp_path / "mismatch.pt"), "--out", str(out),
                       "--data", str(scans[0])], capsys)
-    assert "does not match" in err and "Traceback" not in err
+    assert "weights do not match the stored config" in err and "Traceback" not in err
 
     # a two-channel item for a one-channel model
     two = tmp_path / "two.json"

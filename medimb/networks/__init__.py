@@ -4,7 +4,13 @@
 >>> out = model.forward_all(torch.zeros(2, 1, 28, 28, 28))  # logits, features, embedding, feature_map
 """
 
-from medimb.networks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from medimb.networks.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_file,
+    save_checkpoint,
+    write_checkpoint_file,
+)
 from medimb.networks.heads import (
     HEADS,
     CMSLHead,
@@ -32,5 +38,6 @@ __all__ = [
     "CMSLHead", "CheckpointError", "CosineHead", "DEFAULT_MODEL", "EmbeddingHead", "HEADS",
     "ImbalanceClassifier", "LWSHead", "LinearHead", "REBALANCE_METHODS", "TauNormHead", "create_head",
     "create_model", "freeze_backbone", "list_models", "load_checkpoint", "predict_proba",
-    "rebalance_classifier", "register_backbone", "save_checkpoint", "tau_normalize", "unfreeze_backbone",
+    "read_checkpoint_file", "rebalance_classifier", "register_backbone", "save_checkpoint", "tau_normalize",
+    "unfreeze_backbone", "write_checkpoint_file",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.data import DataLoader
 from monai.handlers import (
-    CheckpointLoader,
-    CheckpointSaver,
     EarlyStopHandler,
     LrScheduleHandler,
     StatsHandler,
@@ -40,7 +41,13 @@ from tqdm.auto import tqdm
 from medimb.atomic import write_text_atomic
 from medimb.data import BatchAugmentation, DataSplits, create_sampler, load_splits
 from medimb.data.errors import surface_data_errors
-from medimb.networks import create_model, predict_proba, save_checkpoint
+from medimb.networks import (
+    create_model,
+    predict_proba,
+    read_checkpoint_file,
+    save_checkpoint,
+    write_checkpoint_file,
+)
 from medimb.training.config import Stage1Config, Stage2Config, TrainConfig
 from medimb.training.engines import (
     AugmentingPrepareBatch,
@@ -103,24 +110,43 @@ class EpochSeeder:
             self.sampler.set_epoch(epoch)
 
 
-class _SaverState:
-    """Lets the best-model CheckpointSaver's tracking list travel inside the resume checkpoint."""
+class ChecksumSaver(BaseSaveHandler):
+    """Ignite save handler that writes engine states with :func:`medimb.networks.write_checkpoint_file`:
+    atomically and with a content checksum, so ``--resume`` never meets a truncated file silently and a
+    corrupt one is a one-line error (MONAI's ``CheckpointSaver`` writes with plain ``torch.save``, in place).
 
-    def __init__(self, saver: CheckpointSaver) -> None:
-        self.saver = saver
+    ``filename`` fixes the file name (the best-model state); otherwise ignite's name is used.
+    """
 
-    def state_dict(self) -> dict:
-        # MONAI's CheckpointSaver has load_state_dict but no state_dict: read its ignite Checkpoint (the
-        # attribute load_state_dict itself restores), pinned by the resume tests in test_training.py
-        return self.saver._key_metric_checkpoint.state_dict()
+    def __init__(self, dirname: Path, filename: str | None = None) -> None:
+        self.dirname, self.filename = Path(dirname), filename
 
-    def load_state_dict(self, state: dict) -> None:
-        self.saver.load_state_dict(state)
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        write_checkpoint_file(self.dirname / (self.filename or filename), checkpoint)
+
+    def remove(self, filename: str) -> None:
+        (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
+
+
+class _On:
+    """A callable attached to ``event`` by MONAI's ``handlers`` lists (they call ``attach(engine)``)."""
+
+    def __init__(self, event, handler) -> None:
+        self.event, self.handler = event, handler
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(self.event, self.handler)
+
+
+def announce(message: str) -> None:
+    """One status line on stderr (above any progress bar), whatever the logging level: e.g. what a resumed
+    run continues from."""
+    tqdm.write(f"medimb: {message}", file=sys.stderr)
 
 
 class BestEpoch:
     """Remembers the trainer epoch of the best validation key metric (strictly greater wins, as the
-    best-model CheckpointSaver decides); has ``state_dict`` so it survives a resume."""
+    best-model Checkpoint decides); has ``state_dict`` so it survives a resume."""
 
     def __init__(self, key: str) -> None:
         self.key, self.best, self.epoch = key, -float("inf"), -1
@@ -182,6 +208,33 @@ def _last_state(state_dir: Path, prefix: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _resume_from(trainer, save_dict: dict, state_dir: Path, stage: str, epochs: int, device) -> None:
+    """Restore ``save_dict`` from the newest ``state/<stage>_checkpoint_epoch=N.pt`` when ``trainer`` starts.
+
+    The file is read (and its checksum checked) now, so a truncated or corrupt state is a one-line
+    :class:`~medimb.networks.CheckpointError` naming it before any work; says on stderr what is resumed.
+    """
+    last = _last_state(state_dir, stage)
+    if last is None:
+        announce(f"--resume: no saved {stage} state in {state_dir}; {stage} starts from epoch 0")
+        return
+    state = read_checkpoint_file(last, map_location=device)
+    missing = sorted(set(save_dict) - set(state))
+    if missing:
+        from medimb.networks import CheckpointError
+
+        raise CheckpointError(f"{last}: not a {stage} resume state (missing {missing})")
+    engine = state["trainer"]  # ignite stores the iteration and the epoch length, not always the epoch
+    done = int(engine.get("epoch") or engine.get("iteration", 0) // max(1, engine.get("epoch_length") or 1))
+    announce(f"resuming {stage} from {last} (epoch {done} of {epochs} done)")
+
+    def restore(engine) -> None:  # at STARTED, after ignite has reset the state of a fresh run
+        Checkpoint.load_objects(to_load=save_dict, checkpoint=state, strict=True)
+        engine.state.max_epochs = epochs
+
+    trainer.add_event_handler(Events.STARTED, restore)
+
+
 def _loss_value(output: dict) -> float:
     return float(torch.as_tensor(output["loss"]).detach())
 
@@ -234,16 +287,16 @@ def _run_engine(
     val_loader = _loader(splits.val, EVAL_BATCH, None, num_workers, device)
     key = f"val_{key_metric}"
     best_name = f"{stage}_best_state.pt"
-    best_saver = CheckpointSaver(
-        save_dir=str(state_dir), save_dict={"network": model}, save_key_metric=True, key_metric_name=key,
-        key_metric_n_saved=1, key_metric_filename=best_name,
-    )
+    # ignite's Checkpoint keeps the best (strictly greater key metric) and the latest epoch; our save handler
+    # makes both files atomic and checksummed
+    best_saver = Checkpoint({"network": model}, ChecksumSaver(state_dir, best_name), score_name="key_metric",
+                            score_function=lambda engine: engine.state.metrics[key], n_saved=1)
     best_epoch = BestEpoch(key)
     val_handlers = [
         best_epoch,
         *_stats_handlers(iteration_log=False, name=f"medimb.{stage}.val"),
         TensorBoardStatsHandler(log_dir=str(out / "tensorboard" / stage), iteration_log=False),
-        best_saver,
+        _On(Events.EPOCH_COMPLETED, best_saver),
     ]
     model.to(device)
     evaluator = create_evaluator(model, val_loader, device, key_metric, amp, val_handlers)
@@ -252,7 +305,7 @@ def _run_engine(
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    save_dict = {"network": model, "optimizer": optimizer, "lr_scheduler": scheduler, "best": _SaverState(best_saver),
+    save_dict = {"network": model, "optimizer": optimizer, "lr_scheduler": scheduler, "best": best_saver,
                  "best_epoch": best_epoch}
     handlers: list = [
         EpochSeeder(seed, splits.train, sampler, batch_augment),
@@ -269,22 +322,22 @@ def _run_engine(
     )
     # saved after validation (handlers fire in attach order), so the best-model tracking is current
     save_dict["trainer"] = trainer
-    CheckpointSaver(save_dir=str(state_dir), save_dict=save_dict, file_prefix=stage, save_interval=1,
-                    n_saved=1, epoch_level=True).attach(trainer)
+    # -> state/<stage>_checkpoint_epoch=<N>.pt, the newest only
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(
+        save_dict, ChecksumSaver(state_dir), filename_prefix=stage, score_name="epoch",
+        score_function=lambda engine: engine.state.epoch, n_saved=1))
     if epoch_hook is not None:
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epoch_hook(e.state.epoch - 1))
     if early_stop_patience:
         EarlyStopHandler(patience=early_stop_patience, score_function=lambda e: e.state.metrics[key],
                          trainer=trainer).attach(evaluator)
-    last = _last_state(state_dir, stage) if resume else None
-    if last is not None:
-        logger.info("resuming %s from %s", stage, last.name)
-        CheckpointLoader(load_path=str(last), load_dict=save_dict, map_location=device).attach(trainer)
+    if resume:
+        _resume_from(trainer, save_dict, state_dir, stage, epochs, device)
     trainer.run()
     best_file = state_dir / best_name
     if best_file.exists():
-        state = torch.load(best_file, map_location=device, weights_only=True)
-        model.load_state_dict(state["network"] if "network" in state else state)
+        state = read_checkpoint_file(best_file, map_location=device)
+        model.load_state_dict(state.get("network", state))
     return StageResult(best_epoch.best, best_epoch.epoch, trainer.state.epoch)
 
 
@@ -463,9 +516,10 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     stage1_file = out / "stage1_best.pt"
     selection: dict[str, Any] = {}
     if resume and stage1_file.exists() and (out / "state" / "stage1.done").exists():
-        state = torch.load(stage1_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(read_checkpoint_file(stage1_file)["model"])
         selection["stage1"] = json.loads((out / "state" / "stage1.done").read_text())
+        announce(f"resuming after stage 1: it finished (best epoch {selection['stage1'].get('best_epoch')}), "
+                 f"weights from {stage1_file}")
     else:
         res = run_stage1(model, splits, method.stage1, out, device, head_kwargs=method.head_kwargs, **common)
         selection["stage1"] = {"key_metric": f"val_{method.stage1.key_metric}", "best": res.best_metric,
