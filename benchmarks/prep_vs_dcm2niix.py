@@ -3,7 +3,8 @@
 Both converters run on the same folder. Every 4D output is split into 3D volumes, every volume is
 brought to RAS+ (``nibabel.as_closest_canonical``), and a dcm2niix volume counts as reproduced when
 one of ours has the same shape, an affine within 1e-3 mm and the same voxel values after scaling
-(relative 1e-5). DWI outputs must also carry the same .bval/.bvec (within 1e-4, same order).
+(relative 1e-5). DWI outputs must also carry the same b-values (within 1e-4, same order) and the same gradient
+directions in world coordinates (up to sign: a gradient and its negative are the same encoding).
 
     python benchmarks/prep_vs_dcm2niix.py ../shared/data/dicom_qa/dcm_qa [more corpora...]
 
@@ -26,6 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+B0_MAX = float(np.finfo(np.float32).eps)  # b-values at or below this are b = 0 (as in data_prep.diffusion)
 
 
 def dcm2niix_exe() -> str | None:
@@ -62,19 +64,34 @@ def _read_table(path: Path) -> np.ndarray | None:
     return np.array([[float(v) for v in line.split()] for line in path.read_text().splitlines() if line.strip()])
 
 
+def world_gradient(bvec, affine) -> np.ndarray:
+    """An FSL .bvec column (voxel frame of ``affine``) as a RAS unit vector, the inverse of
+    :func:`data_prep.diffusion.fsl_bvecs` up to sign (dcm2niix's sign conventions differ from FSL's
+    first-axis flip by an antipodal vector, which encodes the same diffusion weighting)."""
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    i_axis, j_axis = m[:, 0] / np.linalg.norm(m[:, 0]), m[:, 1] / np.linalg.norm(m[:, 1])
+    k_axis = np.cross(i_axis, j_axis) * (np.sign(np.cross(i_axis, j_axis) @ m[:, 2]) or 1.0)
+    v = np.asarray(bvec, dtype=float).copy()
+    if np.linalg.det(m) > 0:  # FSL reads such images with the first voxel axis flipped
+        v[0] *= -1.0
+    return np.stack([i_axis, j_axis, k_axis]).T @ v
+
+
 def volumes_of(folder: Path) -> list[Volume]:
-    """Every 3D volume of every NIfTI under ``folder`` (with its .bval/.bvec entries when present)."""
+    """Every 3D volume of every NIfTI under ``folder`` (with its .bval/.bvec entries when present;
+    gradients as RAS unit vectors, so that files written on different voxel grids compare)."""
     out = []
     for path in sorted(folder.rglob("*.nii*")):
-        img = nib.as_closest_canonical(nib.load(path))
+        written = nib.load(path)
+        img = nib.as_closest_canonical(written)
         data = np.asarray(img.dataobj, dtype=np.float64)
         stem = path.name.split(".nii")[0]
         bvals, bvecs = _read_table(path.with_name(stem + ".bval")), _read_table(path.with_name(stem + ".bvec"))
         series = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
         for t, vol in enumerate(series):
-            out.append(Volume(str(path.relative_to(folder)), t, vol, img.affine,
-                              None if bvals is None else float(bvals.ravel()[t]),
-                              None if bvecs is None else tuple(np.round(bvecs[:, t], 4))))
+            bval = None if bvals is None else float(bvals.ravel()[t])
+            bvec = None if bvecs is None or bval <= B0_MAX else tuple(world_gradient(bvecs[:, t], written.affine))
+            out.append(Volume(str(path.relative_to(folder)), t, vol, img.affine, bval, bvec))
     return out
 
 
@@ -86,7 +103,8 @@ def _same(ref: Volume, ours: Volume) -> bool:
     if ref.bval is not None:
         if ours.bval is None or abs(ref.bval - ours.bval) > 1e-4 * max(1.0, ref.bval):
             return False
-        if ref.bvec is not None and (ours.bvec is None or not np.allclose(ref.bvec, ours.bvec, atol=1e-3)):
+        # b = 0 gradients carry no direction (dcm2niix copies them unrotated); others agree up to sign
+        if ref.bvec is not None and (ours.bvec is None or abs(abs(np.dot(ref.bvec, ours.bvec)) - 1) > 1e-3):
             return False
     return True
 

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import deid
+from data_prep.diffusion import format_bval, format_bvec, fsl_bvecs
 from data_prep.geometry import voxel_sizes
 from data_prep.headers import ORIENTATION_TOL, SPACING_RANGE_MM
 from data_prep.io import GZIP_LEVEL, remove_partial_files, write_json_atomic, write_nifti_atomic, write_text_atomic
@@ -145,6 +146,17 @@ def convert_series(plan: SeriesPlan, root: str, out: str, options: ConvertOption
     return rows, issues
 
 
+def _write_gradients(stem_path: Path, plan: SeriesPlan, affine: np.ndarray) -> None:
+    """``<stem>.bval`` / ``<stem>.bvec`` of a DWI plan, in the FSL convention dcm2niix writes
+    (gradients in the voxel frame of this file's affine; :func:`data_prep.diffusion.fsl_bvecs`)."""
+    weights = [ph.frames[0].diffusion for ph in plan.phases]
+    bvalues = [w.bvalue for w in weights]
+    directions = [w.direction or (0.0, 0.0, 0.0) for w in weights]
+    write_text_atomic(stem_path.with_name(stem_path.name + ".bval"), format_bval(bvalues))
+    write_text_atomic(stem_path.with_name(stem_path.name + ".bvec"),
+                      format_bvec(fsl_bvecs(directions, affine, bvalues)))
+
+
 def _series_issue(plan: SeriesPlan, reason: str, detail: str) -> Issue:
     return Issue(reason, detail, subject=plan.subject, session=plan.session, series=plan.label, action="failed")
 
@@ -196,6 +208,9 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
             tr = plan.params.get("RepetitionTime")
             emit(stem, vol.data, vol.slope, vol.inter, plan.kind, pixdim4=tr / 1000.0 if tr else None,
                  extra={"NumberOfVolumes": len(plan.phases)})
+            if plan.kind == "dwi":
+                _write_gradients(folder / stem, plan, affine)
+                written.extend(folder / f"{stem}.{ext}" for ext in ("bval", "bvec"))
         else:
             times = [p.time_s for p in plan.phases]
             for p, ph in enumerate(plan.phases):

@@ -20,7 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
-from data_prep import mosaic
+from data_prep import diffusion, mosaic
 from data_prep.fastheader import parse_file, vr_of
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -67,6 +67,11 @@ PRIVATE_TAGS = {
     "SiemensCSAImageHeader": (0x00291010, "OB"),
     "PhilipsScaleSlope": (0x2005100E, "FL"),
 }
+PRIVATE_TAGS.update({f"Diffusion{tag:08X}": (tag, vr) for tag, (vr, _) in diffusion.DIFFUSION_PRIVATE_TAGS.items()})
+#: attributes that say an image may be diffusion-weighted (only then is :func:`diffusion.diffusion_of`
+#: run: on Siemens files it parses the CSA header, which costs about 1 ms)
+_DIFFUSION_HINT_TAGS = ("DiffusionBValue", 0x0019100C, 0x00431039, 0x20011003)
+
 #: Philips enhanced MR: the private per-frame functional group that holds the frame's scale slope
 PHILIPS_PER_FRAME_PRIVATE = 0x2005140F
 
@@ -90,6 +95,7 @@ HEADER_TAGS = [
     "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
     "BodyPartExamined", "PatientPosition", "ImagingFrequency", "PixelBandwidth",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "InstanceNumber",
+    "DiffusionBValue", "DiffusionGradientOrientation", "DiffusionDirectionality", "InPlanePhaseEncodingDirection",
     # identifying attributes (PS3.15 Table E.1-1): read only to scrub them from every output
     *NAME_TAGS, *ID_TAGS, *INSTITUTION_TAGS,
 ]
@@ -102,6 +108,11 @@ _TAGS = {kw: tag_for_keyword(kw) for kw in HEADER_TAGS + ["SpecificCharacterSet"
 _TAGS.update({name: tag for name, (tag, _) in PRIVATE_TAGS.items()})
 _PRIVATE_VR = {tag: vr for tag, vr in PRIVATE_TAGS.values()}
 _WANTED = set(_TAGS.values())
+
+
+def _tag(keyword: str | int) -> int | None:
+    """A keyword (or a private name of :data:`PRIVATE_TAGS`) as its tag; an int is a tag already."""
+    return keyword if isinstance(keyword, int) else _TAGS.get(keyword) or tag_for_keyword(keyword)
 
 
 def _vr(tag: int, vr) -> str:
@@ -147,8 +158,8 @@ class RawHeader:
         cs = ds.get_item(0x00080005)
         self._encoding = _encoding(cs.value if cs is not None else "")
 
-    def get(self, keyword: str, default=None):
-        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+    def get(self, keyword: str | int, default=None):
+        tag = _tag(keyword)
         el = self._ds.get_item(tag) if tag is not None else None
         if el is None:
             return default
@@ -171,8 +182,8 @@ class FastHeader:
         cs = elements.get(0x00080005)
         self._encoding = _encoding(cs[1] if cs else "")
 
-    def get(self, keyword: str, default=None):
-        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+    def get(self, keyword: str | int, default=None):
+        tag = _tag(keyword)
         item = self._elements.get(tag)
         if item is None:
             return default
@@ -511,10 +522,13 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
         slope, inter = _scaling(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
         if philips:
             slope, inter = philips_precise_float(slope, inter, ds.get("PhilipsScaleSlope")) or (slope, inter)
+        weighting = _diffusion(ds, manufacturer)
         base = dict(
+            diffusion=weighting,
             **_geometry(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")),
             slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")), instance=instance,
-            part=image_part(ds.get("ImageType"), manufacturer, ds.get("GEImageType"), ds.get("GEVasCollapse")),
+            part="trace" if weighting is not None and weighting.is_trace else
+            image_part(ds.get("ImageType"), manufacturer, ds.get("GEImageType"), ds.get("GEVasCollapse")),
         )
         t = tm_seconds(ds.get("AcquisitionTime")) or tm_seconds(ds.get("AcquisitionDateTime"))
         key = (
@@ -532,6 +546,7 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
         raise InvalidHeader("invalid_value", f"{len(per_frame_seq)} per-frame functional groups for "
                                              f"NumberOfFrames {n_frames}")
     frames = []
+    dwi_file = _diffusion(ds, manufacturer) is not None or _has_mr_diffusion(shared, per_frame_seq)
     for f in range(n_frames):
         pf = per_frame_seq[f] if per_frame_seq else None
         pos = _fg(pf, shared, "PlanePositionSequence")
@@ -548,20 +563,38 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
             private = _fg(pf, shared, PHILIPS_PER_FRAME_PRIVATE)
             ss = _private_item_value(private, 0x2005100E)
             slope, inter = philips_precise_float(slope, inter, ss) or (slope, inter)
+        weighting = diffusion.diffusion_of(ds, manufacturer, frame_item=pf) if dwi_file else None
         frames.append(Frame(
-            rel, f,
+            rel, f, diffusion=weighting,
             **_geometry(pos.get("ImagePositionPatient") if pos is not None else None,
                         ori.get("ImageOrientationPatient") if ori is not None else None,
                         meas.get("PixelSpacing") if meas is not None else None),
             slope=slope, inter=inter,
             echo=_echo(echo.get("EffectiveEchoTime")) if echo is not None else None,
-            part=image_part(frame_type.get("FrameType") if frame_type is not None else ds.get("ImageType")),
+            part="trace" if weighting is not None and weighting.is_trace else
+            image_part(frame_type.get("FrameType") if frame_type is not None else ds.get("ImageType")),
             instance=instance,
             time_key=(temporal, -1.0, t if t is not None else -1.0, acq_number),
             time_s=t,
             sop_uid=f"{sop}#{f}",
         ))
     return frames
+
+
+def _diffusion(ds, manufacturer: str):
+    """The image's diffusion weighting (:mod:`data_prep.diffusion`), or None when nothing hints at
+    one: a diffusion tag, a Siemens DWI sequence name (``*ep_b...``) or ImageType DIFFUSION."""
+    image_type = ds.get("ImageType") or ()
+    hinted = (any(ds.get(t) is not None for t in _DIFFUSION_HINT_TAGS)
+              or "ep_b" in str(ds.get("SequenceName") or "").lower()
+              or "DIFFUSION" in (image_type.upper() if isinstance(image_type, str) else
+                                 [str(v).upper() for v in image_type]))
+    return diffusion.diffusion_of(ds, manufacturer) if hinted else None
+
+
+def _has_mr_diffusion(shared, per_frame_seq) -> bool:
+    first = per_frame_seq[0] if per_frame_seq else None
+    return _seq_item(first, "MRDiffusionSequence") is not None or _seq_item(shared, "MRDiffusionSequence") is not None
 
 
 def _mosaic_frames(ds, rel: str, base: dict, key: tuple, t, sop: str) -> list[Frame]:

@@ -37,6 +37,7 @@ REASONS = {
                                   "out of range"),
     "inconsistent_spacing": ("warning", "slices whose PixelSpacing differs from the rest of their series"),
     "localizer_in_series": ("warning", "images tagged LOCALIZER/SCOUT inside a series of other images; dropped"),
+    "inconsistent_diffusion": ("error", "a diffusion series whose volumes do not each cover every slice position"),
     "invalid_volume": ("error", "the assembled volume failed the checks before writing"),
     "internal_error": ("error", "an unexpected error in medimb-prep; the rest of the archive was converted"),
     "inconsistent_phases": ("error", "DCE phases with different slice counts"),

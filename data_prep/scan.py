@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import deid
+from data_prep.diffusion import DiffusionError, dwi_volumes
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
 
@@ -203,25 +204,23 @@ def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool =
 
 # -------------------------------------------------------------------------------------- grouping
 def _volumes(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
-    """Split one stack (one echo, one image part) into 3D volumes.
+    """Split one stack (one echo, one image part) into 3D volumes, each in ascending slice order
+    where it matters (:func:`_phases` sorts again and checks the spacing).
 
-    Images with different diffusion weighting (b-value, direction) are different volumes; within one
-    weighting, :func:`_time_rank_phases` orders repeats by time. Volumes of a diffusion series come
-    in acquisition order (lowest InstanceNumber first), others in weighting, then time order.
-    Returns ``(volumes, duplicate_files, conflicts)``.
+    Diffusion series (images with several b-values or gradients) are grouped and ordered by
+    :func:`data_prep.diffusion.dwi_volumes`, as dcm2niix does; everything else by
+    :func:`_time_rank_phases`. Returns ``(volumes, duplicate_files, conflicts)``; raises
+    :class:`data_prep.diffusion.DiffusionError` for a diffusion series that is not complete.
     """
-    by_weighting: dict = defaultdict(list)
-    for f in frames:
-        by_weighting[f.diffusion].append(f)
-    volumes, dups, conflicts = [], [], []
-    for key in sorted(by_weighting, key=lambda k: (k is not None, k or ())):
-        v, d, c = _time_rank_phases(by_weighting[key], normal)
-        volumes.extend(v)
-        dups.extend(d)
-        conflicts.extend(c)
-    if len(by_weighting) > 1:
-        volumes.sort(key=lambda vol: min((f.instance for f in vol if f.instance is not None), default=0))
-    return volumes, dups, conflicts
+    if len({f.diffusion for f in frames}) < 2:
+        return _time_rank_phases(frames, normal)
+    kept, dups, seen = [], [], set()
+    for f in sorted(frames, key=lambda f: (f.path, f.frame or 0)):
+        (dups if f.sop_uid in seen else kept).append(f)
+        seen.add(f.sop_uid)
+    grouped = dwi_volumes([float(np.dot(f.position, normal)) for f in kept], [f.diffusion for f in kept],
+                          [(f.instance if f.instance is not None else 0, f.frame or 0) for f in kept])
+    return [[kept[i] for i in vol] for vol in grouped.volumes], dups, []
 
 
 def _is_epi(params: dict) -> bool:
@@ -441,7 +440,11 @@ class _Planner:
     def _phases(self, subject, session, label, uid, frames, head_of, entities, split=False):
         used = _paths(frames)
         normal = slice_normal(frames[0].orientation)
-        phases, dups, conflicts = _volumes(frames, normal)
+        try:
+            phases, dups, conflicts = _volumes(frames, normal)
+        except DiffusionError as exc:
+            self._fail(exc.reason, exc.detail, subject, session, label, used)
+            return []
         self._drop("duplicate_file", "second copy of an image", subject, session, label,
                    [f for f in dups if f.path not in {g.path for p in phases for g in p}])
         used -= _paths(dups) - _paths(g for p in phases for g in p)
