@@ -1,12 +1,18 @@
-"""Malformed input, faults and untrusted files (issue 11, part 4): corrupt or truncated checkpoints and resume
-states."""
+"""Malformed input, faults and untrusted files (issue 11, part 4): what `medimb` does with a planted disk-cache
+file, a corrupt or truncated checkpoint, a truncated resume state, a NaN image and degenerate (1x1x1) images."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import subprocess
+import sys
+import threading
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -15,7 +21,27 @@ from medimb.cli import main
 from medimb.training import workflow
 from training_utils import tiny_npz
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = '{"widths": [4, 8], "depths": [0, 1]}'
+
+
+def _datalist(folder: Path, n: int = 6, size: int = 16, nan_item: int | None = None,
+              sizes: dict[int, tuple] | None = None) -> Path:
+    """``n`` cases, labels 0/1 alternating, 2/3 training and the rest both val and test; float32 volumes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        shape = (sizes or {}).get(i, (size,) * 3)
+        arr = rng.random(shape).astype(np.float32)
+        if i == nan_item:
+            arr.flat[0] = np.nan
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(folder / f"s{i}.nii.gz"))
+        items.append({"image": [f"s{i}.nii.gz"], "label": i % 2, "subject": f"sub-{i}"})
+    k = 2 * n // 3
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": items[:k], "validation": items[k:], "test": items[k:]}))
+    return path
 
 
 def _one_line_error(err: str, command: str = "train") -> str:
@@ -43,6 +69,45 @@ def _interrupt_at(monkeypatch, seed: int, epoch: int) -> None:
         original(self, engine)
 
     monkeypatch.setattr(workflow.EpochSeeder, "__call__", crash)
+
+
+# --- disk cache: nothing in a run folder is unpickled ---------------------------------------------------------
+
+
+class _Planted:
+    """Unpickling this runs ``open(marker, "w")``: stands for any code a planted pickle would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_disk_cache_never_unpickles_a_planted_file(tmp_path, caplog):
+    from medimb.data import load_splits
+
+    data = _datalist(tmp_path / "data")
+    cache = tmp_path / "run" / "cache"
+    first = load_splits(data, cache="disk", cache_dir=cache, spatial_size=(16, 16, 16))
+    expected = [first.val[i]["image"] for i in range(len(first.val))]
+    files = sorted(cache.glob("*.pt"))
+    assert files
+    with caplog.at_level(logging.WARNING):  # a legitimate cache is reused as it is: safe load, no recompute
+        again = load_splits(data, cache="disk", cache_dir=cache, spatial_size=(16, 16, 16))
+        _ = [again.val[i] for i in range(len(again.val))]
+    assert "failed the safe load" not in caplog.text
+    marker = tmp_path / "code_ran"
+    for f in files:
+        torch.save({"image": _Planted(marker), "label": 0}, f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(data, cache="disk", cache_dir=cache, spatial_size=(16, 16, 16))
+        got = [splits.val[i]["image"] for i in range(len(splits.val))]
+    assert not marker.exists(), "a planted cache file was unpickled with code execution"
+    assert "failed the safe load and is recomputed" in caplog.text
+    for a, b in zip(expected, got):  # recomputed from the scans, geometry (MetaTensor affine) included
+        assert torch.equal(a.as_tensor(), b.as_tensor()) and torch.equal(a.affine, b.affine)
 
 
 # --- checkpoints: checksum, one loader ------------------------------------------------------------------------
@@ -108,6 +173,21 @@ def test_every_checkpoint_reader_checks_the_checksum(trained_run, tmp_path):
     assert issubclass(CheckpointError, UserError)
 
 
+def test_every_torch_load_in_the_library_is_weights_only():
+    """torch.load lives in two places only (the checkpoint reader, the disk cache), both weights_only=True;
+    everything else reads checkpoints through medimb.networks.read_checkpoint_file."""
+    calls = {}
+    for path in sorted((REPO / "medimb").rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            calls.setdefault(path.relative_to(REPO).as_posix(), []).append(m.group(1))
+        assert not re.search(r"[(,]\s*weights_only\s*=\s*False", text), path  # an argument, not the docs
+        # MONAI's CheckpointLoader reads without the checksum: resume states go through read_checkpoint_file
+        assert not re.search(r"^\s*(from monai\.handlers import .*)?CheckpointLoader,?$", text, re.M), path
+    assert set(calls) == {"medimb/networks/checkpoint.py", "medimb/data/datasets.py"}, calls
+    assert all("weights_only=True" in args for found in calls.values() for args in found), calls
+
+
 def test_checkpoint_without_checksum_loads_with_a_warning(trained_run, tmp_path, caplog):
     from medimb.networks import load_checkpoint
 
@@ -148,3 +228,76 @@ def test_resumed_run_says_what_it_resumed(tmp_path, monkeypatch, capsys):
     state = tmp_path / "run" / "state" / "stage2_checkpoint_epoch=1.pt"
     assert f"medimb: resuming after stage 1: it finished (best epoch 1), weights from {stage1}" in err, err
     assert f"medimb: resuming stage2 from {state} (epoch 1 of 2 done)" in err, err
+
+
+# --- NaN image: one line, exit 2, no abort ------------------------------------------------------------------------
+
+
+def test_nan_image_leaves_no_thread_behind(tmp_path):
+    """The in-memory cache is filled in the calling thread: when an item raises, no worker thread is still
+    transforming the next one (at interpreter exit such a thread aborted the process with SIGABRT)."""
+    from medimb.data import load_splits
+
+    data = _datalist(tmp_path / "data", nan_item=0, sizes={i: (48, 48, 48) for i in range(1, 6)})
+    before = set(threading.enumerate())
+    with pytest.raises(Exception, match="NaN|CheckImaged"):
+        load_splits(data, spatial_size=(16, 16, 16))
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, f"threads still running after the error: {left}"
+
+
+def test_nan_image_exits_2_with_one_line_and_no_abort(tmp_path):
+    data = _datalist(tmp_path / "data", nan_item=0, sizes={i: (48, 48, 48) for i in range(1, 6)})
+    proc = subprocess.run([sys.executable, "-m", "medimb", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+                           "--method", "ce", "--epochs", "1", "--device", "cpu", "--no-progress", "--spatial-size", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    line = _one_line_error(proc.stderr)
+    assert "s0.nii.gz: image contains 1 NaN" in line and "terminate called" not in proc.stderr
+
+
+# --- degenerate images --------------------------------------------------------------------------------------------
+
+
+def test_degenerate_images_train_with_a_warning_naming_case_and_size(tmp_path, capsys, caplog):
+    data = _datalist(tmp_path / "data", n=9, sizes={1: (1, 1, 1), 7: (16, 16, 2)})
+    with caplog.at_level(logging.WARNING):
+        code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", "ce", "--epochs", "1",
+                     "--device", "cpu", "--no-progress", "--spatial-size", "16", "--network-kwargs", TINY])
+    assert code == 0, capsys.readouterr().err
+    small = [r.getMessage() for r in caplog.records if r.getMessage().startswith("small image:")]
+    assert any("train case sub-1 (s1.nii.gz) is 1x1x1 voxels" in m for m in small), small
+    assert any("val case sub-7 (s7.nii.gz) is 16x16x2 voxels" in m for m in small), small
+    assert not any("sub-0" in m for m in small)  # 16^3 is fine
+
+
+def test_network_input_smaller_than_the_downsampling_warns_or_fails(tmp_path, capsys, caplog):
+    from medimb.data import load_splits
+    from medimb.networks import create_model
+    from medimb.training.workflow import check_network_input
+
+    pre = load_splits(tiny_npz(tmp_path / "tiny.npz", n_train=6, n_eval=3, size=4)).preprocessing
+    model = create_model("cpunet", in_channels=1, num_classes=2)  # downsamples 8x
+    with caplog.at_level(logging.WARNING):
+        check_network_input(model, pre, "cpunet")
+    assert "network input 4x4x4 is smaller than cpunet's downsampling factor 8x8x8" in caplog.text
+    caplog.clear()
+    pre.spatial_size = (16, 16, 16)
+    with caplog.at_level(logging.WARNING):
+        check_network_input(model, pre, "cpunet")
+    assert caplog.text == ""
+    data = _datalist(tmp_path / "data")  # densenet121's pooling cannot take a 2^3 input at all: a user error
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--network", "densenet121",
+                 "--spatial-size", "2", "--device", "cpu", "--no-progress"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and "network input 2x2x2 is too small for --network densenet121" in line
+
+
+def test_a_split_of_two_cases_still_gets_its_plots(tmp_path, caplog):
+    from medimb.training.workflow import write_plots
+
+    pred = {"labels": np.array([0, 1]), "proba": np.array([[0.7, 0.3], [0.4, 0.6]]), "features": np.ones((2, 4))}
+    with caplog.at_level(logging.WARNING):
+        written = write_plots(pred, ["a", "b"], tmp_path)
+    assert sorted(Path(p).name for p in written) == ["confusion_matrix.png", "pr.png", "roc.png"]
+    assert "no feature projection plot" in caplog.text

@@ -3,7 +3,7 @@
 from medimb.data.batch_augment import BatchAugmentation
 from medimb.data.checks import check_channels, check_finite, check_labels
 from medimb.data.datalist import load_datalist
-from medimb.data.datasets import DataSplits, load_splits
+from medimb.data.datasets import DataSplits, SafePersistentDataset, SequentialCacheDataset, load_splits
 from medimb.data.errors import DataError
 from medimb.data.medmnist import load_medmnist
 from medimb.data.samplers import ClassBalancedSampler, create_sampler
@@ -21,6 +21,8 @@ __all__ = [
     "DataError",
     "DataSplits",
     "Preprocessing",
+    "SafePersistentDataset",
+    "SequentialCacheDataset",
     "build_eval_transforms",
     "build_train_transforms",
     "check_channels",

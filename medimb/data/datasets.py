@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.data import CacheDataset, Dataset, PersistentDataset
+import torch
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data.meta_obj import MetaObj
+from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
 from medimb.data.datalist import load_datalist
 from medimb.data.errors import DataError
@@ -22,6 +26,72 @@ MEDMNIST_CLASS_NAMES = {
     "breastmnist": ["malignant", "normal_or_benign"],
 }
 CACHE_MODES = ("memory", "disk", "none")
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy_array_globals() -> list:
+    """What pickle needs to rebuild a numeric numpy array or scalar (NIfTI header values in MetaTensor.meta):
+    no object arrays."""
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    dtypes = [d for d in dtypes if isinstance(d, type)]
+    return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtypes]
+
+
+#: the only classes a disk-cache file may contain besides tensors and plain containers: a MetaTensor with
+#: its meta dict (numpy header values, MONAI key enums) and the applied-operation trace Invertd needs
+CACHE_SAFE_GLOBALS = [MetaTensor, MetaObj, MetaKeys, SpaceKeys, TraceKeys, *_numpy_array_globals()]
+
+
+class SafePersistentDataset(PersistentDataset):
+    """``PersistentDataset`` (MetaTensor tracking on, so the affine survives) that never unpickles code.
+
+    A cache file is read with ``torch.load(weights_only=True)``, allowing only :data:`CACHE_SAFE_GLOBALS`.
+    A file that fails that load for any reason (planted pickle, truncated, foreign) is deleted and the item
+    recomputed from its source, with a warning; MONAI's own loader re-raises several of these errors and,
+    with ``weights_only=False``, would execute whatever a planted file holds.
+    """
+
+    def __init__(self, data, transform, cache_dir) -> None:
+        super().__init__(data, transform, cache_dir=cache_dir, track_meta=True, weights_only=True)
+
+    def _cachecheck(self, item_transformed):
+        if self.cache_dir is not None:
+            name = self.hash_func(item_transformed).decode("utf-8") + self.transform_hash
+            hashfile = self.cache_dir / f"{name}.pt"
+            if hashfile.is_file():
+                try:
+                    with torch.serialization.safe_globals(CACHE_SAFE_GLOBALS):
+                        return torch.load(hashfile, map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, recompute it
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    logger.warning("disk cache file %s failed the safe load and is recomputed (%s)", hashfile,
+                                   first[:200])
+                    hashfile.unlink(missing_ok=True)
+        return super()._cachecheck(item_transformed)  # computes and writes the item (no file there now)
+
+
+class SequentialCacheDataset(CacheDataset):
+    """``CacheDataset`` that fills its cache in the calling thread, item by item.
+
+    MONAI fills it through a ``ThreadPool``; when an item raises (a NaN image -> :class:`DataError`) the
+    pool's worker thread is not joined and keeps transforming the next item while the error reaches the
+    user. When the process then exits, that daemon thread is stopped in the middle of a torch call and the
+    C++ runtime aborts (SIGABRT, exit 134, "terminate called without an active exception") after the
+    one-line error was printed. With ``num_workers=0`` the pool had one thread anyway, so nothing is lost.
+    """
+
+    def __init__(self, data, transform) -> None:
+        super().__init__(data, transform, cache_rate=1.0, num_workers=0, progress=False)
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        return [self._load_cache_item(i) for i in (range(self.cache_num) if indices is None else indices)]
 
 
 @dataclass
@@ -119,6 +189,45 @@ def default_nifti_preprocessing(
     )
 
 
+#: an image with fewer voxels than this along a spatial axis carries no usable spatial information
+MIN_IMAGE_SIZE = 4
+MAX_SIZE_WARNINGS = 10
+
+
+def _image_shape(path: str) -> tuple[int, ...] | None:
+    try:
+        shape = tuple(int(s) for s in nib.load(path).shape[:3])
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loading transform, with its name
+        return None
+    return shape + (1,) * (3 - len(shape))
+
+
+def warn_small_images(items: dict[str, list[dict]], network_size: Sequence[int],
+                      min_size: int = MIN_IMAGE_SIZE) -> list[str]:
+    """Log a warning for every datalist image smaller than ``min_size`` voxels along a spatial axis (NIfTI
+    headers only) and return the messages. Such a scan is stretched to ``network_size`` by resampling and
+    crop/pad, so the network gets a near-constant volume: the run stays valid, the case is useless."""
+    net = "x".join(map(str, network_size))
+    found = []
+    for split, split_items in items.items():
+        for index, item in enumerate(split_items):
+            for path in item["image"]:
+                shape = _image_shape(path)
+                if shape is not None and min(shape) < min_size:
+                    name = item.get("case") or item.get("subject")
+                    who = f"{split} case {name}" if name else f"{split} item {index}"
+                    size = "x".join(map(str, shape))
+                    found.append(f"{who} ({Path(path).name}) is {size} voxels, smaller than {min_size} along an "
+                                 f"axis: stretched to the {net} network input it carries no spatial detail; check "
+                                 "its conversion or leave it out")
+    for message in found[:MAX_SIZE_WARNINGS]:
+        logger.warning("small image: %s", message)
+    if len(found) > MAX_SIZE_WARNINGS:
+        logger.warning("small image: %d more images smaller than %d voxels along an axis",
+                       len(found) - MAX_SIZE_WARNINGS, min_size)
+    return found
+
+
 def _datalist_class_names(path: Path, num_classes: int) -> list[str]:
     data = json.loads(path.read_text())
     names = data.get("class_names") or data.get("labels")
@@ -180,6 +289,13 @@ def load_splits(
     if n_channels != pre.in_channels:
         raise DataError(f"{path}: data has {n_channels} channel(s), the preprocessing expects {pre.in_channels}")
 
+    if pre.source == "medmnist":
+        size = tuple(int(s) for s in items["train"][0]["image"].shape[1:])
+        if min(size) < MIN_IMAGE_SIZE:
+            logger.warning("small image: %s holds %s images, smaller than %d voxels along an axis: too small "
+                           "to classify by their spatial content", path, "x".join(map(str, size)), MIN_IMAGE_SIZE)
+    else:
+        warn_small_images(items, pre.spatial_size)
     train_tf, eval_tf = build_train_transforms(pre), build_eval_transforms(pre)
 
     def make(split_items, transform):
@@ -188,8 +304,8 @@ def load_splits(
         if cache == "disk":
             if cache_dir is None:
                 raise ValueError("cache='disk' needs cache_dir")
-            return PersistentDataset(split_items, transform, cache_dir=str(cache_dir), track_meta=True, weights_only=False)
-        return CacheDataset(split_items, transform, cache_rate=1.0, num_workers=0, progress=False)
+            return SafePersistentDataset(split_items, transform, cache_dir=str(cache_dir))
+        return SequentialCacheDataset(split_items, transform)
 
     labels = {s: np.asarray([it["label"] for it in v], dtype=np.int64) for s, v in items.items()}
     missing = sorted(set(range(num_classes)) - set(labels["train"].tolist()))

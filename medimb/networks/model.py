@@ -237,3 +237,29 @@ def predict_proba(model_or_head: nn.Module | str, logits: torch.Tensor, normaliz
         # sigmoids can all underflow to 0 at large s; clamp so the division stays finite
         proba = proba / proba.sum(dim=1, keepdim=True).clamp_min(torch.finfo(proba.dtype).tiny)
     return proba
+
+
+def feature_map_size(model: ImbalanceClassifier, input_size: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial size ``S'`` of the last feature map ``(B, F, *S')`` for inputs of spatial size ``S``.
+
+    Shape inference only: a copy of the architecture (``model.config``) runs on the ``meta`` device, so
+    nothing is computed or allocated. Raises the network's own error when it cannot take that size at all.
+    """
+    config = model.config
+    with torch.device("meta"):
+        probe = create_model(**config).eval()
+    with torch.no_grad():
+        x = torch.empty(1, config["in_channels"], *input_size, device="meta")
+        return tuple(int(s) for s in probe.forward_features(x).shape[2:])
+
+
+def downsampling_factor(model: ImbalanceClassifier, input_size: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Per spatial axis, how many input voxels one feature-map voxel spans (``S / S'`` on a large input,
+    64 times ``input_size``); ``None`` for networks that take only one size along some axis (e.g. the fixed
+    slice count of ``slice_channels``)."""
+    big = tuple(int(s) * 64 for s in input_size)
+    try:
+        fmap = feature_map_size(model, big)
+    except (RuntimeError, ValueError):
+        return None
+    return tuple(max(1, round(b / f)) for b, f in zip(big, fmap))

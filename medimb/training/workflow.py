@@ -444,6 +444,30 @@ def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int) -> dic
     }
 
 
+def check_network_input(model, preprocessing, network: str) -> None:
+    """Warn when the network input ``preprocessing.spatial_size`` is smaller than ``network``'s downsampling
+    factor along an axis (its last feature map is then 1 voxel there: global pooling sees padding, attention
+    maps have no resolution); raise :class:`UserError` when the network cannot take that size at all (it would
+    fail at the first batch)."""
+    from medimb.cli import UserError
+    from medimb.networks.model import downsampling_factor, feature_map_size
+
+    size = tuple(int(s) for s in preprocessing.spatial_size)
+    shown = "x".join(map(str, size))
+    try:
+        fmap = feature_map_size(model, size)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"network input {shown} is too small for --network {network}: {first}; "
+                        "use a larger --spatial-size") from exc
+    factor = downsampling_factor(model, size)
+    if factor is not None and any(s < f for s, f in zip(size, factor)):
+        logger.warning("network input %s is smaller than %s's downsampling factor %s: its last feature map is "
+                       "%s voxels, so the network sees little more than padding and attention maps have no "
+                       "resolution; use a larger --spatial-size or a network with less downsampling", shown,
+                       network, "x".join(map(str, factor)), "x".join(map(str, fmap)))
+
+
 def build_model(config: TrainConfig, splits: DataSplits):
     """``create_model`` for the data (channels, classes, dims) and the method's head."""
     pre = splits.preprocessing
@@ -485,8 +509,12 @@ def write_plots(pred: dict, class_names: list[str], plot_dir: Path) -> list[str]
         plots.plot_roc(y, proba, plot_dir / "roc.png", class_names=class_names),
         plots.plot_pr(y, proba, plot_dir / "pr.png", class_names=class_names),
         plots.plot_confusion_matrix(y, proba, plot_dir / "confusion_matrix.png", class_names=class_names),
-        plots.plot_embedding(pred["features"], y, plot_dir / "features_pca.png", class_names=class_names),
     ]
+    if len(y) >= 3:  # a projection needs 3 points; a tiny split still gets its other plots
+        written.append(plots.plot_embedding(pred["features"], y, plot_dir / "features_pca.png",
+                                            class_names=class_names))
+    else:
+        logger.warning("%d case(s) in the split: no feature projection plot (needs 3)", len(y))
     return [str(x) for x in written]
 
 
@@ -509,6 +537,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     splits = load_splits(config.data, cache=config.cache, cache_dir=out / "cache",
                          spatial_size=config.spatial_size, slices=config.slices)
     model = build_model(config, splits)
+    check_network_input(model, splits.preprocessing, config.network)
     write_json(out / "config.json", config.to_dict())
     method = config.method
     common = dict(seed=config.seed, amp=config.amp, num_workers=config.num_workers, resume=resume, progress=progress)
