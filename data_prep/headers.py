@@ -10,6 +10,7 @@ shared and per-frame functional groups. Problems become a :class:`FileIssue` wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import struct
@@ -112,7 +113,10 @@ _WANTED = set(_TAGS.values())
 
 def _tag(keyword: str | int) -> int | None:
     """A keyword (or a private name of :data:`PRIVATE_TAGS`) as its tag; an int is a tag already."""
-    return keyword if isinstance(keyword, int) else _TAGS.get(keyword) or tag_for_keyword(keyword)
+    if type(keyword) is int:
+        return keyword
+    tag = _TAGS.get(keyword)
+    return tag if tag is not None else tag_for_keyword(keyword)
 
 
 def _vr(tag: int, vr) -> str:
@@ -179,15 +183,19 @@ class FastHeader:
 
     def __init__(self, elements: dict):
         self._elements = elements
+        self._decoded: dict = {}  # each element is decoded once, however often it is asked for
         cs = elements.get(0x00080005)
         self._encoding = _encoding(cs[1] if cs else "")
 
     def get(self, keyword: str | int, default=None):
         tag = _tag(keyword)
-        item = self._elements.get(tag)
-        if item is None:
-            return default
-        return decode_value(_vr(tag, item[0]), item[1], "<", self._encoding, default)
+        try:
+            value = self._decoded[tag]
+        except KeyError:
+            item = self._elements.get(tag)
+            value = None if item is None else decode_value(_vr(tag, item[0]), item[1], "<", self._encoding)
+            self._decoded[tag] = value
+        return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -463,14 +471,18 @@ def _phi_values(ds) -> tuple:
         if v is None or v == "":
             return []
         return [str(x) for x in v] if isinstance(v, _MULTI) and not isinstance(v, str) else [str(v)]
+    return _identifying(tuple(x for kw in NAME_TAGS for x in strings(kw)),
+                        tuple(x for kw in ID_TAGS for x in strings(kw)),
+                        tuple(x for kw in INSTITUTION_TAGS for x in strings(kw)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _identifying(names: tuple, others: tuple, institutions: tuple) -> tuple:
+    """:func:`data_prep.deid.identifying_values`, once per distinct set of raw values (the files of
+    one study repeat them)."""
     from data_prep.deid import identifying_values
 
-    values = identifying_values(
-        name_values=[x for kw in NAME_TAGS for x in strings(kw)],
-        other_values=[x for kw in ID_TAGS for x in strings(kw)],
-        institution_values=[x for kw in INSTITUTION_TAGS for x in strings(kw)],
-    )
-    return tuple(sorted(values))
+    return tuple(sorted(identifying_values(names, others, institutions)))
 
 
 def _params(ds) -> dict:
