@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # pydicom's value-validation warnings quote DICOM values (a birth date, a name) and source paths:
     # they go through logging (shown with --verbose only) and every log line through the PHI scrubber
-    logging.getLogger("pydicom").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    # (pydicom's import resets its logger to WARNING, so import it first; decoder errors are in the report)
+    import pydicom  # noqa: F401
+
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL + 1)
     from data_prep.deid import install_log_scrubbing
 
     install_log_scrubbing()

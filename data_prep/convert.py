@@ -169,8 +169,10 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
     try:
         stacks = read_frames(root, frames)
     except PixelError as exc:
-        return [], [Issue("pixel_decode_error", scrubber.scrub(exc.detail), path=scrubber.scrub_path(exc.path),
-                          subject=plan.subject, session=plan.session, series=plan.label, action="failed")]
+        # a series-level failure (its files are counted in the series' outcome): the file is named
+        # in the detail, not as a file-level path
+        return [], [_series_issue(plan, "pixel_decode_error",
+                                  f"{scrubber.scrub_path(exc.path)}: {scrubber.scrub(exc.detail)}")]
     vol = to_volume(stacks, frames)
     del stacks
     affine = np.asarray(plan.affine)
@@ -190,7 +192,7 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
         write_nifti_atomic(nii, data, affine, slope, inter, pixdim4=pixdim4, compresslevel=options.compresslevel)
         written.append(nii)
         sc = build_sidecar(plan.params, modality=plan.modality, description=desc, series_number=number,
-                           scrub=scrub, extra=extra)
+                           scrub=scrubber.scrub_descriptor, extra=extra)
         write_json_atomic(side, sc)
         written.append(side)
         rows.append({

@@ -139,6 +139,7 @@ _DATE = re.compile(
     rf"|(?<![A-Za-z]){_MONTH_NAME}[ .-]*{_DAY},?[ .-]*{_YEAR4}(?![0-9])",  # April 7, 2022
     re.IGNORECASE,
 )
+_LONG_NUMBER = re.compile(r"[0-9]{6,}")
 #: words too generic to remove when they appear inside an institution's name
 _GENERIC_WORDS = frozenset("""
     hospital hospitals clinic clinics klinik klinikum clinique university universitat universitaet
@@ -212,6 +213,11 @@ class PhiScrubber:
         """UIDs and dates only, for coded values (PatientPosition, ImageType, ...): these come from
         the scanner's vocabulary, and a value that happens to equal a name part stays."""
         return _DATE.sub("[date]", _UID.sub("[uid]", str(text)))
+
+    def scrub_descriptor(self, text: object) -> str:
+        """:meth:`scrub` for descriptors (SeriesDescription, ProtocolName), which operators type:
+        also any run of 6 or more digits (an ID or a number the archive does not reveal as one)."""
+        return _LONG_NUMBER.sub("[id]", self.scrub(text))
 
     def scrub_path(self, rel_path: object) -> str:
         """An archive-relative path with identifying parts replaced (each component scrubbed)."""

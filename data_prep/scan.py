@@ -300,6 +300,7 @@ class _Planner:
         self.key = key
         self.scrub = scrubber.scrub
         self.scrub_path = scrubber.scrub_path
+        self.scrub_descriptor = scrubber.scrub_descriptor
         self.issues: list[Issue] = []
         self.plans: list[SeriesPlan] = []
         self.outcomes: list[SeriesOutcome] = []
@@ -313,14 +314,14 @@ class _Planner:
         return len(new)
 
     def run(self) -> None:
+        # grouped by pseudonym and stripped UIDs: IDs that differ only in padding are one subject
         by_subject: dict[str, list[FileHeader]] = defaultdict(list)
         for h in self.headers:
-            by_subject[h.patient_id].append(h)
-        for pid, hs in by_subject.items():
-            subject = deid.pseudonymize(pid, self.key)
+            by_subject[deid.pseudonymize(h.patient_id, self.key)].append(h)
+        for subject, hs in by_subject.items():
             studies: dict[str, list[FileHeader]] = defaultdict(list)
             for h in hs:
-                studies[h.study_uid].append(h)
+                studies[h.study_uid.strip()].append(h)
             order = sorted(studies, key=lambda uid: (min(h.study_datetime for h in studies[uid]), deid.keyed_hash(uid, self.key)))
             for n, uid in enumerate(order, start=1):
                 self._study(subject, f"ses-{n}", studies[uid])
@@ -328,7 +329,7 @@ class _Planner:
     def _study(self, subject, session, headers):
         series: dict[str, list[FileHeader]] = defaultdict(list)
         for h in headers:
-            series[h.series_uid].append(h)
+            series[h.series_uid.strip()].append(h)
         study_plans = []
         used_labels: set[str] = set()
         for uid in sorted(series, key=lambda u: (_series_number(series[u]) or 0, deid.keyed_hash(u, self.key))):
@@ -344,7 +345,7 @@ class _Planner:
 
     def _label(self, headers, used_labels) -> str:
         h0 = min(headers, key=lambda h: h.path)
-        base = _series_label(_series_number(headers), self.scrub(h0.description))
+        base = _series_label(_series_number(headers), self.scrub_descriptor(h0.description))
         label, i = base, 2
         while label in used_labels:
             label = f"{base}-{i}"
@@ -475,7 +476,7 @@ class _Planner:
         affine = affine_ras(first[0].position, first[-1].position, first[0].orientation, first[0].spacing,
                             len(first), single_slice_spacing=single)
         number = _series_number([head_of[f.path] for f in first])
-        description = deid.sanitize_label(self.scrub(h0.description), max_len=64, fallback="")
+        description = deid.sanitize_label(self.scrub_descriptor(h0.description), max_len=64, fallback="")
         params = dict(h0.params, SliceThickness=h0.slice_thickness, SpacingBetweenSlices=h0.spacing_between_slices,
                       ImageType=list(h0.image_type), **entities)
         if first[0].frame is not None and first[0].echo is not None:  # enhanced: the frame's echo time
@@ -544,6 +545,12 @@ def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiSc
     planner = _Planner(headers, key, scrubber)
     planner.run()
     planner.plans.sort(key=lambda p: (p.subject, p.session, p.label))
+    taken: set[tuple] = set()
+    for plan in planner.plans:  # output names must be unique, whatever the headers say
+        base, n = plan.label, 2
+        while (plan.subject, plan.session, plan.label) in taken:
+            plan.label, n = f"{base}-{n}", n + 1
+        taken.add((plan.subject, plan.session, plan.label))
     return planner.plans, planner.issues, planner.outcomes
 
 
