@@ -350,7 +350,6 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         else:
             todo.append(plan)
     todo.sort(key=lambda p: -p.n_slices)  # big series first: better load balance
-    by_id = {p.task_id: p for p in todo}
 
     def collect(plan, r, i):
         rows.extend(r)
@@ -375,7 +374,7 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         else:
             for a in args:
                 _, r, i = _task(a)
-                collect(by_id[a[0].task_id], r, i)
+                collect(a[0], r, i)
         complete = True
     finally:
         bar.close()

@@ -482,7 +482,7 @@ class _Planner:
         if first[0].frame is not None and first[0].echo is not None:  # enhanced: the frame's echo time
             params["EchoTime"] = first[0].echo
         plan = SeriesPlan(
-            task_id=deid.keyed_hash(f"{uid}|{label}", self.key, digits=16),
+            task_id=deid.keyed_hash(f"{subject}|{session}|{uid}|{label}", self.key, digits=16),
             subject=subject, session=session, label=label, modality=h0.modality,
             description=description, series_number=number,
             phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description)
