@@ -387,7 +387,12 @@ class _Planner:
             return []
         # split by echo and image part (magnitude/phase, water/fat, field map): separate volumes,
         # named with BIDS-like entities, never phases of one series
-        echoes = sorted({f.echo for f in frames}, key=lambda e: (e is None, e))
+        # echoes numbered in acquisition order: for an enhanced file the order of its frames (a Philips
+        # field map stores the magnitude echo before the derived field map, whose echo time is 0)
+        first_frame = {}
+        for f in frames:
+            first_frame[f.echo] = min(first_frame.get(f.echo, f.frame or 0), f.frame or 0)
+        echoes = sorted(first_frame, key=lambda e: (first_frame[e], e is None, e))
         parts = sorted({f.part for f in frames})
         out = []
         for e_idx, echo in enumerate(echoes, start=1):

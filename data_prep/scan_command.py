@@ -30,7 +30,7 @@ def series_rows(result) -> list[dict]:
         spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
         rows.append({
             "subject": p.subject, "session": p.session, "series": p.label, "series_number": p.series_number,
-            "modality": p.modality, "description": p.description, "slices": len(p.phases[0].frames),
+            "modality": p.modality, "kind": p.kind, "description": p.description, "slices": len(p.phases[0].frames),
             "size": list(p.shape[:2]), "spacing": [round(float(s), 4) for s in spacing],
             "phases": len(p.phases), "phase_times_s": [ph.time_s for ph in p.phases] if p.dce else [],
             "files": p.n_files,
@@ -39,8 +39,8 @@ def series_rows(result) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["subject", "session", "series", "mod", "description", "slices", "size", "spacing (mm)", "phases"]
-    lines = [[r["subject"], r["session"], r["series"], r["modality"], r["description"] or "-", str(r["slices"]),
+    head = ["subject", "session", "series", "mod", "kind", "description", "slices", "size", "spacing (mm)", "phases"]
+    lines = [[r["subject"], r["session"], r["series"], r["modality"], r["kind"], r["description"] or "-", str(r["slices"]),
               "x".join(map(str, r["size"])), "x".join(f"{s:.3g}" for s in r["spacing"]), str(r["phases"])]
              for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
