@@ -2,10 +2,12 @@
 
 ``scan_archive(root)`` walks the folders (symlink loops detected), reads every file's header in
 parallel (:mod:`data_prep.headers`), groups frames by subject / study / series, splits a series by
-echo, orientation and size where needed, detects localizers and DCE phases (within one series by
-temporal position / trigger / acquisition time; across series of one study with identical geometry
-and sequence parameters), sorts slices along the normal and validates spacing. The result is a
-list of picklable :class:`SeriesPlan` (one conversion task each) and a list of report issues.
+echo, image part (magnitude/phase/water/fat/field map), plane, matrix and pixel spacing, groups the
+rest into volumes (diffusion weightings via :mod:`data_prep.diffusion`, repeats by time), tells
+DCE, other time series and DWI apart (:func:`_series_kind`), merges one-series-per-phase DCE
+(identical geometry and sequence), sorts slices along the normal and validates spacing. The result
+is a list of picklable :class:`SeriesPlan` (one conversion task each), a list of report issues and
+what became of every series that was not planned (:class:`SeriesOutcome`).
 No UIDs or PHI leave this module except inside the plan's internal fields.
 """
 
@@ -25,7 +27,6 @@ from data_prep import deid
 from data_prep.diffusion import DiffusionError, dwi_volumes
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
-
 from data_prep.report import Issue
 
 log = logging.getLogger("data_prep.scan")
@@ -119,6 +120,7 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
     root = os.path.abspath(root)
     files, issues = [], []
     seen_dirs = set()
+
     def unreadable(exc: OSError) -> None:
         issues.append(Issue("unreadable", f"folder cannot be listed ({exc.strerror or type(exc).__name__})",
                             path=os.path.relpath(exc.filename or root, root), action="not_followed"))
