@@ -333,7 +333,12 @@ def convert_archive(root: str, out: str, workers: int = 1, key: str | None = Non
 
 
 def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
-    scan = scan or scan_archive(root, key=key, progress=progress, pool=pool)
+    if scan is None:
+        try:
+            scan = scan_archive(root, key=key, progress=progress, pool=pool)
+        except KeyboardInterrupt:  # stopped while reading headers: say so, nothing else is known yet
+            write_json_atomic(Path(out) / "report.json", {"complete": False, "interrupted_during": "scan"})
+            raise
     deid.set_log_scrubber(scan.scrubber, root)
     if deid.is_public_key(key) and not scan.synthetic:
         log.warning(deid.PUBLIC_KEY_WARNING)
@@ -363,14 +368,19 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         args = [(p, root, out, options, scrub_values) for p in todo]
         if pool is not None and len(todo) > 1:
             futures = {pool.submit(_task, a): a[0] for a in args}
-            for f in as_completed(futures):
-                plan = futures[f]
-                try:
-                    _, r, i = f.result()
-                except Exception as exc:  # a worker died (killed, out of memory): that series only
-                    r, i = [], [_series_issue(plan, "internal_error",
-                                              f"the worker process converting this series died ({type(exc).__name__})")]
-                collect(plan, r, i)
+            try:
+                for f in as_completed(futures):
+                    plan = futures[f]
+                    try:
+                        _, r, i = f.result()
+                    except Exception as exc:  # a worker died (killed, out of memory): that series only
+                        r, i = [], [_series_issue(plan, "internal_error", "the worker process converting "
+                                                  f"this series died ({type(exc).__name__})")]
+                    collect(plan, r, i)
+            except BaseException:  # interrupted: queued series are not started (the pool would wait for them)
+                for f in futures:
+                    f.cancel()
+                raise
         else:
             for a in args:
                 _, r, i = _task(a)

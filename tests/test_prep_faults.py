@@ -116,3 +116,13 @@ def test_a_half_written_series_leaves_no_files(archive, tmp_path, monkeypatch):
     assert result.rows == [] and {i.reason for i in result.issues} >= {"write_error"}
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
     monkeypatch.setattr(convert_module, "build_sidecar", real)
+
+
+def test_interrupted_scan_still_leaves_a_report(archive, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "scan_archive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_archive(str(archive), str(tmp_path / "out"), progress=False)
+    assert _report(tmp_path / "out") == {"complete": False, "interrupted_during": "scan"}
