@@ -125,13 +125,13 @@ def check_volume(data: np.ndarray, affine: np.ndarray, slope: float, inter: floa
 
 
 def convert_series(plan: SeriesPlan, root: str, out: str, options: ConvertOptions,
-                   scrub_values: tuple = ()) -> tuple[list[dict], list[Issue]]:
+                   scrubber: deid.PhiScrubber | None = None) -> tuple[list[dict], list[Issue]]:
     """Assemble, check and write every output of one plan; returns manifest rows and issues.
 
     Never raises: an unexpected error becomes an ``internal_error`` issue of this series, and any
     output of the series already written is removed (no half-converted series is left behind).
     """
-    scrubber = deid.PhiScrubber(scrub_values)
+    scrubber = scrubber or deid.PhiScrubber()
     deid.set_log_scrubber(scrubber, root)
     written: list[Path] = []
     try:
@@ -257,8 +257,8 @@ def _resume_rows(out: str, plan: SeriesPlan, options: ConvertOptions) -> list[di
 
 
 def _task(args):
-    plan, root, out, options, scrub_values = args
-    rows, issues = convert_series(plan, root, out, options, scrub_values)
+    plan, root, out, options, scrubber = args
+    rows, issues = convert_series(plan, root, out, options, scrubber)
     if rows and not issues:
         try:
             write_json_atomic(_marker(out, plan), {"options": asdict(options), "rows": rows})
@@ -342,7 +342,6 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
     deid.set_log_scrubber(scan.scrubber, root)
     if deid.is_public_key(key) and not scan.synthetic:
         log.warning(deid.PUBLIC_KEY_WARNING)
-    scrub_values = tuple(scan.scrubber.values)
     issues = list(scan.issues)
     outcomes: list[SeriesOutcome] = list(scan.outcomes)
     rows: list[dict] = []
@@ -365,7 +364,7 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
     complete = False
     bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress)
     try:
-        args = [(p, root, out, options, scrub_values) for p in todo]
+        args = [(p, root, out, options, scan.scrubber) for p in todo]
         if pool is not None and len(todo) > 1:
             futures = {pool.submit(_task, a): a[0] for a in args}
             try:

@@ -197,9 +197,10 @@ class PhiScrubber:
     whole tokens, longest first. :meth:`scrub` is idempotent and never fails.
     """
 
-    def __init__(self, values=()):
+    def __init__(self, values=(), key: str | None = None):
         vals = sorted({str(v).strip() for v in values if v and len(str(v).strip()) >= 2}, key=len, reverse=True)
         self.values = tuple(vals)
+        self.key = key
         self._pattern = re.compile("|".join(_value_pattern(v) for v in vals), re.IGNORECASE) if vals else None
 
     def scrub(self, text: object) -> str:
@@ -220,8 +221,25 @@ class PhiScrubber:
         return _LONG_NUMBER.sub("[id]", self.scrub(text))
 
     def scrub_path(self, rel_path: object) -> str:
-        """An archive-relative path with identifying parts replaced (each component scrubbed)."""
-        return "/".join(self.scrub(part) for part in str(rel_path).replace(os.sep, "/").split("/"))
+        """An archive-relative path with identifying parts replaced, component by component.
+
+        A component in which nothing is found stays as it is. A file name with a UID, name or date in
+        it keeps the rest (``0001_[uid].dcm``); a folder name with a name, ID or date in it (a patient
+        folder such as ``SMITH JOHN 12.03.1947``, where the folder may hold words no header does) is
+        replaced whole. Either way ``~`` and 8 hex digits of HMAC(key, original component) follow,
+        so different files stay different in the report and whoever holds the key can match a
+        candidate folder or file name."""
+        parts = str(rel_path).replace(os.sep, "/").split("/")
+        out = []
+        for n, part in enumerate(parts):
+            cleaned = self.scrub(part)
+            if cleaned != part:
+                is_folder = n < len(parts) - 1
+                if is_folder and cleaned != _UID.sub("[uid]", part):
+                    cleaned = "[removed]"  # more than UIDs found in a folder name: drop all of it
+                cleaned = f"{cleaned}~{keyed_hash(part, self.key, 8)}"
+            out.append(cleaned)
+        return "/".join(out)
 
 
 # -------------------------------------------------------------------------------- logs and warnings

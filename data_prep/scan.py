@@ -589,7 +589,7 @@ def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: 
     headers = [r for r in results if isinstance(r, FileHeader)]
     file_issues = [r for r in results if isinstance(r, FileIssue)]
     _share_repeated_values(headers)
-    scrubber = deid.PhiScrubber(v for r in (*headers, *file_issues) for v in r.phi)
+    scrubber = deid.PhiScrubber((v for r in (*headers, *file_issues) for v in r.phi), key=key)
     issues = [Issue(i.reason, scrubber.scrub(i.detail), path=scrubber.scrub_path(i.path), action=i.action)
               for i in walk_issues]
     for r in file_issues:

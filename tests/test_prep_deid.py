@@ -49,8 +49,14 @@ def test_coded_values_are_not_name_scrubbed(scrubber):
 
 
 def test_paths_are_scrubbed_per_component(scrubber):
-    assert scrubber.scrub_path("HFS_Zqxgiven/ZQX1234567/1.2.840.10008.1.2.3.4") == \
-        "[removed]_[removed]/[removed]/[uid]"
+    path = scrubber.scrub_path("Zqxgiven Smith 12.03.1947/SE0004/1.2.840.10008.1.2.3.4/0001_1.2.840.10008.9.9.dcm")
+    folder, series, uid_folder, name = path.split("/")
+    assert folder.startswith("[removed]~") and len(folder) == len("[removed]~") + 8  # Smith: not in any header
+    assert series == "SE0004"  # nothing identifying: unchanged
+    assert uid_folder.startswith("[uid]~") and name.startswith("0001_[uid].dcm~")
+    other = scrubber.scrub_path("Zqxgiven Smith 12.03.1947/SE0004/1.2.840.10008.1.2.3.4/0001_1.2.840.10008.9.8.dcm")
+    assert other != path  # different files stay different in the report
+    assert "Smith" not in path and "1947" not in path
 
 
 def test_key_sources(tmp_path, monkeypatch):
