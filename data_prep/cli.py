@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "data_prep.scan_command",
     "data_prep.convert_command",
     "data_prep.datalist_command",
+    "data_prep.locate_command",
 )
 
 

@@ -232,14 +232,35 @@ class PhiScrubber:
         parts = str(rel_path).replace(os.sep, "/").split("/")
         out = []
         for n, part in enumerate(parts):
+            is_folder = n < len(parts) - 1
             cleaned = self.scrub(part)
+            if is_folder and cleaned != _UID.sub("[uid]", part):
+                cleaned = "[removed]"  # more than UIDs found in a folder name: drop all of it
+            elif not _generic(cleaned):  # words we cannot vouch for (a name no header holds?)
+                stem, dot, ext = cleaned.rpartition(".")
+                cleaned = "[folder]" if is_folder else f"[file].{ext}" if dot and _generic(ext) else "[file]"
             if cleaned != part:
-                is_folder = n < len(parts) - 1
-                if is_folder and cleaned != _UID.sub("[uid]", part):
-                    cleaned = "[removed]"  # more than UIDs found in a folder name: drop all of it
                 cleaned = f"{cleaned}~{keyed_hash(part, self.key, 8)}"
             out.append(cleaned)
         return "/".join(out)
+
+
+#: words a DICOM export's folder and file names are made of; report paths keep a name only when each
+#: of its words of 3+ letters is one of these or looks hexadecimal (``ST078E4E``), so a patient's name
+#: that no header holds still never reaches a report
+EXPORT_WORDS = frozenset("""
+    dicom dcm dicomdir ima img image images series ser study studies export exports data scan scans
+    archive exam exams mri mrs dyn dce dwi dti adc flair sag cor tra axial coronal sagittal loc localizer
+    survey scout pre post sub ses anat func fmap perf phase echo mag map maps part raw src
+    txt json xml csv zip pdf jpg jpeg png bmp nii log
+    """.split())
+_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
+def _generic(name: str) -> bool:
+    """Whether a (scrubbed) path component is made only of digits, short codes and export words."""
+    name = name.replace("[uid]", "").replace("[date]", "").replace("[id]", "")
+    return all(w.lower() in EXPORT_WORDS or re.fullmatch(r"[A-Fa-f]+", w) for w in _WORD.findall(name))
 
 
 # -------------------------------------------------------------------------------- logs and warnings

@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from data_prep.convert import convert_archive
+from data_prep.deid import PhiScrubber
 
 
 def _files(folder):
@@ -83,16 +84,17 @@ def test_every_bad_input_has_a_reason_and_the_rest_converts(bad_archive, tmp_pat
     report = json.loads((out / "report.json").read_text())
     by_path = {i.get("path"): i["reason"] for i in report["issues"] if i.get("path")}
     by_series = {i["series"]: i["reason"] for i in report["issues"] if i.get("series") and not i.get("path")}
-    assert by_path["junk/empty.dcm"] == "empty_file"
-    assert by_path["junk/notes.txt"] == "not_dicom"
-    assert by_path["junk/trunc"] == "truncated"
-    assert by_path["junk/locked"] == "unreadable"
-    assert by_path["junk/loop"] == "symlink_loop"
-    assert by_path["junk/self"] == "symlink_loop"
+    shown = PhiScrubber().scrub_path  # report paths: words that are not DICOM-export words are tokens
+    assert by_path[shown("junk/empty.dcm")] == "empty_file"
+    assert by_path[shown("junk/notes.txt")] == "not_dicom"
+    assert by_path[shown("junk/trunc")] == "truncated"
+    assert by_path[shown("junk/locked")] == "unreadable"
+    assert by_path[shown("junk/loop")] == "symlink_loop"
+    assert by_path[shown("junk/self")] == "symlink_loop"
     assert by_series["s002-gap"] == "missing_slice"
     assert by_series["s003-dup"] == "duplicate_slice_position"
-    assert by_path["orient/stray"] == "inconsistent_orientation"
-    assert by_path["size/stray"] == "inconsistent_size"
+    assert by_path[shown("orient/stray")] == "inconsistent_orientation"
+    assert by_path[shown("size/stray")] == "inconsistent_size"
     with open(out / "manifest.csv", newline="") as fh:
         rows = {r["series"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"s001-good", "s004-orient", "s005-size", "s006-passwd"}
@@ -135,7 +137,7 @@ def test_dicomdir_and_non_image_objects_reported(tmp_path, dicom_series):
     meta2.TransferSyntaxUID = ExplicitVRLittleEndian
     sr = FileDataset(None, {}, file_meta=meta2, preamble=b"\0" * 128)
     sr.SOPClassUID, sr.Modality = meta2.MediaStorageSOPClassUID, "SR"
-    sr.save_as(tmp_path / "arc" / "report.sr", enforce_file_format=True)
+    sr.save_as(tmp_path / "arc" / "IM0002.sr", enforce_file_format=True)
     res = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), progress=False)
-    assert sorted((i.path, i.reason) for i in res.issues) == [("DICOMDIR", "dicomdir"), ("report.sr", "not_an_image")]
+    assert sorted((i.path, i.reason) for i in res.issues) == [("DICOMDIR", "dicomdir"), ("IM0002.sr", "not_an_image")]
     assert res.converted == 1

@@ -140,3 +140,21 @@ def test_library_warnings_are_scrubbed(tmp_path):
         logging.captureWarnings(False)
     text = stream.getvalue()
     assert "ARCHIVE/[removed]/[uid]" in text and "ZQXNAME" not in text and str(tmp_path) not in text
+
+
+def test_report_paths_hide_unknown_words_and_locate_finds_them(tmp_path, dicom_series):
+    from data_prep.convert import convert_archive
+    from data_prep.locate_command import locate
+
+    arc = tmp_path / "arc"
+    dicom_series(arc / "Zqxname, Zqxgiven" / "SE0001", patient_name="HFS^X")  # the folder's name: in no header
+    (arc / "Zqxname, Zqxgiven" / "SE0001" / "notes.txt").write_text("junk\n")
+    convert_archive(str(arc), str(tmp_path / "out"), key="k", progress=False)
+    report = (tmp_path / "out" / "report.json").read_text()
+    assert "zqx" not in report.lower()
+    [issue] = json.loads(report)["issues"]
+    folder, series, name = issue["path"].split("/")
+    assert folder.startswith("[folder]~") and series == "SE0001" and name.startswith("[file].txt~")
+    assert locate(str(arc), [name], "k") == ["Zqxname, Zqxgiven/SE0001/notes.txt"]
+    assert len(locate(str(arc), [folder], "k")) == len(list((arc / "Zqxname, Zqxgiven" / "SE0001").iterdir()))
+    assert locate(str(arc), [folder], "another key") == []
