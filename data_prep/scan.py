@@ -282,6 +282,14 @@ def _series_number(headers) -> int | None:
     return numbers.most_common(1)[0][0] if numbers else None
 
 
+def _typical_header(headers: list[FileHeader]) -> FileHeader:
+    """The first header whose acquisition parameters most files share: one damaged file must not
+    speak for its series in the sidecar."""
+    key = [repr(sorted(h.params.items())) for h in headers]
+    common = Counter(key).most_common(1)[0][0]
+    return headers[key.index(common)]
+
+
 def _series_label(number, description) -> str:
     num = f"s{int(number):03d}" if number is not None else "s000"
     return f"{num}-{deid.sanitize_label(description, max_len=30, fallback='series')}"
@@ -484,6 +492,7 @@ class _Planner:
                             len(first), single_slice_spacing=single)
         number = _series_number([head_of[f.path] for f in first])
         description = deid.sanitize_label(self.scrub_descriptor(h0.description), max_len=64, fallback="")
+        h0 = _typical_header([head_of[f.path] for f in first])
         params = dict(h0.params, SliceThickness=h0.slice_thickness, SpacingBetweenSlices=h0.spacing_between_slices,
                       ImageType=list(h0.image_type), **entities)
         if first[0].frame is not None and first[0].echo is not None:  # enhanced: the frame's echo time

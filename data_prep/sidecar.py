@@ -7,10 +7,16 @@ DCE outputs add ``PhaseIndex``/``PhaseTime`` (s after the first phase) or, for 4
 
 from __future__ import annotations
 
+import re
+
 import data_prep
 from data_prep.deid import PhiScrubber
 
 _RENAME = {"ManufacturerModelName": "ManufacturersModelName"}  # dcm2niix's spelling
+#: sidecar keys whose DICOM VR is CS (code strings)
+_CODED = {"ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "BodyPartExamined",
+          "PatientPosition", "ImageType"}
+_CS = re.compile(r"[A-Z0-9 _]{0,16}")
 _MS_TO_S = ("EchoTime", "RepetitionTime", "InversionTime")
 _COPY = (
     "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ImagingFrequency", "ScanningSequence",
@@ -38,6 +44,10 @@ def build_sidecar(params: dict, *, modality: str, description: str, series_numbe
         if v is None or v == "" or v == []:
             continue
         k = _RENAME.get(k, k)
+        if k in _CODED:  # DICOM CS: upper-case letters, digits, space and _ only; anything else is damage
+            values = v if isinstance(v, list) else [v]
+            if not all(isinstance(x, str) and _CS.fullmatch(x) for x in values):
+                continue
         coded = PhiScrubber.scrub_coded
         out[k] = [coded(x) for x in v] if isinstance(v, list) else (coded(v) if isinstance(v, str) else v)
     for k in _MS_TO_S:
