@@ -53,7 +53,7 @@ class SafePersistentDataset(PersistentDataset):
     A cache file is read with ``torch.load(weights_only=True)``, allowing only :data:`CACHE_SAFE_GLOBALS`.
     A file that fails that load for any reason (planted pickle, truncated, foreign) is deleted and the item
     recomputed from its source, with a warning; MONAI's own loader re-raises several of these errors and,
-    with ``weights_only=False``, would execute whatever a planted file holds.
+    when unrestricted unpickling is allowed, would execute whatever a planted file holds.
     """
 
     def __init__(self, data, transform, cache_dir) -> None:
