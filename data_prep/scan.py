@@ -33,7 +33,6 @@ log = logging.getLogger("data_prep.scan")
 
 #: a stray orientation group with at least this many slices is kept as its own volume
 MIN_STACK_SLICES = 4
-DCE_WORDS = ("dce", "dyn", "phase", "pre", "post", "vibrant", "thrive", "twist", "contrast")
 
 
 #: what a plan becomes: one 3D ``image``; ``dce`` (contrast dynamics, one 3D volume per phase);
