@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from medimb.networks import (
+    DEFAULT_MODEL,
     CheckpointError,
+    backbone_defaults,
     create_model,
     freeze_backbone,
     list_models,
     load_checkpoint,
     predict_proba,
     rebalance_classifier,
+    register_backbone,
     save_checkpoint,
     tau_normalize,
 )
+from medimb.networks import registry
+from medimb.networks.model import feature_map_size
 
 torch.set_num_threads(1)
 
@@ -212,3 +219,61 @@ def test_cpunet_stems_halve_then_stride(spatial_dims, stem_width):
                          widths=(4, 8, 16), depths=(1, 0, 1))
     fmap = model.forward_features(torch.randn(2, 1, *([28] * spatial_dims)))
     assert fmap.shape == (2, 16, *([4] * spatial_dims))  # 28 -> 14 -> 7 -> 4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_backbone_takes_its_registered_default_input(name):
+    defaults = backbone_defaults(name)
+    if defaults.input_layout == "3d":
+        assert len(defaults.default_size) == 3 and defaults.slices is None
+    else:
+        assert len(defaults.default_size) == 2 and defaults.slices >= 1
+        assert defaults.input_size == (defaults.slices, *defaults.default_size)
+    model = create_model(name, in_channels=1, num_classes=2)
+    fmap = feature_map_size(model, defaults.input_size)  # shape inference on the meta device
+    assert len(fmap) == 3 and min(fmap) >= 1
+
+
+def test_cli_default_input_is_the_registered_one():
+    assert backbone_defaults(DEFAULT_MODEL).default_size == (64, 64, 64)  # the CLI's datalist default
+    assert backbone_defaults(DEFAULT_MODEL).orientation == "RAS"
+    # slice_channels builds for its registered slab depth unless told otherwise
+    k = backbone_defaults("slice_channels").slices
+    assert create_model("slice_channels", in_channels=1, num_classes=2).backbone.num_slices == k
+
+
+@pytest.fixture
+def scratch_backbone():
+    """Registers backbones under test names and removes them again, so other tests see the real registry."""
+    names = []
+
+    def register(name, **defaults):
+        names.append(name)
+        return register_backbone(name, **defaults)
+
+    yield register
+    for name in names:
+        registry._BACKBONES.pop(name, None)
+        registry._DEFAULTS.pop(name, None)
+
+
+def test_register_backbone_checks_its_defaults_and_create_model_applies_default_kwargs(scratch_backbone):
+    with pytest.raises(ValueError, match="input_layout"):
+        scratch_backbone("_t_layout", input_layout="2d", default_size=(8, 8, 8))
+    with pytest.raises(ValueError, match="3-entry default_size"):
+        scratch_backbone("_t_size", default_size=(8, 8))
+    with pytest.raises(ValueError, match="slices >= 1"):
+        scratch_backbone("_t_slices", input_layout="2.5d", default_size=(8, 8))
+    with pytest.raises(ValueError, match="axcodes"):
+        scratch_backbone("_t_orient", default_size=(8, 8, 8), orientation="RAR")
+    with pytest.raises(KeyError, match="cpunet"):
+        backbone_defaults("_t_unknown")
+    scratch_backbone("_t_tiny", default_size=(8, 8, 8), orientation="sar",
+                     default_kwargs={"widths": (4, 8), "depths": (1, 1)})(registry.get_backbone_builder("cpunet"))
+    assert backbone_defaults("_t_tiny").orientation == "SAR"
+    model = create_model("_t_tiny", in_channels=1, num_classes=2)
+    assert model.backbone.num_features == 8 and model.config["widths"] == [4, 8]
+    assert create_model("_t_tiny", in_channels=1, num_classes=2, widths=(4, 6)).backbone.num_features == 6
+    assert create_model(**model.config).config == model.config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backbone_defaults("_t_tiny").default_size = (1, 1, 1)

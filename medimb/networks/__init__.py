@@ -32,12 +32,12 @@ from medimb.networks.model import (
     rebalance_classifier,
     unfreeze_backbone,
 )
-from medimb.networks.registry import list_models, register_backbone
+from medimb.networks.registry import BackboneDefaults, backbone_defaults, list_models, register_backbone
 
 __all__ = [
-    "CMSLHead", "CheckpointError", "CosineHead", "DEFAULT_MODEL", "EmbeddingHead", "HEADS",
-    "ImbalanceClassifier", "LWSHead", "LinearHead", "REBALANCE_METHODS", "TauNormHead", "create_head",
-    "create_model", "freeze_backbone", "list_models", "load_checkpoint", "predict_proba",
+    "BackboneDefaults", "CMSLHead", "CheckpointError", "CosineHead", "DEFAULT_MODEL", "EmbeddingHead", "HEADS",
+    "ImbalanceClassifier", "LWSHead", "LinearHead", "REBALANCE_METHODS", "TauNormHead", "backbone_defaults",
+    "create_head", "create_model", "freeze_backbone", "list_models", "load_checkpoint", "predict_proba",
     "read_checkpoint_file", "rebalance_classifier", "register_backbone", "save_checkpoint", "tau_normalize",
     "unfreeze_backbone", "write_checkpoint_file",
 ]

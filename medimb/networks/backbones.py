@@ -17,6 +17,9 @@ from torch import nn
 
 from medimb.networks.registry import register_backbone
 
+#: registered default input of the 3D backbones (``medimb.networks.backbone_defaults``), RAS axis order; the
+#: 2.5D backbones (:mod:`medimb.networks.slices`) take its first two entries in-plane
+DEFAULT_VOLUME_SIZE = (64, 64, 64)
 
 def global_avg_pool(feature_map: torch.Tensor) -> torch.Tensor:
     """``(B, F, *S') -> (B, F)`` mean over all spatial positions."""
@@ -237,13 +240,13 @@ class MonaiDenseNet(Backbone):
         return self.act(self.features(x))
 
 
-@register_backbone("cpunet")
+@register_backbone("cpunet", default_size=DEFAULT_VOLUME_SIZE)
 def cpunet(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
     """The default network (:class:`CPUNet`): >= 80 volumes/s training at 28^3 on 2 CPU cores."""
     return CPUNet(in_channels, spatial_dims, **kwargs)
 
 
-@register_backbone("plain_cnn")
+@register_backbone("plain_cnn", default_size=DEFAULT_VOLUME_SIZE)
 def plain_cnn(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
     """The plain 4-stage 16-128-channel CNN baseline (:class:`PlainCNN`)."""
     return PlainCNN(in_channels, spatial_dims, **kwargs)
@@ -254,7 +257,7 @@ def _register_resnet(name: str, layers: tuple[int, int, int, int]) -> None:
         return MonaiResNet(in_channels, spatial_dims, layers=layers, **kwargs)
 
     build.__doc__ = f"MONAI {name} (basic blocks {layers}), small widths by default."
-    register_backbone(name)(build)
+    register_backbone(name, default_size=DEFAULT_VOLUME_SIZE)(build)
 
 
 _register_resnet("resnet10", (1, 1, 1, 1))
@@ -262,7 +265,7 @@ _register_resnet("resnet18", (2, 2, 2, 2))
 _register_resnet("resnet34", (3, 4, 6, 3))
 
 
-@register_backbone("densenet121")
+@register_backbone("densenet121", default_size=DEFAULT_VOLUME_SIZE)
 def densenet121(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
     """MONAI DenseNet121 block layout (6, 12, 24, 16) with a small growth rate for CPU."""
     return MonaiDenseNet(in_channels, spatial_dims, **kwargs)

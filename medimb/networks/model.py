@@ -17,7 +17,7 @@ import medimb.networks.backbones  # noqa: F401  (registers the backbones)
 import medimb.networks.slices  # noqa: F401
 from medimb.networks.backbones import Backbone
 from medimb.networks.heads import HEADS, EmbeddingHead, LWSHead, TauNormHead, create_head
-from medimb.networks.registry import get_backbone_builder
+from medimb.networks.registry import backbone_defaults, get_backbone_builder
 
 DEFAULT_MODEL = "cpunet"
 REBALANCE_METHODS = ("crt", "lws", "tau_norm")
@@ -122,7 +122,8 @@ def create_model(
         global_pool: how the feature map becomes the feature vector: ``"avg"`` (default), ``"max"`` or
             ``"avgmax"`` (see ``medimb.networks.backbones.GLOBAL_POOLS``); recorded in ``config``
             when not the default. Backbones with their own pooling (``slice_pool``) accept only ``"avg"``.
-        **kwargs: backbone arguments, e.g. ``widths=(24, 48, 96)``.
+        **kwargs: backbone arguments, e.g. ``widths=(24, 48, 96)``, over the backbone's registered
+            ``default_kwargs`` (:func:`medimb.networks.backbone_defaults`).
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -132,6 +133,7 @@ def create_model(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if head not in HEADS:
         raise KeyError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
+    kwargs = {**backbone_defaults(name).default_kwargs, **kwargs}
     backbone = get_backbone_builder(name)(in_channels, spatial_dims, **kwargs)
     if global_pool != "avg":
         if type(backbone).pool is not Backbone.pool:

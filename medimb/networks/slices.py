@@ -18,8 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from medimb.networks.backbones import Backbone
-from medimb.networks.registry import get_backbone_builder, register_backbone
+from medimb.networks.backbones import DEFAULT_VOLUME_SIZE, Backbone
+from medimb.networks.registry import backbone_defaults, get_backbone_builder, register_backbone
+
+#: registered slab depths K (``--slices``): ``slice_channels`` stacks 3 adjacent slices as channels (also its
+#: ``num_slices`` unless given); ``slice_pool`` takes any K, and its default 32 holds every slice of the demo
+#: archive's scans (``medimb-prep synth``: 24-32 slices at native spacing); raise it for scans with more slices
+SLICE_CHANNELS_K = 3
+SLICE_POOL_K = 32
 
 
 def _check_volume(x: torch.Tensor, name: str) -> None:
@@ -119,15 +125,19 @@ class SlicePool(Backbone):
         return torch.einsum("bfd,bd->bf", per_slice, self.slice_weights(feature_map))
 
 
-@register_backbone("slice_channels")
-def slice_channels(in_channels: int, spatial_dims: int = 3, num_slices: int = 3, **kwargs) -> Backbone:
-    """2.5D (a): ``num_slices`` adjacent slices as channels into a 2D encoder (:class:`SliceChannels`)."""
+@register_backbone("slice_channels", input_layout="2.5d", default_size=DEFAULT_VOLUME_SIZE[:2],
+                   slices=SLICE_CHANNELS_K)
+def slice_channels(in_channels: int, spatial_dims: int = 3, num_slices: int | None = None, **kwargs) -> Backbone:
+    """2.5D (a): ``num_slices`` adjacent slices as channels into a 2D encoder (:class:`SliceChannels`);
+    ``num_slices`` defaults to the registered slab depth (``backbone_defaults("slice_channels").slices``)."""
     if spatial_dims != 3:
         raise ValueError("slice_channels takes 3D input (B, C, D, H, W); use spatial_dims=3")
+    if num_slices is None:
+        num_slices = backbone_defaults("slice_channels").slices
     return SliceChannels(in_channels, num_slices, **kwargs)
 
 
-@register_backbone("slice_pool")
+@register_backbone("slice_pool", input_layout="2.5d", default_size=DEFAULT_VOLUME_SIZE[:2], slices=SLICE_POOL_K)
 def slice_pool(in_channels: int, spatial_dims: int = 3, **kwargs) -> Backbone:
     """2.5D (b): shared 2D encoder per slice, features pooled over slices (:class:`SlicePool`)."""
     if spatial_dims != 3:
