@@ -161,6 +161,53 @@ def test_25d_slab_layout(tmp_path):
     assert splits.val[0]["image"].shape == (1, 3, 16, 16)  # (C, K, X, Y): slab as the first spatial axis
 
 
+@pytest.mark.parametrize("network", ["slice_pool", "slice_channels"])
+def test_25d_preprocessing_from_the_registry_feeds_the_25d_backbones(tmp_path, network):
+    """The one 2.5D mechanism (slices=K): a network's registered defaults give the input its backbone takes."""
+    from medimb.networks import backbone_defaults, create_model
+    from medimb.training.config import preprocessing_for
+
+    defaults = backbone_defaults(network)
+    assert defaults.input_layout == "2.5d"
+    train = load_datalist(_datalist(tmp_path))["train"]
+    pre = preprocessing_for(network, train)
+    assert (pre.slices, pre.orientation) == (defaults.slices, defaults.orientation)
+    image = build_eval_transforms(pre)({"image": train[0]["image"]})["image"]
+    assert tuple(image.shape) == (1, defaults.slices, *defaults.default_size)  # (C, K, X, Y)
+    model = create_model(network, in_channels=1, num_classes=2).eval()
+    with torch.no_grad():
+        assert model(image.as_tensor()[None]).shape == (1, 2)
+
+
+def test_datalist_preprocessing_comes_from_the_caller(tmp_path):
+    """medimb.data holds no network default: a datalist needs a size or a function giving its preprocessing."""
+    from medimb.data.datasets import default_nifti_preprocessing
+
+    path = _datalist(tmp_path)
+    with pytest.raises(ValueError, match="spatial_size="):
+        load_splits(path, cache="none")
+    seen = []
+
+    def defaults(train_items):
+        seen.append(len(train_items))
+        return default_nifti_preprocessing(train_items, (8, 8, 8))
+
+    splits = load_splits(path, preprocessing=defaults, cache="none")
+    assert seen == [4] and splits.preprocessing == load_splits(path, cache="none", spatial_size=(8, 8, 8)).preprocessing
+    assert splits.num_classes == 2
+
+
+def test_orientation_other_than_ras_fits_the_spacing_in_its_own_axis_order(tmp_path):
+    from medimb.data.datasets import default_nifti_preprocessing
+
+    train = load_datalist(_datalist(tmp_path))["train"]
+    ras = default_nifti_preprocessing(train, (24, 20, 16))
+    sar = default_nifti_preprocessing(train, (16, 20, 24), orientation="SAR")
+    assert sar.orientation == "SAR" and sar.pixdim == ras.pixdim[::-1]
+    image = build_eval_transforms(sar)({"image": train[0]["image"]})["image"]
+    assert tuple(image.shape) == (1, 16, 20, 24)
+
+
 def test_network_grid_fits_the_largest_training_field_of_view(tmp_path):
     """The spacing is fitted per axis to the largest training scan, not the first, so no scan is cropped."""
     from medimb.data.datasets import infer_pixdim

@@ -77,10 +77,17 @@ def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str,
                 )
             out.append({**item, "image": images, "label": label})
         splits[split] = out
-    if num_classes is None and isinstance(data.get("num_classes"), int) and not isinstance(data["num_classes"], bool):
-        num_classes = data["num_classes"]  # written by medimb-prep datalist
     if num_classes is None:
-        num_classes = max(it["label"] for items in splits.values() for it in items) + 1
+        num_classes = datalist_num_classes(data, splits)
     for split, items in splits.items():
         check_labels([it["label"] for it in items], num_classes, split)
     return splits
+
+
+def datalist_num_classes(data: dict, splits: dict[str, list[dict]]) -> int:
+    """The class count of a datalist (``data``: its parsed JSON; ``splits``: :func:`load_datalist`'s items): its
+    own ``num_classes`` entry (written by ``medimb-prep datalist``), else ``max(label) + 1``."""
+    declared = data.get("num_classes")
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    return max(it["label"] for items in splits.values() for it in items) + 1

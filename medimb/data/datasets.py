@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.data.meta_obj import MetaObj
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
-from medimb.data.datalist import load_datalist
+from medimb.data.datalist import datalist_num_classes, load_datalist
 from medimb.data.errors import DataError
 from medimb.data.medmnist import load_medmnist
 from medimb.data.transforms import Augmentation, Preprocessing, build_eval_transforms, build_train_transforms
@@ -132,7 +132,7 @@ def _medmnist_preprocessing(images: np.ndarray) -> Preprocessing:
         orientation=None,
         pixdim=None,
         intensity="scale255",
-        augmentation=Augmentation(flip_prob=0.5, affine_prob=0.3, on_batch=True),
+        augmentation=Augmentation(on_batch=True),
     )
 
 
@@ -163,29 +163,50 @@ def infer_pixdim(image_paths: str | Sequence[str], spatial_size: tuple[int, ...]
     return tuple(round(float(e) / s, 4) for e, s in zip(extent, spatial_size))
 
 
+#: world axis (0 R-L, 1 A-P, 2 S-I) of each axcode letter
+_WORLD_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+
+
 def default_nifti_preprocessing(
-    train_items: Sequence[dict], spatial_size: tuple[int, ...] = (64, 64, 64), slices: int | None = None
+    train_items: Sequence[dict], spatial_size: Sequence[int], slices: int | None = None, orientation: str = "RAS"
 ) -> Preprocessing:
-    """Defaults for a datalist: RAS, spacing fitted so the largest training field of view fills the grid,
-    z-score, edge-replicating crop/pad to ``spatial_size``, flips + small affine + intensity jitter + noise."""
+    """Defaults for a datalist at network input ``spatial_size``: reoriented to ``orientation``, spacing fitted
+    so the largest training field of view fills the grid, z-score, edge-replicating crop/pad to
+    ``spatial_size``, flips + small affine + intensity jitter + noise.
+
+    ``spatial_size`` is in the axis order of ``orientation``; the network's default comes from
+    ``medimb.networks.backbone_defaults`` (``medimb.training.config.preprocessing_for`` passes it). 2.5D
+    (``slices=K``): the first two entries are the in-plane size, and a slab of K adjacent slices along the third
+    axis, at native slice spacing, becomes the first spatial axis of the network input ``(C, K, X, Y)``.
+    """
     images = train_items[0]["image"]
-    size = tuple(spatial_size)
+    size = tuple(int(s) for s in spatial_size)
+    try:
+        world = [_WORLD_AXIS[c] for c in orientation.upper()]
+    except KeyError:
+        world = []
+    if sorted(world) != [0, 1, 2] or not 2 <= len(size) <= 3 or (len(size) == 2 and not slices):
+        raise ValueError(f"orientation {orientation!r} and spatial_size {size} are not a 3D axis order "
+                         "(2 in-plane entries only with slices)")
+    size_ras = [1, 1, 1]  # an axis without a size (the slab's, 2.5D) keeps its native spacing below
+    for axis, n in zip(world, size):
+        size_ras[axis] = n
+    pixdim_ras = infer_pixdim([item["image"][0] for item in train_items], tuple(size_ras))
+    pixdim = tuple(pixdim_ras[axis] for axis in world)
     if slices:
         size = (*size[:2], int(slices))
-    pixdim = infer_pixdim([item["image"][0] for item in train_items], tuple(spatial_size))
-    if slices:
         pixdim = (*pixdim[:2], 0.0)  # keep native slice spacing: K adjacent acquired slices
     return Preprocessing(
         source="nifti",
         in_channels=len(images),
         spatial_dims=3,
         spatial_size=size,
-        orientation="RAS",
+        orientation=orientation.upper(),
         pixdim=pixdim,
         intensity="zscore",
         pad_mode="edge",
         slices=slices,
-        augmentation=Augmentation(flip_prob=0.5, affine_prob=0.3, intensity_prob=0.3, noise_prob=0.2),
+        augmentation=Augmentation(intensity_prob=0.3, noise_prob=0.2),
     )
 
 
@@ -228,8 +249,7 @@ def warn_small_images(items: dict[str, list[dict]], network_size: Sequence[int],
     return found
 
 
-def _datalist_class_names(path: Path, num_classes: int) -> list[str]:
-    data = json.loads(path.read_text())
+def _datalist_class_names(data: dict, num_classes: int) -> list[str]:
     names = data.get("class_names") or data.get("labels")
     if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
         return names
@@ -245,19 +265,24 @@ def _datalist_class_names(path: Path, num_classes: int) -> list[str]:
 
 def load_splits(
     path: str | Path,
-    preprocessing: Preprocessing | dict | None = None,
+    preprocessing: Preprocessing | dict | Callable[[list[dict]], Preprocessing] | None = None,
     cache: str = "memory",
     cache_dir: str | Path | None = None,
-    spatial_size: tuple[int, ...] | None = None,
+    spatial_size: Sequence[int] | None = None,
     slices: int | None = None,
 ) -> DataSplits:
     """Build the train/val/test datasets of a MedMNIST ``.npz`` or a datalist JSON.
 
-    ``preprocessing`` (e.g. from a checkpoint) overrides the data-derived defaults; ``spatial_size`` and
-    ``slices`` adjust the defaults for datalists. ``cache``: ``memory`` (``CacheDataset``, the
+    ``preprocessing``: a :class:`Preprocessing` or its dict (e.g. from a checkpoint) used as is, or for a
+    datalist a function of its training items that returns one (training passes
+    ``medimb.training.config.preprocessing_for``, the network's registered defaults); MedMNIST arrays
+    otherwise get theirs from the arrays. Without it a datalist needs ``spatial_size`` (and ``slices`` for
+    2.5D): :func:`default_nifti_preprocessing`. ``cache``: ``memory`` (``CacheDataset``, the
     deterministic part of the pipeline), ``disk`` (``PersistentDataset`` in ``cache_dir``, meta kept) or
     ``none``. MedMNIST arrays are always in memory.
     """
+    # a function gives a datalist's defaults from its training items; anything else is used as is
+    default_for, preprocessing = (preprocessing, None) if callable(preprocessing) else (None, preprocessing)
     path = Path(path)
     if cache not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {cache!r}; choose from {CACHE_MODES}")
@@ -272,12 +297,20 @@ def load_splits(
             names = [str(i) for i in range(num_classes)]
     elif path.suffix == ".json":
         items = load_datalist(path)
-        declared = json.loads(path.read_text()).get("num_classes")
-        num_classes = declared if isinstance(declared, int) else max(it["label"] for s in items.values() for it in s) + 1
+        data = json.loads(path.read_text())
+        num_classes = datalist_num_classes(data, items)
         # the default reads every training scan's header: only when no preprocessing (checkpoint) is given
-        pre = None if preprocessing is not None else default_nifti_preprocessing(
-            items["train"], spatial_size or (64, 64, 64), slices)
-        names = _datalist_class_names(path, num_classes)
+        pre = None
+        if preprocessing is None:
+            if default_for is not None:
+                pre = default_for(items["train"])
+            elif spatial_size is not None:
+                pre = default_nifti_preprocessing(items["train"], spatial_size, slices)
+            else:
+                raise ValueError("a datalist needs its preprocessing: pass preprocessing= (a Preprocessing, or a "
+                                 "function of the training items such as medimb.training.config.preprocessing_for) "
+                                 "or the network input spatial_size=")
+        names = _datalist_class_names(data, num_classes)
     else:
         raise DataError(f"--data must be a MedMNIST .npz file or a datalist .json, got {path}")
     if preprocessing is not None:

@@ -65,7 +65,9 @@ class Preprocessing:
     """How raw images become network input. ``asdict`` of this goes into the checkpoint.
 
     source: ``"nifti"`` (datalist of files) or ``"medmnist"`` (in-memory uint8 arrays).
-    spatial_size: network input size after crop/pad, RAS axis order; with ``slices=K`` its last entry is K.
+    spatial_size: network input size after crop/pad, in the axis order of ``orientation``; with ``slices=K``
+    its last entry is K. Required, keyword only: a network's default size is registered with it
+    (``medimb.networks.backbone_defaults``; ``medimb.training.config.preprocessing_for`` applies it).
     pad_mode: how crop/pad fills voxels beyond the scan: ``"edge"`` repeats the outermost voxels (the
     default for datalists: after z-scoring, a constant 0 is the scan's mean intensity, and the step from
     dark background or the end slice to that value is an artificial edge that features and attention
@@ -86,7 +88,7 @@ class Preprocessing:
     source: str = "nifti"
     in_channels: int = 1
     spatial_dims: int = 3
-    spatial_size: tuple[int, ...] = (64, 64, 64)
+    spatial_size: tuple[int, ...] = field(kw_only=True)
     orientation: str | None = "RAS"
     pixdim: tuple[float, ...] | None = None
     intensity: str = "zscore"

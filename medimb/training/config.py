@@ -2,13 +2,19 @@
 
 ``method_config(name)`` returns the :class:`MethodConfig` of a CLI method; ``TrainConfig`` adds the
 run-level settings (data, network, seed, device). ``asdict`` of a ``TrainConfig`` is the resolved
-config written next to the checkpoints, and ``TrainConfig.from_dict`` reads it back.
+config written next to the checkpoints, and ``TrainConfig.from_dict`` reads it back. :func:`preprocessing_for`
+gives a datalist's preprocessing for a network from its registered defaults. Loads without torch (the CLI
+imports it to build its parser).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medimb.data import Preprocessing
 
 
 @dataclass
@@ -166,3 +172,21 @@ def _method_from_dict(d: dict) -> MethodConfig:
     s2 = d.pop("stage2")
     s2 = Stage2Config(**{**s2, "taus": tuple(s2["taus"])}) if s2 else None
     return MethodConfig(**d, stage1=s1, stage2=s2)
+
+
+def preprocessing_for(network: str, train_items: Sequence[dict], spatial_size: Sequence[int] | None = None,
+                      slices: int | None = None) -> Preprocessing:
+    """A datalist's preprocessing for ``network`` (training, the CLI and the bundles call this):
+    :func:`medimb.data.datasets.default_nifti_preprocessing` of ``train_items`` (datalist items, ``image`` a list
+    of paths) at the network's registered defaults (:func:`medimb.networks.backbone_defaults`) for whatever is
+    not given: the input size, the orientation and, for 2.5D backbones, the slab of K slices.
+
+    ``spatial_size`` is in the axis order of the orientation (RAS); for 2.5D its first two entries are the
+    in-plane size. ``slices`` with a 3D network feeds it the ``(C, K, X, Y)`` slab as a volume.
+    """
+    from medimb.data.datasets import default_nifti_preprocessing
+    from medimb.networks import backbone_defaults
+
+    defaults = backbone_defaults(network)
+    size = tuple(spatial_size) if spatial_size else defaults.default_size
+    return default_nifti_preprocessing(train_items, size, slices or defaults.slices, orientation=defaults.orientation)
