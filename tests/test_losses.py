@@ -18,7 +18,8 @@ from medimb.losses import (
     create_loss,
     create_metric_loss,
 )
-from medimb.networks import CMSLHead
+from medimb.networks import CMSLHead, CosineHead, LinearHead, LWSHead, TauNormHead, create_model
+from medimb.training.losses import build_classification_loss, build_stage1_loss
 
 torch.set_num_threads(1)
 COUNTS = [90, 10]
@@ -81,16 +82,55 @@ def test_cmsl_finite_at_scale_64_with_saturated_inputs():
     assert torch.isfinite(right) and right.item() < 1e-6
 
 
-def test_cmsl_rejects_logits_beyond_its_scale_and_bad_settings():
-    with pytest.raises(ValueError, match="exceeds scale"):
-        CosineMarginSigmoidLoss(scale=16.0)(torch.tensor([[40.0, 1.0]]), torch.tensor([0]))
+def test_cmsl_rejects_bad_settings():
     with pytest.raises(ValueError, match="margin"):
-        CosineMarginSigmoidLoss(margin=1.5)
+        CosineMarginSigmoidLoss(scale=16.0, margin=1.5)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        CosineMarginSigmoidLoss(scale=0.0)
+    with pytest.raises(ValueError, match="needs scale="):
+        create_loss("cmsl")  # no hidden default s: it is the head's
+
+
+@pytest.mark.parametrize("head", [CMSLHead(8, 3, scale=12.0), CosineHead(8, 3, scale=12.0),
+                                  LWSHead.from_head(CMSLHead(8, 3, scale=12.0))])
+def test_cmsl_takes_its_scale_from_the_head(head):
+    loss = CosineMarginSigmoidLoss.for_head(head, margin=0.3)
+    assert (loss.scale, loss.margin) == (12.0, 0.3)
+    cos, y = _cosines(classes=3)
+    assert torch.equal(loss(12.0 * cos, y), CosineMarginSigmoidLoss(scale=12.0, margin=0.3)(12.0 * cos, y))
+
+
+@pytest.mark.parametrize("head", [LinearHead(8, 3), TauNormHead.from_head(LinearHead(8, 3)),
+                                  LWSHead.from_head(LinearHead(8, 3))])
+def test_cmsl_for_a_head_without_scaled_cosines_is_a_clear_error(head):
+    with pytest.raises(ValueError, match=f"needs a cosine or CMSL head .*{type(head).__name__}"):
+        CosineMarginSigmoidLoss.for_head(head)
+    with pytest.raises(ValueError, match="needs a cosine or CMSL head"):
+        build_classification_loss("cmsl", COUNTS, head=head)
+
+
+def test_training_builds_cmsl_from_the_model_head():
+    model = create_model("cpunet", in_channels=1, num_classes=2, head="cmsl", head_kwargs={"scale": 24.0})
+    loss = build_stage1_loss("cmsl", COUNTS, loss_kwargs={"margin": 0.1}, head=model.classifier)
+    assert (loss.classification_loss.scale, loss.classification_loss.margin) == (24.0, 0.1)
+    same = build_classification_loss("cmsl", COUNTS, head=model.classifier, scale=24.0)
+    assert same.scale == 24.0
+    with pytest.raises(ValueError, match="differs from the head's s=24.0"):
+        build_classification_loss("cmsl", COUNTS, head=model.classifier, scale=16.0)
+    # without a head the loss is standalone and needs its scale
+    assert build_classification_loss("cmsl", COUNTS, scale=8.0).scale == 8.0
+
+
+def test_ldam_with_a_cosine_head_takes_its_scale():
+    cosine = CosineHead(8, 2, scale=30.0)
+    assert build_classification_loss("ldam", COUNTS, head=cosine).scale == 30.0
+    assert build_classification_loss("ldam", COUNTS, head=cosine, scale=5.0).scale == 5.0
+    assert build_classification_loss("ldam", COUNTS, head=LinearHead(8, 2)).scale == 1.0  # logit units
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_rejects_bad_labels_and_nonfinite_logits(name):
-    loss = create_loss(name, class_counts=COUNTS)
+    loss = create_loss(name, class_counts=COUNTS, **({"scale": 16.0} if name == "cmsl" else {}))
     logits = torch.zeros(3, 2)
     with pytest.raises(ValueError, match=r"label\(s\) \[2\] outside the class range \[0, 1\]"):
         loss(logits, torch.tensor([0, 1, 2]))

@@ -39,6 +39,13 @@ def _ldam(class_counts=None, **kwargs) -> nn.Module:
     return LDAMLoss(_needs_counts("ldam", class_counts), **kwargs)
 
 
+def _cmsl(class_counts=None, **kwargs) -> nn.Module:
+    if "scale" not in kwargs:
+        raise ValueError("loss 'cmsl' needs scale= (the s of the model's cosine/CMSL head); "
+                         "CosineMarginSigmoidLoss.for_head(model.classifier) reads it from the head")
+    return CosineMarginSigmoidLoss(**kwargs)
+
+
 def _unweighted(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     def build(class_counts=None, **kwargs) -> nn.Module:
         return cls(**kwargs)
@@ -53,7 +60,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ldam": _ldam,
     "balanced_softmax": _balanced_softmax,
     "logit_adjustment": _logit_adjustment,
-    "cmsl": _unweighted(CosineMarginSigmoidLoss),
+    "cmsl": _cmsl,
 }
 
 
@@ -63,7 +70,7 @@ def create_loss(name: str, class_counts: Sequence[int] | None = None, **kwargs: 
     Names (``-`` and ``_`` are interchangeable): ``ce``; ``weighted_ce`` (``weighting="inverse" |
     "sqrt_inverse" | "effective"``); ``focal`` (``gamma``, ``alpha``); ``ldam`` (``max_margin``,
     ``scale``; add :class:`~medimb.losses.DeferredReweighting` for LDAM-DRW); ``balanced_softmax``;
-    ``logit_adjustment`` (``tau``); ``cmsl`` (``scale``, ``margin``). ``class_counts`` ``(K,)``
+    ``logit_adjustment`` (``tau``); ``cmsl`` (``scale``, required: the head's ``s``; ``margin``). ``class_counts`` ``(K,)``
     (training samples per class) is required by the re-balancing losses and ignored by the others.
     """
     key = name.replace("-", "_")

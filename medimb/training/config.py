@@ -87,9 +87,10 @@ METHODS: dict[str, MethodConfig] = {
                      stage1=Stage1Config(loss="weighted-ce")),
         MethodConfig("focal", "focal loss (gamma 2): down-weights easy, mostly majority examples",
                      stage1=Stage1Config(loss="focal")),
+        # LDAM's scale is the cosine head's (medimb.training.losses.build_classification_loss)
         MethodConfig("ldam-drw", "LDAM margins (larger for rare classes) with deferred re-weighting",
                      head="cosine", head_kwargs={"scale": 30.0},
-                     stage1=Stage1Config(loss="ldam", loss_kwargs={"scale": 30.0}, drw_start=0.8)),
+                     stage1=Stage1Config(loss="ldam", drw_start=0.8)),
         MethodConfig("balanced-softmax", "balanced softmax: logits shifted by log class priors in training",
                      stage1=Stage1Config(loss="balanced-softmax")),
         _two_stage("crt", "two-stage: CE stage 1, classifier re-training with class-balanced sampling", None),
