@@ -19,6 +19,7 @@ from medimb.losses import (
     create_metric_loss,
 )
 from medimb.networks import CMSLHead, CosineHead, LinearHead, LWSHead, TauNormHead, create_model
+from medimb.training.config import Stage2Config, TrainConfig, method_config
 from medimb.training.losses import build_classification_loss, build_stage1_loss
 
 torch.set_num_threads(1)
@@ -126,6 +127,31 @@ def test_ldam_with_a_cosine_head_takes_its_scale():
     assert build_classification_loss("ldam", COUNTS, head=cosine).scale == 30.0
     assert build_classification_loss("ldam", COUNTS, head=cosine, scale=5.0).scale == 5.0
     assert build_classification_loss("ldam", COUNTS, head=LinearHead(8, 2)).scale == 1.0  # logit units
+
+
+def test_stage2_inherits_the_stage1_loss_settings_unless_overridden():
+    m = method_config("cmsl-two-stage")
+    m.stage1.loss_kwargs["margin"] = 0.0
+    assert m.stage2.loss_kwargs is None and m.resolved().stage2.loss_kwargs == {"margin": 0.0}
+    recorded = TrainConfig(data="d.npz", out="run", method=m).to_dict()  # what config.json holds
+    assert recorded["method"]["stage2"]["loss_kwargs"] == {"margin": 0.0}
+    assert TrainConfig.from_dict(recorded).method.resolved().stage2.loss_kwargs == {"margin": 0.0}
+    m.stage2.loss_kwargs = {"margin": 0.3}  # an explicit stage-2 setting wins
+    assert m.resolved().stage2.loss_kwargs == {"margin": 0.3}
+    m.stage2.loss_kwargs = {}  # so does an explicit "none"
+    assert m.resolved().stage2.loss_kwargs == {}
+    # a different stage-2 loss inherits nothing
+    m = method_config("cmsl-two-stage")
+    m.stage1.loss_kwargs["margin"] = 0.0
+    m.stage2 = Stage2Config(loss="ce")
+    assert m.resolved().stage2.loss_kwargs == {}
+    # resolving copies: the method itself keeps None (later stage-1 changes are still inherited)
+    assert m.stage2.loss_kwargs is None and m.resolved().stage1.loss_kwargs is not m.stage1.loss_kwargs
+
+
+def test_builtin_methods_resolve_stage2_to_their_previous_settings():
+    for name in ("crt", "two-stage", "two-stage-triplet", "two-stage-supcon", "cmsl-two-stage"):
+        assert method_config(name).resolved().stage2.loss_kwargs == {}, name
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -1,10 +1,10 @@
 """Training configuration: small dataclasses, one definition per method (the single source of defaults).
 
 ``method_config(name)`` returns the :class:`MethodConfig` of a CLI method; ``TrainConfig`` adds the
-run-level settings (data, network, seed, device). ``asdict`` of a ``TrainConfig`` is the resolved
-config written next to the checkpoints, and ``TrainConfig.from_dict`` reads it back. :func:`preprocessing_for`
-gives a datalist's preprocessing for a network from its registered defaults. Loads without torch (the CLI
-imports it to build its parser).
+run-level settings (data, network, seed, device). ``TrainConfig.to_dict()`` is the resolved config written
+next to the checkpoints (inherited settings filled in, :meth:`MethodConfig.resolved`), and
+``TrainConfig.from_dict`` reads it back. :func:`preprocessing_for` gives a datalist's preprocessing for a
+network from its registered defaults. Loads without torch (the CLI imports it to build its parser).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class Stage2Config:
 
     rebalance: ``crt`` (re-initialised head, class-balanced re-training), ``lws`` (learnable per-class
     scales, class-balanced) or ``tau_norm`` (``w / ||w||^tau``, tau picked on validation from ``taus``).
+    loss_kwargs: None inherits stage 1's when stage 2 trains the same loss (so a stage-1 CMSL margin holds
+    in stage 2 too), else none; a dict (even ``{}``) overrides. Resolved by :meth:`MethodConfig.resolved`;
+    a Stage2Config used on its own treats None as no kwargs.
     """
 
     rebalance: str = "crt"
@@ -52,7 +55,7 @@ class Stage2Config:
     batch_size: int = 32
     lr: float = 1e-3
     loss: str = "ce"
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_kwargs: dict[str, Any] | None = None
     taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     key_metric: str = "balanced_accuracy"
 
@@ -67,6 +70,17 @@ class MethodConfig:
     head_kwargs: dict[str, Any] = field(default_factory=dict)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config | None = None
+
+    def resolved(self) -> MethodConfig:
+        """A copy with the inherited settings filled in (the one place they are resolved): stage 2's
+        ``loss_kwargs`` are a copy of stage 1's when it trains the same loss and sets none, else ``{}``.
+        Training runs this and config.json records it."""
+        m = _copy_method(self)
+        s2 = m.stage2
+        if s2 is not None and s2.loss_kwargs is None:
+            same = s2.loss.replace("-", "_") == m.stage1.loss.replace("-", "_")
+            s2.loss_kwargs = dict(m.stage1.loss_kwargs) if same else {}
+        return m
 
 
 def _two_stage(name: str, description: str, metric: str | None, **stage1: Any) -> MethodConfig:
@@ -151,7 +165,8 @@ class TrainConfig:
     flip_tta: bool = True  # final metrics average predictions over flips (when training flips; see predict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The resolved configuration (:meth:`MethodConfig.resolved`), as config.json records it."""
+        return {**asdict(self), "method": asdict(self.method.resolved())}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
