@@ -27,6 +27,8 @@ _FUNCTIONAL_GROUPS = {0x52009229, 0x52009230}
 _U16 = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _U16L = struct.Struct("<H")
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
+_IMPLICIT_HEAD = struct.Struct("<HHI")
 FIRST_READ = 65536
 
 
@@ -90,8 +92,31 @@ def _parse(buf: bytes, wanted: set[int]):
         return None
     explicit = ts == EXPLICIT_LE
     elements: dict[int, tuple] = {}
+    # the element loop is the scan's hottest code (every element of every file): _element inlined
+    n = len(buf)
+    head = _EXPLICIT_HEAD.unpack_from if explicit else _IMPLICIT_HEAD.unpack_from
+    u32 = _U32.unpack_from
+    long_vrs = _LONG_VRS
     while True:
-        tag, vr, length, vpos = _element(buf, pos, explicit)
+        if pos + 8 > n:
+            raise _Short
+        if explicit:
+            group, elem, vr, length = head(buf, pos)
+            if group == 0xFFFE:  # an item or delimiter at the top level: never a VR
+                vr, length = None, u32(buf, pos + 4)[0]
+                vpos = pos + 8
+            elif vr in long_vrs:
+                if pos + 12 > n:
+                    raise _Short
+                length = u32(buf, pos + 8)[0]
+                vpos = pos + 12
+            else:
+                vpos = pos + 8
+        else:
+            group, elem, length = head(buf, pos)
+            vr = None
+            vpos = pos + 8
+        tag = group << 16 | elem
         if tag == _PIXEL_DATA:
             return meta, ts, elements, pos
         if tag in _FUNCTIONAL_GROUPS:
@@ -99,26 +124,36 @@ def _parse(buf: bytes, wanted: set[int]):
         if length == 0xFFFFFFFF:
             pos = _skip_undefined(buf, vpos, explicit)
             continue
-        if vpos + length > len(buf):
+        pos = vpos + length
+        if pos > n:
             raise _Short
         if tag in wanted:
-            elements[tag] = (vr, buf[vpos:vpos + length])
-        pos = vpos + length
+            elements[tag] = (vr, buf[vpos:pos])
 
 
 def parse_file(fh, size: int, wanted: set[int]):
     """Parse the open file ``fh``; returns ``(meta, ts, elements, pixel_offset)`` or None (use pydicom)."""
+    parsed = parse_with_head(fh, size, wanted)
+    return None if parsed is None else parsed[:4]
+
+
+def parse_with_head(fh, size: int, wanted: set[int]):
+    """:func:`parse_file` plus the (up to) 12 bytes at ``pixel_offset`` that were read already."""
     buf = fh.read(FIRST_READ)
     try:
         try:
-            return _parse(buf, wanted)
+            parsed = _parse(buf, wanted)
         except _Short:
             if len(buf) >= size:
                 return None
             buf += fh.read()
-            return _parse(buf, wanted)
+            parsed = _parse(buf, wanted)
     except (_Short, ValueError, struct.error, UnicodeDecodeError):
         return None
+    if parsed is None:
+        return None
+    offset = parsed[3]
+    return (*parsed, buf[offset:offset + 12])
 
 
 def vr_of(tag: int, vr: bytes | None) -> str:
