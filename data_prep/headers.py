@@ -9,7 +9,6 @@ shared and per-frame functional groups. Problems become a :class:`FileIssue` wit
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -22,7 +21,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from data_prep import diffusion, mosaic
-from data_prep.fastheader import parse_file, vr_of
+from data_prep.fastheader import parse_with_head, vr_of
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
@@ -178,6 +177,14 @@ class RawHeader:
         return decode_value(vr, el.value, self._end, self._encoding, default)
 
 
+#: decoded values of :class:`FastHeader`, shared by the files a process reads: the files of one series
+#: repeat most values byte for byte. Bounded (cleared when full; long values are never kept).
+_DECODED: dict = {}
+_DECODED_MAX = 8192
+_DECODED_MAX_BYTES = 256
+_UNSEEN = object()
+
+
 class FastHeader:
     """The same ``get(keyword)`` over the raw elements found by :mod:`data_prep.fastheader`."""
 
@@ -188,14 +195,33 @@ class FastHeader:
         self._encoding = _encoding(cs[1] if cs else "")
 
     def get(self, keyword: str | int, default=None):
-        tag = _tag(keyword)
+        # the scan's most frequent call (~50 a file): the common paths are written out inline
         try:
-            value = self._decoded[tag]
+            value = self._decoded[keyword]
         except KeyError:
+            tag = _TAGS.get(keyword) if type(keyword) is str else keyword
+            if tag is None:
+                tag = _tag(keyword)
             item = self._elements.get(tag)
-            value = None if item is None else decode_value(_vr(tag, item[0]), item[1], "<", self._encoding)
-            self._decoded[tag] = value
+            if item is None:
+                value = None
+            elif len(item[1]) > _DECODED_MAX_BYTES:
+                value = decode_value(_vr(tag, item[0]), item[1], "<", self._encoding)
+            else:
+                key = (tag, item, self._encoding)
+                value = _DECODED.get(key, _UNSEEN)
+                if value is _UNSEEN:
+                    value = decode_value(_vr(tag, item[0]), item[1], "<", self._encoding)
+                    if len(_DECODED) >= _DECODED_MAX:
+                        _DECODED.clear()
+                    _DECODED[key] = value
+            self._decoded[keyword] = value
         return default if value is None else value
+
+    def raw_key(self, tags: tuple) -> tuple:
+        """The raw values of ``tags`` (and the text encoding): equal keys decode to equal values."""
+        get = self._elements.get
+        return (self._encoding, *[get(t) for t in tags])
 
 
 @dataclass(frozen=True)
@@ -463,6 +489,20 @@ def image_part(image_type, manufacturer: str = "", ge_image_type=None, ge_vas_co
 def _phi_values(ds) -> tuple:
     """Identifying strings of this file (see :func:`data_prep.deid.identifying_values`), only to
     scrub them from every output. Never fails: a damaged value is skipped."""
+    if isinstance(ds, FastHeader):  # the files of a study repeat these values: computed once per set
+        key = ds.raw_key(_PHI_TAGS)
+        try:
+            return _PHI_CACHE[key]
+        except KeyError:
+            pass
+        if len(_PHI_CACHE) >= 4096:
+            _PHI_CACHE.clear()
+        value = _PHI_CACHE[key] = _phi_values_of(ds)
+        return value
+    return _phi_values_of(ds)
+
+
+def _phi_values_of(ds) -> tuple:
     def strings(keyword):
         try:
             v = ds.get(keyword)
@@ -476,6 +516,10 @@ def _phi_values(ds) -> tuple:
                         tuple(x for kw in INSTITUTION_TAGS for x in strings(kw)))
 
 
+_PHI_CACHE: dict = {}
+_PHI_TAGS = tuple(tag_for_keyword(kw) for kw in (*NAME_TAGS, *ID_TAGS, *INSTITUTION_TAGS))
+
+
 @functools.lru_cache(maxsize=4096)
 def _identifying(names: tuple, others: tuple, institutions: tuple) -> tuple:
     """:func:`data_prep.deid.identifying_values`, once per distinct set of raw values (the files of
@@ -485,17 +529,39 @@ def _identifying(names: tuple, others: tuple, institutions: tuple) -> tuple:
     return tuple(sorted(identifying_values(names, others, institutions)))
 
 
+_PARAMS_KEEP = (
+    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ScanningSequence",
+    "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
+    "BodyPartExamined", "PatientPosition", "EchoTime", "RepetitionTime", "FlipAngle",
+    "InversionTime", "ImagingFrequency", "PixelBandwidth", "ProtocolName",
+    "NumberOfTemporalPositions", "BitsStored",
+)
+_PARAMS_NUMERIC = {"MagneticFieldStrength", "EchoTime", "RepetitionTime", "FlipAngle", "InversionTime",
+                   "ImagingFrequency", "PixelBandwidth", "NumberOfTemporalPositions", "BitsStored"}
+#: every tag :func:`_params` reads (the fast reader never sees functional groups: pydicom reads those)
+_PARAMS_TAGS = tuple(tag_for_keyword(kw) for kw in (*_PARAMS_KEEP, "RescaleSlope", "RescaleIntercept")) + \
+    (PRIVATE_TAGS["PhilipsScaleSlope"][0],)
+_PARAMS_CACHE: dict = {}
+
+
 def _params(ds) -> dict:
-    """Acquisition parameters for the sidecar (no PHI)."""
-    keep = (
-        "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "ScanningSequence",
-        "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "PulseSequenceName",
-        "BodyPartExamined", "PatientPosition", "EchoTime", "RepetitionTime", "FlipAngle",
-        "InversionTime", "ImagingFrequency", "PixelBandwidth", "ProtocolName",
-        "NumberOfTemporalPositions", "BitsStored",
-    )
-    numeric = {"MagneticFieldStrength", "EchoTime", "RepetitionTime", "FlipAngle", "InversionTime",
-               "ImagingFrequency", "PixelBandwidth", "NumberOfTemporalPositions", "BitsStored"}
+    """Acquisition parameters for the sidecar (no PHI). Files with the same raw values share one
+    dict (never modified afterwards)."""
+    if isinstance(ds, FastHeader):
+        key = ds.raw_key(_PARAMS_TAGS)
+        try:
+            return _PARAMS_CACHE[key]
+        except KeyError:
+            pass
+        if len(_PARAMS_CACHE) >= 4096:
+            _PARAMS_CACHE.clear()
+        value = _PARAMS_CACHE[key] = _params_of(ds)
+        return value
+    return _params_of(ds)
+
+
+def _params_of(ds) -> dict:
+    keep, numeric = _PARAMS_KEEP, _PARAMS_NUMERIC
     out = {}
     if "PHILIPS" in str(ds.get("Manufacturer") or "").upper():  # the scalings dcm2niix reports
         ss = _num(ds.get("PhilipsScaleSlope"))
@@ -519,8 +585,9 @@ def _params(ds) -> dict:
     return out
 
 
-def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
-    """One :class:`Frame` per frame, each with validated geometry, scaling and echo."""
+def _frames(ds, rel: str, n_frames: int, pixel: tuple | None = None) -> list[Frame]:
+    """One :class:`Frame` per frame, each with validated geometry, scaling and echo; ``pixel`` the
+    file's :func:`native_layout`."""
     sop = str(ds.get("SOPInstanceUID", ""))
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
@@ -538,7 +605,7 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
         base = dict(
             diffusion=weighting,
             **_geometry(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")),
-            slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")), instance=instance,
+            slope=slope, inter=inter, echo=_echo(ds.get("EchoNumbers")), instance=instance, pixel=pixel,
             part="trace" if weighting is not None and weighting.is_trace else
             image_part(ds.get("ImageType"), manufacturer, ds.get("GEImageType"), ds.get("GEVasCollapse")),
         )
@@ -585,7 +652,7 @@ def _frames(ds, rel: str, n_frames: int) -> list[Frame]:
             echo=_echo(echo.get("EffectiveEchoTime")) if echo is not None else None,
             part="trace" if weighting is not None and weighting.is_trace else
             image_part(frame_type.get("FrameType") if frame_type is not None else ds.get("ImageType")),
-            instance=instance,
+            instance=instance, pixel=pixel,
             time_key=(temporal, -1.0, t if t is not None else -1.0, acq_number),
             time_s=t,
             sop_uid=f"{sop}#{f}",
@@ -626,12 +693,13 @@ def _mosaic_frames(ds, rel: str, base: dict, key: tuple, t, sop: str) -> list[Fr
             for i in range(layout.n_images)]
 
 
-def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
+def native_layout(fh, offset: int, ts: str, ds, n_frames: int, head: bytes | None = None) -> tuple | None:
     """Where the pixels of an uncompressed file lie, so conversion can read them without parsing again.
 
     Returns ``(data_offset, dtype, bits_stored, rows, cols, n_frames)`` with ``dtype`` a numpy string such as ``'<u2'``, or
     None when pydicom must decode (compressed, 1-bit, signed with BitsStored < BitsAllocated, odd layout).
-    Called only after :func:`_pixel_description` validated the values it reads.
+    Called only after :func:`_pixel_description` validated the values it reads. ``head``: the first
+    12 bytes at ``offset`` when the caller has them already (else they are read from ``fh``).
     """
     if ts not in NATIVE_SYNTAXES:
         return None
@@ -641,8 +709,9 @@ def native_layout(fh, offset: int, ts: str, ds, n_frames: int) -> tuple | None:
     if bits not in (8, 16, 32) or (signed and stored < bits):
         return None
     end = ">" if ts == "1.2.840.10008.1.2.2" else "<"
-    fh.seek(offset)
-    head = fh.read(12)
+    if head is None or len(head) < 12:
+        fh.seek(offset)
+        head = fh.read(12)
     if len(head) < 12 or struct.unpack(end + "HH", head[:4]) != (0x7FE0, 0x0010):
         return None
     if ts == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
@@ -685,22 +754,37 @@ def _pixel_description(ds, ts: str, available: int) -> tuple[int, int, int]:
     return rows, cols, n_frames
 
 
+def _relative(path: str, root: str) -> str:
+    """``os.path.relpath(path, root)``, without its cost for the plain case (a file the walk found)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix):
+        tail = path[len(prefix):]
+        if tail and not tail.startswith(".") and "//" not in tail and "/." not in tail:
+            return tail
+    return os.path.relpath(path, root)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_image_class(sop_class: str) -> bool:
+    return "Image Storage" in getattr(pydicom.uid.UID(sop_class), "name", "")
+
+
 def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | FileIssue:
     """Read one file's header (never its pixels). ``path`` absolute, ``root`` the archive root.
 
     ``use_fast=False`` forces pydicom for every file (the fast reader falls back to it by itself).
     Never raises: whatever goes wrong becomes a :class:`FileIssue`.
     """
-    rel = os.path.relpath(path, root)
+    rel = _relative(path, root)
     phi: tuple = ()
     try:
         size = os.path.getsize(path)
         if size == 0:
             return FileIssue(rel, "empty_file", "zero-byte file")
         with open(path, "rb") as fh:
-            fast = parse_file(fh, size, _WANTED) if use_fast else None
+            fast = parse_with_head(fh, size, _WANTED) if use_fast else None
             if fast is not None:
-                raw_meta, ts, elements, pixel_offset = fast
+                raw_meta, ts, elements, pixel_offset, head = fast
                 sop = raw_meta.get(0x00020002, b"").decode("ascii", "replace").rstrip("\x00 ")
                 version = raw_meta.get(0x00020013, b"").decode("ascii", "replace").rstrip("\x00 ")
                 meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop, "ImplementationVersionName": version}
@@ -714,18 +798,19 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
                 meta = getattr(full_ds, "file_meta", None)
                 ts = str(meta.get("TransferSyntaxUID", "")) if meta else ""
                 ds = RawHeader(full_ds, little_endian=ts != "1.2.840.10008.1.2.2")
+                head = None
             phi = _phi_values(ds)
             sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
             if sop_class == DICOMDIR_SOP_CLASS:
                 return FileIssue(rel, "dicomdir", "DICOMDIR index file (the images are read directly)", phi)
-            is_image_class = "Image Storage" in getattr(pydicom.uid.UID(sop_class), "name", "")
+            is_image_class = _is_image_class(sop_class)
             if at_eof and (ds.get("Rows") or is_image_class):
                 return FileIssue(rel, "truncated", "the file ends before its pixel data", phi)
             if not ds.get("Rows") or not ds.get("Columns"):
                 return FileIssue(rel, "not_an_image", f"no image pixels (modality {ds.get('Modality', '?')})", phi)
             rows, cols, n_frames = _pixel_description(ds, ts, size - pixel_offset)
-            layout = native_layout(fh, pixel_offset, ts, ds, n_frames)
-            frames = _frames(ds, rel, n_frames)
+            layout = native_layout(fh, pixel_offset, ts, ds, n_frames, head)
+            frames = _frames(ds, rel, n_frames, layout)
     except PermissionError as exc:
         return FileIssue(rel, "unreadable", f"permission denied ({exc.strerror})", phi)
     except InvalidDicomError:
@@ -736,8 +821,6 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
         return FileIssue(rel, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}", phi)
     except Exception as exc:  # pydicom raises many types on a damaged header
         return FileIssue(rel, "corrupt_header", f"header cannot be parsed ({type(exc).__name__})", phi)
-    if layout is not None:
-        frames = [dataclasses.replace(f, pixel=layout) for f in frames]
     study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
     image_type = ds.get("ImageType") or []
     image_type = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
