@@ -15,6 +15,7 @@ Conventions (stated once, used everywhere in data_prep):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,13 @@ def slice_normal(orientation) -> np.ndarray:
 
 def orientation_key(orientation, decimals: int = 4) -> tuple:
     """Hashable, rounded orientation used to group slices of the same plane."""
+    if isinstance(orientation, tuple):  # the slices of a series share theirs: computed once
+        return _orientation_key(orientation, decimals)
+    return tuple(np.round(np.asarray(orientation, dtype=float), decimals) + 0.0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _orientation_key(orientation: tuple, decimals: int) -> tuple:
     return tuple(np.round(np.asarray(orientation, dtype=float), decimals) + 0.0)
 
 

@@ -155,13 +155,12 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
         dirnames[:] = kept
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
             if os.path.islink(full):
                 try:
                     os.stat(full)
                 except OSError as exc:
                     reason = "symlink_loop" if getattr(exc, "errno", None) == 40 else "broken_link"
-                    issues.append(Issue(reason, "link cannot be resolved", path=rel))
+                    issues.append(Issue(reason, "link cannot be resolved", path=os.path.relpath(full, root)))
                     continue
             files.append(full)
     return files, issues
@@ -284,7 +283,13 @@ def _series_number(headers) -> int | None:
 def _typical_header(headers: list[FileHeader]) -> FileHeader:
     """The first header whose acquisition parameters most files share: one damaged file must not
     speak for its series in the sidecar."""
-    key = [repr(sorted(h.params.items())) for h in headers]
+    reprs: dict[int, str] = {}  # params are mostly shared dicts (:func:`_share_repeated_values`)
+    key = []
+    for h in headers:
+        k = reprs.get(id(h.params))
+        if k is None:
+            k = reprs[id(h.params)] = repr(sorted(h.params.items()))
+        key.append(k)
     common = Counter(key).most_common(1)[0][0]
     return headers[key.index(common)]
 
@@ -325,8 +330,12 @@ class _Planner:
     def run(self) -> None:
         # grouped by pseudonym and stripped UIDs: IDs that differ only in padding are one subject
         by_subject: dict[str, list[FileHeader]] = defaultdict(list)
+        pseudonyms: dict[str, str] = {}
         for h in self.headers:
-            by_subject[deid.pseudonymize(h.patient_id, self.key)].append(h)
+            subject = pseudonyms.get(h.patient_id)
+            if subject is None:
+                subject = pseudonyms[h.patient_id] = deid.pseudonymize(h.patient_id, self.key)
+            by_subject[subject].append(h)
         for subject, hs in by_subject.items():
             studies: dict[str, list[FileHeader]] = defaultdict(list)
             for h in hs:
@@ -573,9 +582,13 @@ def _share_repeated_values(headers: list[FileHeader]) -> None:
     """Slices of one series repeat the same parameters: keep one copy (main-process memory then grows
     with the number of files by a few hundred bytes each, not kilobytes)."""
     params: dict = {}
+    by_id: dict = {}  # the workers already share equal dicts within a batch: one repr per object
     small: dict = {}
     for h in headers:
-        h.params = params.setdefault(repr(sorted(h.params.items())), h.params)
+        shared = by_id.get(id(h.params))
+        if shared is None:
+            shared = by_id[id(h.params)] = params.setdefault(repr(sorted(h.params.items())), h.params)
+        h.params = shared
         h.phi = small.setdefault(h.phi, h.phi)
         h.image_type = small.setdefault(h.image_type, h.image_type)
 
@@ -597,7 +610,8 @@ def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: 
     headers = [r for r in results if isinstance(r, FileHeader)]
     file_issues = [r for r in results if isinstance(r, FileIssue)]
     _share_repeated_values(headers)
-    scrubber = deid.PhiScrubber((v for r in (*headers, *file_issues) for v in r.phi), key=key)
+    distinct_phi = {id(r.phi): r.phi for r in (*headers, *file_issues)}  # shared tuples: each set once
+    scrubber = deid.PhiScrubber((v for phi in distinct_phi.values() for v in phi), key=key)
     issues = [Issue(i.reason, scrubber.scrub(i.detail), path=scrubber.scrub_path(i.path), action=i.action)
               for i in walk_issues]
     for r in file_issues:
