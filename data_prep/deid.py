@@ -201,13 +201,62 @@ class PhiScrubber:
         vals = sorted({str(v).strip() for v in values if v and len(str(v).strip()) >= 2}, key=len, reverse=True)
         self.values = tuple(vals)
         self.key = key
-        self._pattern = re.compile("|".join(_value_pattern(v) for v in vals), re.IGNORECASE) if vals else None
+        # ASCII values lower-cased, for the prefilter of :meth:`_values_pattern`; None: never skipped
+        self._lower = tuple(v.lower() if v.isascii() else None for v in vals)
+        self._pattern = None  # every value (compiled when a text needs it)
+        self._subsets: dict[tuple, re.Pattern] = {}
+        self._memo: dict[str, str] = {}
+
+    #: texts scrubbed are remembered (descriptions and details repeat); bounded, never pickled
+    MEMO_MAX = 4096
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_memo={}, _subsets={}, _pattern=None)  # rebuilt on demand: workers get a small pickle
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def _values_pattern(self, text: str):
+        """A pattern equivalent, on ``text``, to the one of every value: one alternative per value
+        that can occur in it (None when none can). One pattern of every value of a large archive
+        costs about 1 ms a call (each alternative is tried at each position). For ASCII text, a value
+        can match (case-insensitively, as a literal) only where its lower-case form is a substring of
+        the text's; values with other characters, and non-ASCII texts, always use the full pattern's
+        alternatives (Unicode case-insensitive matching is not plain lower-casing)."""
+        if not self.values:
+            return None
+        if not text.isascii():
+            if self._pattern is None:
+                self._pattern = re.compile("|".join(_value_pattern(v) for v in self.values), re.IGNORECASE)
+            return self._pattern
+        low = text.lower()
+        hits = tuple(i for i, v in enumerate(self._lower) if v is None or v in low)
+        if not hits:
+            return None
+        pattern = self._subsets.get(hits)
+        if pattern is None:
+            pattern = re.compile("|".join(_value_pattern(self.values[i]) for i in hits), re.IGNORECASE)
+            if len(self._subsets) >= 256:
+                self._subsets.clear()
+            self._subsets[hits] = pattern
+        return pattern
 
     def scrub(self, text: object) -> str:
-        out = _UID.sub("[uid]", str(text))
-        if self._pattern is not None:
-            out = self._pattern.sub("[removed]", out)
-        return _DATE.sub("[date]", out)
+        text = str(text)
+        memo = self._memo
+        out = memo.get(text)
+        if out is None:
+            out = _UID.sub("[uid]", text)
+            pattern = self._values_pattern(out)
+            if pattern is not None:
+                out = pattern.sub("[removed]", out)
+            out = _DATE.sub("[date]", out)
+            if len(memo) >= self.MEMO_MAX:
+                memo.clear()
+            memo[text] = out
+        return out
 
     @staticmethod
     def scrub_coded(text: object) -> str:

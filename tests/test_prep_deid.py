@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import os
+import random
+import re
 import subprocess
 import sys
 import warnings
@@ -41,6 +43,37 @@ def scrubber():
 def test_scrubber(scrubber, text, expected):
     assert scrubber.scrub(text) == expected
     assert scrubber.scrub(scrubber.scrub(text)) == expected  # idempotent
+
+
+def _reference_scrub(values, text: str) -> str:
+    """The scrubber's definition: one case-insensitive pattern of every value, longest first."""
+    vals = sorted({v.strip() for v in values if len(v.strip()) >= 2}, key=lambda v: (-len(v), v))
+    out = deid._UID.sub("[uid]", text)
+    if vals:
+        out = re.compile("|".join(deid._value_pattern(v) for v in vals), re.IGNORECASE).sub("[removed]", out)
+    return deid._DATE.sub("[date]", out)
+
+
+def test_scrubber_prefilter_matches_the_full_pattern():
+    """Only the values that can occur in a text are tried (speed); the result must be the full
+    pattern's, for ASCII and non-ASCII texts and values (Unicode case-insensitive matching: the long s
+    matches s, the Kelvin sign k, dotted capital I matches i)."""
+    rng = random.Random(0)
+    values = sorted(identifying_values(
+        name_values=["Moreau^Marta", "O'Neil^Ann-Marie", "Straße^Jürgen", "Kim^Sook", "Ivanova^Ida", "Li^Xi"],
+        other_values=["MRN7129384020", "19681213", "A302789346", "84585", "MR4"],
+        institution_values=["Riverside Medical Imaging", "Klinikum Süd"]))
+    scrubber = PhiScrubber(values)
+    words = values + ["t1", "fl3d", "tra", "dyn", "post", "Annotation", "Ida2", "xMR4", "MR45", "sook", "ſook",
+                      "\u212aim", "\u0130vanova", "STRASSE", "straße", "MARTA", "marta_", "1.2.840.1.2", "2022-04-07",
+                      "_", " ", "-", "^", "Riverside", "riverside medical imaging", "jürgen", "JÜRGEN"]
+    for _ in range(3000):
+        text = rng.choice(["", " ", "_", "-"]).join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.5:
+            text = text.upper() if rng.random() < 0.5 else text.lower()
+        assert scrubber.scrub(text) == _reference_scrub(values, text), text
+    for text in ("\u212aIM sook", "\u0130VANOVA", "ſook", "Kim"):  # the Unicode case-folding cases
+        assert "[removed]" in scrubber.scrub(text), text
 
 
 def test_coded_values_are_not_name_scrubbed(scrubber):
