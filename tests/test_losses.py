@@ -133,9 +133,11 @@ def test_stage2_inherits_the_stage1_loss_settings_unless_overridden():
     m = method_config("cmsl-two-stage")
     m.stage1.loss_kwargs["margin"] = 0.0
     assert m.stage2.loss_kwargs is None and m.resolved().stage2.loss_kwargs == {"margin": 0.0}
-    recorded = TrainConfig(data="d.npz", out="run", method=m).to_dict()  # what config.json holds
+    run = TrainConfig(data="d.npz", out="run", method=m)  # a run holds the method resolved
+    assert run.method.stage2.loss_kwargs == {"margin": 0.0}
+    recorded = run.to_dict()  # what config.json holds
     assert recorded["method"]["stage2"]["loss_kwargs"] == {"margin": 0.0}
-    assert TrainConfig.from_dict(recorded).method.resolved().stage2.loss_kwargs == {"margin": 0.0}
+    assert TrainConfig.from_dict(recorded) == run
     m.stage2.loss_kwargs = {"margin": 0.3}  # an explicit stage-2 setting wins
     assert m.resolved().stage2.loss_kwargs == {"margin": 0.3}
     m.stage2.loss_kwargs = {}  # so does an explicit "none"

@@ -148,7 +148,11 @@ def _copy_method(m: MethodConfig) -> MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole run. ``network_kwargs`` go to ``medimb.networks.create_model`` (e.g. ``widths``)."""
+    """A whole run. ``network_kwargs`` go to ``medimb.networks.create_model`` (e.g. ``widths``).
+
+    ``method`` is stored resolved (:meth:`MethodConfig.resolved`, a copy): set the method's stage-1 settings
+    before making the TrainConfig for stage 2 to inherit them.
+    """
 
     data: str
     out: str
@@ -163,6 +167,9 @@ class TrainConfig:
     spatial_size: tuple[int, ...] | None = None
     slices: int | None = None
     flip_tta: bool = True  # final metrics average predictions over flips (when training flips; see predict)
+
+    def __post_init__(self) -> None:
+        self.method = self.method.resolved()
 
     def to_dict(self) -> dict:
         """The resolved configuration (:meth:`MethodConfig.resolved`), as config.json records it."""
