@@ -73,12 +73,12 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     arguments (nibabel's own writer would re-derive scaling from the array, so the header and the
     array are written here directly). Gzip output is deterministic (mtime 0).
     """
-    import gzip
+    import zlib
 
     import nibabel as nib
     import numpy as np
-    from nibabel.volumeutils import array_to_file
 
+    data = np.asarray(data)
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(data.dtype)
     hdr.set_data_shape(data.shape)
@@ -92,8 +92,13 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     hdr["scl_slope"] = slope
     hdr["scl_inter"] = inter
     hdr.set_data_offset(352)
+    header = hdr.binaryblock + b"\x00" * 4  # 348 bytes, then an empty extension flag: data at 352
+    # the voxels in Fortran order (a transposed C-order volume is that already: no reordering copy)
+    voxels = memoryview(np.asfortranarray(data).T).cast("B") if data.size else b""
+    # one deflate stream (gzip wrapper: wbits 31; zlib writes mtime 0, so output is deterministic)
+    comp = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)
     with atomic_path(path, keep_suffix=False) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
-                                                   compresslevel=compresslevel, mtime=0) as gz:
-            hdr.write_to(gz)
-            array_to_file(np.asarray(data), gz, data.dtype, offset=352, order="F")
+        with open(tmp, "wb") as fh:
+            fh.write(comp.compress(header))
+            fh.write(comp.compress(voxels))
+            fh.write(comp.flush())

@@ -56,6 +56,8 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
     for path, wanted in by_file.items():
         full = os.path.join(root, path)
         layout = frames[wanted[0][0]][wanted[0][1]].pixel
+        if layout and len(wanted) == 1 and _read_into(full, layout, frames, out, *wanted[0]):
+            continue
         try:
             arr = _read_native(full, layout) if layout else _read_pydicom(full)
         except Exception as exc:  # codecs raise many types
@@ -71,6 +73,33 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
             out[p][k] = image
         del arr
     return out  # type: ignore[return-value]
+
+
+def _read_into(full: str, layout: tuple, frames, out, p: int, k: int, fr) -> bool:
+    """The common case, read without an intermediate array: one uncompressed native-endian image,
+    straight into slice ``k`` of phase ``p``. False when the case is not that one (the caller then
+    reads the file the general way, which also reports any error)."""
+    start, dtype, stored, rows, cols, n_frames = layout
+    dt = np.dtype(dtype)
+    if n_frames != 1 or fr not in (None, 0) or frames[p][k].tile is not None or not dt.isnative:
+        return False
+    if out[p] is None:
+        out[p] = np.empty((len(frames[p]), rows, cols), dtype=dt)
+    target = out[p][k]
+    if target.dtype != dt or target.shape != (rows, cols):
+        return False
+    try:
+        with open(full, "rb") as fh:
+            fh.seek(start)
+            got = fh.readinto(memoryview(target).cast("B"))
+    except OSError:
+        return False
+    if got != target.nbytes:
+        return False
+    bits = dt.itemsize * 8
+    if dt.kind == "u" and stored < bits:  # as pydicom's pixel_array: unsigned values masked to BitsStored
+        target &= np.array((1 << stored) - 1, dtype=dt)
+    return True
 
 
 def _read_pydicom(full: str) -> np.ndarray:
