@@ -87,7 +87,7 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
         "network_kwargs": cfg.network_kwargs, "flip_tta": cfg.flip_tta, "overrides": overrides,
         "stage1_epochs": m.stage1.epochs, "stage2_epochs": m.stage2.epochs if m.stage2 else 0,
         "seconds": round(time.perf_counter() - start, 1), "load_avg_end": os.getloadavg(),
-        "val": {k: res["val"][k] for k in KEYS}, "test": {k: res["test"][k] for k in KEYS},
+        "val": {k: res["validation"][k] for k in KEYS}, "test": {k: res["test"][k] for k in KEYS},
         "selection": res["selection"],
     }
     write_text_atomic(cache, json.dumps(record, indent=2))

@@ -55,7 +55,7 @@ def main() -> None:
     print(f"seeds: {seeds}")
     print("| stage-2 lr | val bal. acc | val AUC | test bal. acc | test AUC | test ACC | test macro-F1 | s/run |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    cols = [("val", "balanced_accuracy"), ("val", "auc"), ("test", "balanced_accuracy"), ("test", "auc"),
+    cols = [("validation", "balanced_accuracy"), ("validation", "auc"), ("test", "balanced_accuracy"), ("test", "auc"),
             ("test", "accuracy"), ("test", "macro_f1")]
     for lr in args.lrs:
         t0, results = time.time(), []

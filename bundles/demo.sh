@@ -75,7 +75,7 @@ import sys
 from pathlib import Path
 
 out, seconds = Path(sys.argv[1]), int(sys.argv[2])
-m = json.loads((out / "evaluation" / "metrics.json").read_text())
+m = json.loads((out / "evaluation" / "metrics.json").read_text())["test"]
 splits = json.loads((out / "converted" / "datalist.json").read_text())
 counts = {k: len(splits[k]) for k in ("training", "validation", "test")}
 rows = list(csv.DictReader((out / "overlays" / "predictions.csv").open()))
@@ -89,7 +89,7 @@ print(f"  data:        {counts} cases (train/val/test), {out / 'converted'}")
 print(f"  test ({m['num_samples']} cases): balanced accuracy {fmt(m['balanced_accuracy'])}, AUC {fmt(m['auc'])}, "
       f"accuracy {fmt(m['accuracy'])}, macro-F1 {fmt(m['macro_f1'])}")
 print(f"  confusion matrix (rows true benign/malignant): {m['confusion_matrix']}")
-print(f"  metrics:     {out / 'evaluation' / 'metrics.json'} (+ roc.png, pr.png, confusion_matrix.png)")
+print(f"  evaluation:  {out / 'evaluation'} (metrics.json, predictions.csv, plots/test/)")
 print(f"  checkpoints: {out / 'models' / 'model.pt'} (stage 2), model_stage1.pt")
 print(f"  overlays:    {len(overlays)} COAM heatmaps + label maps in {out / 'overlays'}")
 print(f"  PNGs:        {len(pngs)} previews in {out / 'overlays' / 'previews'}")

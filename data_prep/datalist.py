@@ -366,7 +366,7 @@ def _lesion_masks(folder: Path, items: list[Item]) -> dict[str, Path]:
     return found
 
 
-def class_counts(datalist: dict) -> str:
+def class_count_summary(datalist: dict) -> str:
     """A small table of items, subjects and items per class in each split."""
     classes = list(range(int(datalist.get("num_classes", 0))))
     header = ["split", "items", "subjects"] + [f"class {c}" for c in classes]

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_prep.cli import UserError
-    from data_prep.datalist import DatalistError, SplitSpec, build_datalist, class_counts
+    from data_prep.datalist import DatalistError, SplitSpec, build_datalist, class_count_summary
 
     output = Path(args.output) if args.output else Path(args.out) / "datalist.json"
     try:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except DatalistError as exc:
         raise UserError(str(exc)) from None
-    print(class_counts(datalist))
+    print(class_count_summary(datalist))
     print(f"channels: {', '.join(datalist['channels'])}")
     print(f"wrote {output}")
     return 0

@@ -46,3 +46,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def _json_default(value):
+    """numpy scalars/arrays and torch tensors as plain JSON values (imports neither unless needed)."""
+    if hasattr(value, "tolist"):  # np.generic, np.ndarray, torch.Tensor
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Write ``data`` as indented JSON (numpy/torch values converted) to ``path`` atomically; returns ``path``."""
+    import json
+
+    return write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")

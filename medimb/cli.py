@@ -1,39 +1,32 @@
-"""`medimb` command line: `medimb train ...`, `medimb explain ...`, `medimb evaluate ...`.
+"""`medimb` command line: `medimb train ...`, `medimb evaluate ...`, `medimb explain ...`.
 
-Each subcommand lives beside the code it drives and exposes ``add_parser(subparsers)``; the parser
-sets ``func(args) -> int``. User mistakes raise :class:`UserError` and are printed as one line.
+Each subcommand lives in :mod:`medimb.commands` and exposes ``add_parser(subparsers)``; the parser sets
+``func(args) -> int``. Parsing imports no torch (``medimb --help`` is instant); a command imports what it
+needs when it runs. User mistakes raise :class:`medimb.errors.UserError` and are printed as one line
+(exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMMAND_MODULES = (
-    "medimb.training.command",
-    "medimb.explain.command",
-    "medimb.evaluation.command",
-)
+from medimb import __version__
+from medimb.commands import evaluate, explain, train
+from medimb.errors import UserError
 
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status 2."""
+COMMANDS = (train, evaluate, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medimb", description="Class-imbalanced medical image classification.")
-    parser.add_argument("--verbose", "-v", action="store_true", help="more logging; tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"medimb {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="more logging, every library warning, tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a subcommand still being built must not break the others
-            if exc.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 
@@ -41,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        from medimb.runtime import quiet_library_warnings
+
+        quiet_library_warnings()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

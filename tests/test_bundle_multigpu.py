@@ -22,8 +22,8 @@ def test_two_process_gloo_stage1_and_stage2(tmp_path):
     # (DDP broadcasts rank 0's buffers at each forward; rank 0 writes the checkpoint), so they are left out.
     finalize = repr([
         "$torch.save({k: v.detach() for k, v in @train_model.named_parameters()}, os.path.join(@ckpt_dir, 'rank%d_%s.pt' % (@dist['rank'], @method)))",
-        "$medimb.bundle_utils.report_checkpoint(@ckpt_path)",
-        "$medimb.bundle_utils.finish_distributed()",
+        "$medimb.bundle.report_checkpoint(@ckpt_path)",
+        "$medimb.training.distributed.finish_distributed()",
     ])
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for stage_configs in (["train.json"], ["train.json", "train_stage2.json"]):

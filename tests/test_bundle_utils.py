@@ -1,4 +1,4 @@
-"""medimb.bundle_utils: bundle root resolution and the one-line input checks."""
+"""medimb.bundle: bundle root resolution, the one-line input checks and the one-line user-error hook."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from test_bundle_helpers import BUNDLES, make_dataset
 
-from medimb import bundle_utils
-from medimb.bundle_utils import BundleInputError
+from medimb import bundle as bundle_utils
+from medimb.bundle import BundleInputError
 
 
 def test_bundle_root_comes_from_the_running_config_not_the_working_directory(tmp_path, monkeypatch):
@@ -51,9 +51,16 @@ def test_check_inputs(tmp_path):
         assert isinstance(exc, SystemExit) and str(exc.code).startswith("medimb bundle: error: stage 1 checkpoint")
 
 
-def test_fit_pixdim_follows_the_orientation(tmp_path):
-    data = make_dataset(tmp_path / "data", channels=1, per_class=(2, 2))
-    image = str(next(data.rglob("*.nii.gz")))
-    ras = bundle_utils.fit_pixdim(image, (16, 16, 16), "RAS")
-    sar = bundle_utils.fit_pixdim(image, (16, 16, 16), "SAR")
-    assert sar == (ras[2], ras[1], ras[0])
+def test_a_user_error_anywhere_in_a_bundle_run_ends_it_in_one_line(tmp_path):
+    """MONAI wraps errors raised in config expressions; the hook finds the UserError in the chain."""
+    import subprocess
+    import sys
+
+    code = ("import medimb.bundle\n"
+            "from medimb.errors import CheckpointError\n"
+            "medimb.bundle.report_user_errors()\n"
+            "try:\n    raise CheckpointError('model.pt: checksum mismatch')\n"
+            "except CheckpointError as exc:\n    raise RuntimeError('Failed to evaluate network') from exc\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "medimb bundle: error: model.pt: checksum mismatch"

@@ -59,14 +59,17 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     assert not torch.equal(stage1["model"]["classifier.weight"], stage2["model"]["classifier.weight"])
     assert stage2["method"] == "cmsl-stage2-crt"
 
-    # evaluation: metrics.json + plots on the test split
+    # evaluation: the evaluation output of medimb train/evaluate (metrics.json, predictions.csv, plots/test/)
     run_inprocess(BREAST, ["train.json", "evaluate.json"], **inproc)
-    metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["num_samples"] == 3
+    evaluation = evals / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert set(metrics) >= {"test", "class_names"} and metrics["test"]["num_samples"] == 3
     for key in ("balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"):
-        assert key in metrics
+        assert key in metrics["test"]
+    rows = list(csv.DictReader((evaluation / "predictions.csv").open()))
+    assert [r["split"] for r in rows] == ["test"] * 3 and all(r["case"].startswith("sub-") for r in rows)
     for png in ("roc.png", "pr.png", "confusion_matrix.png"):
-        assert (evals / "evaluation" / png).stat().st_size > 1000
+        assert (evaluation / "plots" / "test" / png).stat().st_size > 1000
 
     # inference: predictions.csv, COAM overlay in the source geometry, label map, Slicer loader
     infer = tmp_path / "inference"
@@ -94,7 +97,7 @@ def test_missing_dataset_dir_is_one_clear_line(tmp_path):
 
 
 def test_wrong_datalist_keys_is_one_clear_line(tmp_path):
-    from medimb.bundle_utils import BundleInputError
+    from medimb.bundle import BundleInputError
 
     data = make_dataset(tmp_path / "data", channels=4, per_class=(4, 4))
     datalist = json.loads((data / "datalist.json").read_text())
@@ -115,13 +118,14 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
     run_inprocess(METRIC, ["train.json"], **common, **tiny)
     stage1 = torch.load(models / "model_stage1.pt", weights_only=True)
     assert stage1["config"]["name"] == "slice_pool" and stage1["config"]["num_classes"] == 3
-    assert stage1["preprocessing"]["orientation"] == "SAR"
+    # the one 2.5D mechanism: a slab of adjacent axial slices, as medimb train --slices
+    assert stage1["preprocessing"]["slices"] == 5 and stage1["preprocessing"]["orientation"] == "RAS"
     run_inprocess(METRIC, ["train.json", "train_stage2.json"], **common, **tiny, rebalance="lws")
     stage2 = torch.load(models / "model.pt", weights_only=True)
     assert stage2["config"]["head"] == "lws" and stage2["method"] == "two-stage-metric-stage2-lws"
     run_inprocess(METRIC, ["train.json", "evaluate.json"], **common)
     metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
-    assert len(metrics["per_class_recall"]) == 3 and metrics["class_names"] == ["0", "1", "2"]
+    assert len(metrics["test"]["per_class_recall"]) == 3 and metrics["class_names"] == ["0", "1", "2"]
     infer = tmp_path / "inference"
     run_inprocess(METRIC, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer),
                   num_classes=3, explain_methods=["coam"], previews=False)

@@ -15,9 +15,9 @@ def test_evaluate_reproduces_training_metrics(tmp_path, capsys):
     code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "final.pt"), "--data", str(data),
                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 0 and "val balanced_accuracy=" in out
+    assert code == 0 and "validation balanced_accuracy=" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["test"] == res["test"] and metrics["val"] == res["val"] and metrics["method"] == "crt"
+    assert metrics["test"] == res["test"] and metrics["validation"] == res["validation"] and metrics["method"] == "crt"
     assert metrics["flip_tta"] is True  # evaluated the way training reported (flip TTA by default)
     assert (tmp_path / "eval" / "plots" / "test" / "roc.png").exists()
 

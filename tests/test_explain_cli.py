@@ -88,7 +88,8 @@ def test_predictions_csv_and_index(explained):
     for r in rows:
         probs = [float(r["prob_benign"]), float(r["prob_malignant"])]
         assert abs(sum(probs) - 1) < 1e-4
-        assert int(r["predicted_class"]) == int(np.argmax(probs))
+        assert int(r["predicted"]) == int(np.argmax(probs))
+        assert r["predicted_name"] == ["benign", "malignant"][int(r["predicted"])]
     index = (out / "index.html").read_text()
     assert "scan-0" in index and "previews/scan-1_gradcam.png" in index and "malignant" in index
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from explain_helpers import BrightSpotNet, bright_cube_input
 from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, cam_classifier
 from medimb.explain.coam import COAM, coam_from_features
-from medimb.explain.methods import METHODS, create_explainer, parse_methods
+from medimb.explain.methods import EXPLAINERS, create_explainer
+from medimb.explain.settings import parse_explainers
 from medimb.explain.normalize import minmax_per_volume
 
 
@@ -34,7 +35,7 @@ def test_minmax_is_per_volume_and_keeps_polarity():
 
 
 @pytest.mark.parametrize("head", ["linear", "cosine", "cmsl"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(EXPLAINERS))
 def test_every_method_peaks_on_the_bright_region(method, head):
     model = BrightSpotNet(head=head).eval()
     corner, size = (10, 3, 6), 4
@@ -81,14 +82,14 @@ def test_rerouted_model_matches_and_mismatch_is_reported():
         FeatureMapClassifier(model).check_matches(x)
 
 
-def test_parse_methods():
-    assert parse_methods("coam, gradcam,coam") == ["coam", "gradcam"]
-    assert parse_methods(None) == ["coam", "gradcam", "cam"]
+def test_parse_explainers():
+    assert parse_explainers("coam, gradcam,coam") == ["coam", "gradcam"]
+    assert parse_explainers(None) == ["coam", "gradcam", "cam"]
     with pytest.raises(ValueError, match="gradcan"):
-        parse_methods("coam,gradcan")
+        parse_explainers("coam,gradcan")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(EXPLAINERS))
 def test_explaining_leaves_the_model_in_eval_mode_and_unchanged(method):
     """MONAI's CAM hooks restore the mode of the module they wrap; a wrapper left in its default
     training mode used to switch the model to training after the first map, so BatchNorm normalised

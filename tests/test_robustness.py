@@ -152,9 +152,7 @@ def test_corrupt_checkpoint_is_a_one_line_error_naming_the_file(trained_run, tmp
 
 
 def test_every_checkpoint_reader_checks_the_checksum(trained_run, tmp_path):
-    from medimb import bundle_utils
-    from medimb.cli import UserError
-    from medimb.explain.pipeline import load_model
+    from medimb.errors import UserError
     from medimb.networks import CheckpointError, load_checkpoint, read_checkpoint_file
 
     run = trained_run / "run"
@@ -164,10 +162,9 @@ def test_every_checkpoint_reader_checks_the_checksum(trained_run, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes((run / "final.pt").read_bytes())
     _corrupt_largest_tensor(bad)
-    readers = [load_checkpoint, read_checkpoint_file, load_model, bundle_utils.load_model,
-               bundle_utils.load_preprocessing]
+    readers = [load_checkpoint, read_checkpoint_file]  # the one reader, and the one loader built on it
     for reader in readers:
-        with pytest.raises((UserError, bundle_utils.BundleInputError)) as info:
+        with pytest.raises(UserError) as info:
             reader(str(bad))
         assert "checksum mismatch" in str(info.value) and str(bad) in str(info.value), reader
     assert issubclass(CheckpointError, UserError)
@@ -294,10 +291,11 @@ def test_network_input_smaller_than_the_downsampling_warns_or_fails(tmp_path, ca
 
 
 def test_a_split_of_two_cases_still_gets_its_plots(tmp_path, caplog):
-    from medimb.training.workflow import write_plots
+    from medimb.evaluation.predictions_csv import SplitPredictions
+    from medimb.evaluation.report import write_split_plots
 
-    pred = {"labels": np.array([0, 1]), "proba": np.array([[0.7, 0.3], [0.4, 0.6]]), "features": np.ones((2, 4))}
+    part = SplitPredictions("test", ["a1", "b1"], np.array([0, 1]), np.array([[0.7, 0.3], [0.4, 0.6]]))
     with caplog.at_level(logging.WARNING):
-        written = write_plots(pred, ["a", "b"], tmp_path)
+        written = write_split_plots(part, ["a", "b"], tmp_path, features=np.ones((2, 4)))
     assert sorted(Path(p).name for p in written) == ["confusion_matrix.png", "pr.png", "roc.png"]
     assert "no feature projection plot" in caplog.text

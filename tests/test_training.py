@@ -10,6 +10,7 @@ import torch
 from medimb.data import load_splits
 from medimb.networks import load_checkpoint
 from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train
+from medimb.evaluation import prediction
 from medimb.training import workflow
 from medimb.training.workflow import build_model
 from training_utils import tiny_config, tiny_npz
@@ -66,7 +67,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch,
     resumed = train(tiny_config(data, tmp_path / "resumed", epochs=3, stage2_epochs=2), resume=True, progress=False)
 
     assert resumed["selection"]["stage1"] == full["selection"]["stage1"]
-    assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
+    assert resumed["validation"] == full["validation"] and resumed["test"] == full["test"]
     a, _ = load_checkpoint(tmp_path / "full" / "final.pt")
     b, _ = load_checkpoint(tmp_path / "resumed" / "final.pt")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -78,7 +79,7 @@ def test_checkpoint_contract_and_outputs(tmp_path):
     res = train(tiny_config(data, tmp_path / "out", "two-stage", epochs=2, stage2_epochs=1), progress=False)
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
-    for split in ("val", "test"):
+    for split in ("validation", "test"):
         for key in ("balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"):
             assert key in metrics[split]
     assert metrics["test"] == res["test"]
@@ -109,25 +110,25 @@ def test_flip_tta_averages_probabilities_over_every_axis_flip(tmp_path):
     splits = load_splits(data)
     torch.manual_seed(0)
     model = build_model(tiny_config(data, tmp_path / "out"), splits).eval()
-    assert workflow.flip_combinations(3) == [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
+    assert prediction.flip_combinations(3) == [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
 
-    plain = workflow.predict(model, splits.test, torch.device("cpu"))
-    tta = workflow.predict(model, splits.test, torch.device("cpu"), flip_tta=True)
+    plain = prediction.predict(model, splits.test, torch.device("cpu"))
+    tta = prediction.predict(model, splits.test, torch.device("cpu"), flip_tta=True)
     x = torch.stack([torch.as_tensor(splits.test[i]["image"]) for i in range(len(splits.test))])
     with torch.no_grad():
-        expected = torch.stack([torch.softmax(model(x.flip(d)), 1) for d in workflow.flip_combinations(3)]).mean(0)
+        expected = torch.stack([torch.softmax(model(x.flip(d)), 1) for d in prediction.flip_combinations(3)]).mean(0)
     assert torch.allclose(torch.as_tensor(tta["proba"]), expected, atol=1e-5)
     assert not torch.allclose(torch.as_tensor(plain["proba"]), expected, atol=1e-4)  # the untrained net is not symmetric
     assert (tta["features"] == plain["features"]).all()  # features stay those of the unflipped input
     # the averaged prediction is flip-invariant: a flipped test set gets the same probabilities
     with torch.no_grad():
-        flipped = torch.stack([torch.softmax(model(x.flip(2).flip(d)), 1) for d in workflow.flip_combinations(3)]).mean(0)
+        flipped = torch.stack([torch.softmax(model(x.flip(2).flip(d)), 1) for d in prediction.flip_combinations(3)]).mean(0)
     assert torch.allclose(flipped, expected, atol=1e-5)
 
 
 def test_flip_tta_only_for_models_trained_with_flips(tmp_path):
     splits = load_splits(tiny_npz(tmp_path / "tiny.npz"))
-    assert workflow.uses_flip_tta(True, splits.preprocessing)
-    assert not workflow.uses_flip_tta(False, splits.preprocessing)
+    assert prediction.uses_flip_tta(True, splits.preprocessing)
+    assert not prediction.uses_flip_tta(False, splits.preprocessing)
     splits.preprocessing.augmentation.flip_prob = 0.0
-    assert not workflow.uses_flip_tta(True, splits.preprocessing)
+    assert not prediction.uses_flip_tta(True, splits.preprocessing)

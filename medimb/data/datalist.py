@@ -8,6 +8,7 @@ datalist file's folder and are resolved against it, never against the working di
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from medimb.data.checks import check_labels
@@ -91,3 +92,44 @@ def datalist_num_classes(data: dict, splits: dict[str, list[dict]]) -> int:
     if isinstance(declared, int) and not isinstance(declared, bool):
         return declared
     return max(it["label"] for items in splits.values() for it in items) + 1
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def case_name(path: str | Path) -> str:
+    """File name without ``.nii``/``.nii.gz``, reduced to ``[A-Za-z0-9._-]`` (safe in file names)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def case_ids(items: list[dict]) -> list[str]:
+    """One identifier per item, the same in every output (predictions.csv of evaluate, explain, bundles):
+    the item's ``case`` when it has one, else :func:`case_name` of its first image path, made unique
+    with ``_2``, ``_3`` ...; items whose image is an array (MedMNIST) are numbered in order."""
+    ids, seen = [], {}
+    for index, item in enumerate(items):
+        image = item.get("image")
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        if item.get("case"):
+            name = str(item["case"])
+        elif isinstance(first, (str, Path)):
+            name = case_name(first)
+        else:
+            name = str(index)
+        seen[name] = seen.get(name, 0) + 1
+        ids.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return ids
+
+
+def class_counts(items: list[dict], num_classes: int) -> list[int]:
+    """Items per class ``(K,)`` of datalist ``items`` (each with an int ``label``), as
+    :attr:`medimb.data.DataSplits.class_counts` counts the training split."""
+    counts = [0] * int(num_classes)
+    for item in items:
+        counts[int(item["label"])] += 1
+    return counts

@@ -1,26 +1,18 @@
-"""Errors for bad input data: one clear line for the user (a :class:`medimb.cli.UserError`)."""
+"""Surfacing :class:`medimb.errors.DataError` through MONAI's exception wrapping (one clear line for the user)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-from medimb.cli import UserError
+from medimb.errors import DataError, error_in_chain
 
-
-class DataError(UserError, ValueError):
-    """Input data that cannot be trained on as given (missing file, bad label, NaN, ...)."""
+__all__ = ["DataError", "data_error_in", "surface_data_errors"]
 
 
 def data_error_in(exc: BaseException | None) -> DataError | None:
     """The DataError that caused ``exc`` (MONAI wraps transform errors in RuntimeError), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DataError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return error_in_chain(exc, DataError)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,17 @@
-"""medimb.evaluation: imbalance-aware metrics and plots (localisation metrics live in ``localization``)."""
+"""medimb.evaluation: prediction over a dataset, imbalance-aware metrics, plots, and the one evaluation
+output (metrics.json, predictions.csv, plots/) that train, evaluate, explain and the bundles write.
+Localisation metrics live in ``localization``. Imported on first use (PEP 562)."""
 
-from medimb.evaluation.metrics import UndefinedMetricWarning, compute_metrics, expected_calibration_error
-from medimb.evaluation.plots import plot_confusion_matrix, plot_embedding, plot_pr, plot_roc
+from medimb.lazy import lazy_exports
 
-__all__ = [
-    "UndefinedMetricWarning", "compute_metrics", "expected_calibration_error", "plot_confusion_matrix",
-    "plot_embedding", "plot_pr", "plot_roc",
-]
+_EXPORTS = {
+    **dict.fromkeys(("SUMMARY_KEYS", "UndefinedMetricWarning", "compute_metrics", "expected_calibration_error",
+                     "format_summary"), "metrics"),
+    **dict.fromkeys(("plot_confusion_matrix", "plot_embedding", "plot_pr", "plot_roc"), "plots"),
+    **dict.fromkeys(("EVAL_BATCH", "flip_combinations", "predict", "uses_flip_tta"), "prediction"),
+    **dict.fromkeys(("SplitPredictions", "read_predictions", "write_predictions"), "predictions_csv"),
+    **dict.fromkeys(("EvaluationReport", "write_evaluation"), "report"),
+    "evaluate_checkpoint": "evaluate",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -130,3 +130,12 @@ def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
         "num_samples": int(y.shape[0]),
         "class_counts": np.bincount(y, minlength=k).astype(int).tolist(),
     }
+
+
+#: the metrics a one-line summary shows (CLI output, bundle logs), in this order
+SUMMARY_KEYS = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """``"balanced_accuracy=0.812 auc=0.901 ..."`` of :data:`SUMMARY_KEYS` (``n/a`` where undefined)."""
+    return " ".join(f"{k}={metrics[k]:.3f}" if metrics.get(k) is not None else f"{k}=n/a" for k in SUMMARY_KEYS)

@@ -5,25 +5,22 @@
 
 The exporter (:mod:`medimb.explain.export`) inverts maps to the source NIfTI grid; the pipeline
 (:func:`run_explain`, ``medimb explain``) writes heatmaps, label maps, PNG previews, index.html,
-predictions.csv and a 3D Slicer loader script.
+predictions.csv and a 3D Slicer loader script. Imported on first use (PEP 562).
 """
 
-from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, GradCAMExplainer, cam_classifier
-from medimb.explain.coam import COAM, coam_from_features, upsample_to
-from medimb.explain.export import (
-    DEFAULT_THRESHOLD,
-    forward_to_network_grid,
-    invert_to_source,
-    threshold_region,
-    write_heatmap,
-    write_label,
-)
-from medimb.explain.methods import DEFAULT_METHODS, METHODS, create_explainer, parse_methods
-from medimb.explain.normalize import minmax_per_volume
+from medimb.lazy import lazy_exports
 
-__all__ = [
-    "CAMExplainer", "COAM", "DEFAULT_METHODS", "DEFAULT_THRESHOLD", "FeatureMapClassifier",
-    "GradCAMExplainer", "METHODS", "cam_classifier", "coam_from_features", "create_explainer",
-    "forward_to_network_grid", "invert_to_source", "minmax_per_volume", "parse_methods", "threshold_region",
-    "upsample_to", "write_heatmap", "write_label",
-]
+_EXPORTS = {
+    **dict.fromkeys(("CAMExplainer", "FeatureMapClassifier", "GradCAMExplainer", "cam_classifier"), "cam"),
+    **dict.fromkeys(("COAM", "coam_from_features", "upsample_to"), "coam"),
+    **dict.fromkeys(("forward_to_network_grid", "invert_to_source", "threshold_region", "write_heatmap",
+                     "write_label"), "export"),
+    **dict.fromkeys(("EXPLAINERS", "create_explainer"), "methods"),
+    "minmax_per_volume": "normalize",
+    **dict.fromkeys(("CLASS_FREE_EXPLAINERS", "DEFAULT_EXPLAINERS", "DEFAULT_THRESHOLD", "EXPLAINER_NAMES",
+                     "ExplainSettings", "parse_explainers"), "settings"),
+    "run_explain": "pipeline",
+    "resolve_items": "inputs",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

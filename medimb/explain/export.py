@@ -19,9 +19,9 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medimb.atomic import atomic_output
+from medimb.explain.settings import DEFAULT_THRESHOLD
 
 #: maps are in [0, 1]; the label map / Dice region is ``map >= DEFAULT_THRESHOLD``
-DEFAULT_THRESHOLD = 0.5
 
 
 def invert_to_source(heat: torch.Tensor, data: dict, transform, key: str = "image") -> np.ndarray:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from medimb.cli import UserError
+from medimb.data.datalist import NIFTI_SUFFIXES, case_ids
+from medimb.errors import UserError
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DATALIST_SPLITS = ("training", "validation", "test")
 
 
@@ -16,35 +15,24 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def case_name(path: str | Path) -> str:
-    """File name without ``.nii``/``.nii.gz``, reduced to ``[A-Za-z0-9._-]`` (safe in file names)."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
-
-
-def _from_datalist(path: Path, split: str | None) -> list[dict]:
+def _from_datalist(path: Path, splits: list[str] | None) -> list[dict]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read datalist {path}: {exc}") from exc
     if isinstance(data, list):
-        items = data
+        tagged = [("", item) for item in data]
     elif isinstance(data, dict):
-        if split is not None:
-            if split not in data:
-                raise UserError(f"datalist {path} has no split {split!r}; it has {sorted(data)}")
-            items = data[split]
-        else:  # every split, in the usual order
-            items = [it for key in DATALIST_SPLITS for it in data.get(key, []) or []]
+        missing = [s for s in splits or () if s not in data]
+        if missing:
+            raise UserError(f"datalist {path} has no split(s) {missing}; it has {sorted(data)}")
+        wanted = splits or DATALIST_SPLITS  # default: every split, in the usual order
+        tagged = [(key, item) for key in wanted for item in data.get(key, []) or []]
     else:
         raise UserError(f"datalist {path} must be a JSON object with splits or a list of items")
     base = path.parent.resolve()
     out = []
-    for i, item in enumerate(items):
+    for i, (split, item) in enumerate(tagged):
         if isinstance(item, str):
             item = {"image": item}
         if not isinstance(item, dict) or "image" not in item:
@@ -57,18 +45,19 @@ def _from_datalist(path: Path, split: str | None) -> list[dict]:
                 raise UserError(f"datalist {path} item {i}: image file does not exist: {full}")
             resolved.append(str(full))
         label = item.get("label")
-        out.append({"image": resolved, "label": None if label is None else int(label)})
+        out.append({"image": resolved, "label": None if label is None else int(label), "split": split})
     return out
 
 
-def resolve_items(path: str | Path, split: str | None = None) -> list[dict]:
-    """Items ``{"image": [abs path per channel], "label": int | None, "case": name}`` to explain.
+def resolve_items(path: str | Path, splits: str | list[str] | None = None) -> list[dict]:
+    """Items ``{"image": [abs path per channel], "label": int | None, "case": name, "split": str}`` to explain.
 
-    ``path``: a datalist JSON (``split`` picks one split; default all), a folder (every ``.nii``/``.nii.gz``
-    below it, sorted) or a single NIfTI file. Raises :class:`UserError` for a missing path, an empty
+    ``path``: a datalist JSON (``splits`` picks datalist splits, e.g. ``["test"]``; default all), a folder
+    (every ``.nii``/``.nii.gz`` below it, sorted) or a single NIfTI file. Raises :class:`UserError` for a missing path, an empty
     folder or a datalist with no items.
     """
     path = Path(path)
+    splits = [splits] if isinstance(splits, str) else (list(splits) if splits else None)
     if not path.exists():
         raise UserError(f"--data {path} does not exist")
     if path.is_dir():
@@ -79,14 +68,11 @@ def resolve_items(path: str | Path, split: str | None = None) -> list[dict]:
     elif _is_nifti(path):
         items = [{"image": [str(path.resolve())], "label": None}]
     elif path.suffix.lower() == ".json":
-        items = _from_datalist(path, split)
+        items = _from_datalist(path, splits)
         if not items:
-            raise UserError(f"datalist {path} has no items" + (f" in split {split!r}" if split else ""))
+            raise UserError(f"datalist {path} has no items" + (f" in split(s) {splits}" if splits else ""))
     else:
         raise UserError(f"--data must be a datalist .json, a folder or a .nii/.nii.gz file, got {path}")
-    seen: dict[str, int] = {}
-    for item in items:
-        name = case_name(item["image"][0])
-        seen[name] = seen.get(name, 0) + 1
-        item["case"] = name if seen[name] == 1 else f"{name}_{seen[name]}"
+    for item, case in zip(items, case_ids(items)):
+        item["case"] = case
     return items

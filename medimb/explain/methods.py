@@ -1,4 +1,4 @@
-"""One name per attention method, so the CLI, the benchmark and the exporter share a single list."""
+"""The explainer of each attention method name (:data:`medimb.explain.settings.EXPLAINER_NAMES`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .cam import CAMExplainer, GradCAMExplainer
 from .coam import COAM
+from .settings import EXPLAINER_NAMES
 
 
 class Explainer(Protocol):
@@ -16,29 +17,18 @@ class Explainer(Protocol):
         """``(B, C, *S)`` -> ``(B, 1, *S)`` map in [0, 1], 1 = attended."""
 
 
-METHODS: dict[str, Callable[[nn.Module], Explainer]] = {
+EXPLAINERS: dict[str, Callable[[nn.Module], Explainer]] = {
     "coam": lambda model: COAM(model),
     "coam_cosine": lambda model: COAM(model, cosine=True),
     "cam": CAMExplainer,
     "gradcam": GradCAMExplainer,
     "gradcampp": lambda model: GradCAMExplainer(model, plus=True),
 }
-DEFAULT_METHODS = ("coam", "gradcam", "cam")
-
-
-def parse_methods(text: str | None) -> list[str]:
-    """``"coam,gradcam"`` -> ``["coam", "gradcam"]``; ``ValueError`` naming any unknown method."""
-    if not text:
-        return list(DEFAULT_METHODS)
-    names = [m.strip().lower() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(names))
+assert tuple(EXPLAINERS) == EXPLAINER_NAMES, "register every explainer name in settings.EXPLAINER_NAMES"
 
 
 def create_explainer(name: str, model: nn.Module) -> Explainer:
-    """The explainer called ``name`` (one of :data:`METHODS`) for ``model``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name](model)
+    """The explainer called ``name`` (one of :data:`EXPLAINERS`) for ``model``."""
+    if name not in EXPLAINERS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(EXPLAINERS)}")
+    return EXPLAINERS[name](model)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from medimb.cli import UserError
+from medimb.errors import UserError
 
 
 def _umask() -> int:

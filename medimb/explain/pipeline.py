@@ -10,11 +10,9 @@ into place at the end, so a failed run leaves nothing half-written.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -22,30 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medimb.cli import UserError
+from medimb.errors import UserError
+from medimb.evaluation.predictions_csv import SplitPredictions, format_predictions
+from medimb.networks import predict_proba
 
 from .cam import FeatureMapClassifier
-from .export import DEFAULT_THRESHOLD, invert_to_source, threshold_region, write_heatmap, write_label
+from .export import invert_to_source, threshold_region, write_heatmap, write_label
 from .methods import create_explainer
+from .settings import CLASS_FREE_EXPLAINERS, ExplainSettings
 from .outputs import check_destination, staged_folder
 from .preview import render_index, save_preview
-from .slicer import DISPLAY_THRESHOLD, FOREGROUND_OPACITY, render_loader
-
-
-#: methods that need no class weights or gradients
-CLASS_FREE_METHODS = ("coam", "coam_cosine")
-
-
-@dataclass
-class ExplainSettings:
-    """Options of one ``medimb explain`` run (one source of truth for the CLI's defaults)."""
-
-    methods: list[str] = field(default_factory=lambda: ["coam", "gradcam", "cam"])
-    threshold: float = DEFAULT_THRESHOLD  # label map / region: map >= threshold
-    display_threshold: float = DISPLAY_THRESHOLD  # hidden below this in Slicer and the PNGs
-    opacity: float = FOREGROUND_OPACITY
-    target_class: int | None = None  # None: explain each case's predicted class
-    previews: bool = True
+from .slicer import render_loader
 
 
 @dataclass
@@ -59,32 +44,6 @@ class CaseExplanation:
     predicted: int
     maps: dict[str, np.ndarray]
     seconds: dict[str, float]
-
-
-def _networks():
-    import medimb.networks as networks
-
-    missing = [n for n in ("load_checkpoint", "predict_proba") if not hasattr(networks, n)]
-    if missing:
-        raise UserError(f"medimb.networks does not provide {missing} yet")
-    return networks
-
-
-def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
-    """``medimb.networks.load_checkpoint`` with any failure turned into one clear :class:`UserError`."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"--checkpoint {path} does not exist")
-    try:
-        model, meta = _networks().load_checkpoint(path)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a wrong or corrupt checkpoint, reported as one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} does not match the network or cannot be read: {first}") from exc
-    if not meta.get("preprocessing"):
-        raise UserError(f"checkpoint {path} has no 'preprocessing' entry: cannot rebuild its transforms")
-    return model.eval(), meta
 
 
 def check_inputs(model: torch.nn.Module, preprocessing: dict, items: list[dict]) -> None:
@@ -134,17 +93,18 @@ def explain_item(model, transform, item: dict, methods: list[str], target_class:
     data = preprocess(transform, item)
     expected = int((getattr(model, "config", None) or {}).get("in_channels", data["image"].shape[0]))
     _channel_check(data, expected, item["case"])
-    x = data["image"].as_tensor().unsqueeze(0).float()
+    device = next(model.parameters()).device
+    x = data["image"].as_tensor().unsqueeze(0).float().to(device)
     with torch.no_grad():
         logits = model(x)
-        probs = predict_proba(model, logits)[0]
+        probs = predict_proba(model, logits)[0].cpu()
     predicted = int(probs.argmax())
     cls = predicted if target_class is None else int(target_class)
     maps, seconds = {}, {}
     explainers = explainers if explainers is not None else {m: create_explainer(m, model) for m in methods}
     for name in methods:
         start = time.perf_counter()
-        heat = explainers[name](x, class_idx=cls)[0]  # (1, *S)
+        heat = explainers[name](x, class_idx=cls)[0].cpu()  # (1, *S)
         seconds[name] = time.perf_counter() - start
         maps[name] = invert_to_source(heat, data, transform)
     return CaseExplanation(item["case"], list(item["image"]), item.get("label"),
@@ -156,21 +116,22 @@ def _check_rerouting(model, transform, item: dict, channels: int) -> None:
     data = preprocess(transform, item)
     _channel_check(data, channels, item["case"])
     try:
-        FeatureMapClassifier(model).check_matches(data["image"].as_tensor().unsqueeze(0).float())
+        x = data["image"].as_tensor().unsqueeze(0).float().to(next(model.parameters()).device)
+        FeatureMapClassifier(model).check_matches(x)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
 
-def _predictions_csv(cases: list[CaseExplanation], class_names: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    probs = [f"prob_{n}" for n in class_names]
-    writer.writerow(["case", "predicted_class", "predicted_name", *probs, "label"])
-    for c in cases:
-        probs = [f"{p:.6f}" for p in c.probabilities]
-        label = "" if c.label is None else c.label
-        writer.writerow([c.case, c.predicted, class_names[c.predicted], *probs, label])
-    return buf.getvalue()
+def _by_split(items: list[dict], cases: list[CaseExplanation]) -> list[SplitPredictions]:
+    """The explained cases grouped by their datalist split (in order of appearance) for predictions.csv."""
+    groups: dict[str, list[CaseExplanation]] = {}
+    for item, case in zip(items, cases):
+        groups.setdefault(item.get("split") or "", []).append(case)
+    parts = []
+    for split, group in groups.items():
+        labels = None if any(c.label is None for c in group) else [c.label for c in group]
+        parts.append(SplitPredictions(split, [c.case for c in group], labels, [c.probabilities for c in group]))
+    return parts
 
 
 def _class_names(meta: dict, num_classes: int) -> list[str]:
@@ -214,7 +175,9 @@ def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, cl
 
 def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, settings: ExplainSettings,
                 overwrite: bool = False, progress: bool = True, checkpoint_name: str = "") -> dict:
-    """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``.
+    """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``; ``model`` and
+    ``meta`` from :func:`medimb.networks.load_checkpoint` (``needs_preprocessing=True``). An item's ``split``
+    (its datalist split; empty for files and folders) fills the ``split`` column of predictions.csv.
 
     Returns the summary also written to ``explain.json``.
     """
@@ -224,7 +187,6 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
     check_destination(out_dir, overwrite)
     preprocessing = dict(meta["preprocessing"])
     check_inputs(model, preprocessing, items)
-    predict_proba = _networks().predict_proba
     transform = build_eval_transforms(preprocessing)
     model.eval()
     explainers = {m: create_explainer(m, model) for m in settings.methods}
@@ -232,7 +194,7 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
     rows, cases = [], []
     with staged_folder(out_dir, overwrite=overwrite) as staging:
         for n, item in enumerate(tqdm(items, desc="explain", unit="case", disable=not progress)):
-            if n == 0 and any(m not in CLASS_FREE_METHODS for m in settings.methods):
+            if n == 0 and any(m not in CLASS_FREE_EXPLAINERS for m in settings.methods):
                 _check_rerouting(model, transform, item, int(preprocessing.get("in_channels", 1)))
             exp = explain_item(model, transform, item, settings.methods, settings.target_class, predict_proba,
                                explainers)
@@ -241,7 +203,7 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             rows.append(write_case(staging, exp, settings, class_names))
             cases.append(exp)
         class_names = _class_names(meta, num_classes or 2)
-        (staging / "predictions.csv").write_text(_predictions_csv(cases, class_names))
+        (staging / "predictions.csv").write_text(format_predictions(_by_split(items, cases), class_names))
         (staging / "load_in_slicer.py").write_text(
             render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
                           opacity=settings.opacity))

@@ -13,14 +13,14 @@ import os
 import pprint
 from pathlib import Path
 
+from medimb.explain.settings import DISPLAY_THRESHOLD, FOREGROUND_OPACITY
+
 #: Slicer colour table for heatmaps, with fallbacks for older Slicer versions
 COLOR_NODE_IDS = (
     "vtkMRMLColorTableNodeFileInferno.txt",
     "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
     "vtkMRMLColorTableNodeRainbow",
 )
-DISPLAY_THRESHOLD = 0.3
-FOREGROUND_OPACITY = 0.4
 
 TEMPLATE = '''"""Load medimb attention overlays into 3D Slicer.
 

@@ -4,8 +4,8 @@
 >>> out = model.forward_all(torch.zeros(2, 1, 28, 28, 28))  # logits, features, embedding, feature_map
 """
 
+from medimb.errors import CheckpointError
 from medimb.networks.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     read_checkpoint_file,
     save_checkpoint,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medimb.atomic import atomic_output
-from medimb.cli import UserError
+from medimb.errors import CheckpointError, CheckpointNotFoundError
 from medimb.networks.model import ImbalanceClassifier, create_model
 
 logger = logging.getLogger(__name__)
@@ -30,11 +30,6 @@ logger = logging.getLogger(__name__)
 RESERVED_KEYS = ("model", "config")
 #: key of the content digest inside every checkpoint file medimb writes
 CHECKSUM_KEY = "sha256"
-
-
-class CheckpointError(UserError, ValueError):
-    """A file that is not a medimb checkpoint, is truncated or corrupt (checksum mismatch), or whose weights
-    do not fit its configuration. A :class:`medimb.cli.UserError`: the CLIs print it as one line, exit 2."""
 
 
 def _feed(h, obj: Any) -> None:
@@ -81,13 +76,13 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     """Load a checkpoint dict safely and check its digest; returns it without ``CHECKSUM_KEY``.
 
     ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled. Raises
-    ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for a file torch cannot read
+    :class:`~medimb.errors.CheckpointNotFoundError` (a ``FileNotFoundError`` too) for a missing file and :class:`CheckpointError` for a file torch cannot read
     (truncated, not a checkpoint), that is not a dict, or whose content does not match its stored digest.
     A dict without a digest (written before medimb stored one) is returned with a logged warning.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for truncated or foreign files
@@ -142,13 +137,23 @@ def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
         raise CheckpointError(f"{path}: weights do not match the stored config: " + "; ".join(problems))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[ImbalanceClassifier, dict[str, Any]]:
-    """Rebuild the model from ``path``; returns ``(model in eval mode, the checkpoint dict without "model")``.
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    needs_preprocessing: bool = False,
+) -> tuple[ImbalanceClassifier, dict[str, Any]]:
+    """The one checkpoint loader: rebuild the model from ``path``; returns ``(model in eval mode on
+    map_location, the checkpoint dict without "model")``.
 
-    Reads through :func:`read_checkpoint_file` (weights-only load, checksum check). Raises
-    ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for a file that is truncated or
-    corrupt, not a medimb checkpoint (no ``config``/``model``), a config ``create_model`` rejects, or weights
-    whose keys or shapes do not match that config.
+    Reads through :func:`read_checkpoint_file` (weights-only load, checksum check). Every failure is a
+    one-line :class:`~medimb.errors.CheckpointError` naming the file: missing
+    (:class:`~medimb.errors.CheckpointNotFoundError`), truncated or corrupt, not a medimb checkpoint (no
+    ``config``/``model``), a config ``create_model`` rejects, weights whose keys or shapes do not match that
+    config, a network whose ``in_channels``/``num_classes`` differ from the ones given, or (with
+    ``needs_preprocessing``) no stored ``preprocessing`` to rebuild the evaluation transforms from.
     """
     path = Path(path)
     payload = read_checkpoint_file(path, map_location="cpu")
@@ -161,6 +166,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: the stored config cannot build a model ({exc}); config={config}") from exc
     _check_state_dict(model, payload["model"], path)
+    for key, wanted in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if wanted is not None and int(config.get(key, -1)) != int(wanted):
+            raise CheckpointError(f"{path}: the network has {key}={config.get(key)}, {wanted} expected")
+    if needs_preprocessing and not payload.get("preprocessing"):
+        raise CheckpointError(f"{path}: no 'preprocessing' entry (not written by medimb train or a medimb "
+                              "bundle): its evaluation transforms cannot be rebuilt")
     model.load_state_dict(payload["model"])
     model.to(map_location)
     model.eval()

@@ -1,0 +1,164 @@
+"""What a MONAI bundle under ``bundles/`` needs besides the library: where the bundle is, its inputs
+checked up front, and a user's mistake reported as one line.
+
+Everything that does work (data, networks, losses, training engines and handlers, evaluation, explain) is
+the library, composed in the bundles' JSON through ``_target_`` and ``$`` expressions; this module only
+
+- finds the bundle root from the config file being run, so no path depends on the working directory;
+- checks the dataset folder, datalist and checkpoints before any work, in one line each
+  (:class:`BundleInputError`);
+- :func:`report_user_errors`: a :class:`medimb.errors.UserError` raised anywhere in a bundle run (a
+  checkpoint that does not fit, bad data inside a transform) ends the run with one line, not a chain of
+  MONAI's "Failed to evaluate" errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medimb.errors import user_error_in
+from medimb.runtime import is_main_process
+
+logger = logging.getLogger("medimb.bundle")
+PREFIX = "medimb bundle: error: "
+
+
+class BundleInputError(SystemExit):
+    """A mistake in the bundle's inputs (dataset dir, datalist, checkpoint).
+
+    A :class:`SystemExit` on purpose: MONAI's config parser wraps every ``Exception`` raised inside a
+    ``$`` expression in ``RuntimeError("Failed to evaluate ...")`` chains; a ``SystemExit`` passes through
+    them, so ``python -m monai.bundle run`` (and torchrun) ends with exit status 1 and exactly this message.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"medimb bundle: error: {message}")
+        self.message = message
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+def report_user_errors() -> bool:
+    """Install an exception hook that prints a :class:`~medimb.errors.UserError` found anywhere in an
+    uncaught exception's chain as one line (``medimb bundle: error: ...``; exit status 1) and leaves every
+    other error's traceback as it was. Returns ``True`` so it can sit first in a bundle's ``initialize``."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        found = user_error_in(exc)
+        if found is None:
+            previous(exc_type, exc, tb)
+        else:
+            print(PREFIX + str(found).splitlines()[0], file=sys.stderr)
+
+    sys.excepthook = hook
+    return True
+
+
+def _config_root_from_stack() -> Path | None:
+    """``config_root_path`` of the :class:`monai.bundle.ConfigWorkflow` that is evaluating this config."""
+    from monai.bundle import ConfigWorkflow
+
+    for frame_info in inspect.stack(context=0):
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return Path(candidate.config_root_path)
+    return None
+
+
+def _config_root_from_argv(argv: list[str]) -> Path | None:
+    """Folder of the first ``--config_file`` on the command line (``X``, ``"['X','Y']"``, ``--config_file=X``)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        if value:
+            first = value.strip("[]() ").split(",")[0].strip().strip("'\"")
+            return Path(first).parent
+    return None
+
+
+def bundle_root() -> str:
+    """Absolute path of the bundle being run: the folder that holds ``configs/``.
+
+    Used as the default of the ``bundle_root`` config id so that checkpoints and outputs land inside the
+    bundle whatever the working directory; ``--bundle_root DIR`` still overrides it. Looks at the running
+    ``ConfigWorkflow`` first, then at ``--config_file`` on the command line, then falls back to the working
+    directory (the model-zoo convention of running from the bundle root).
+    """
+    root = _config_root_from_stack() or _config_root_from_argv(sys.argv)
+    if root is None:
+        return os.path.abspath(".")
+    root = root.resolve()
+    return str(root.parent if root.name == "configs" else root)
+
+
+def check_inputs(dataset_dir: str, datalist: str, num_channels: int | None = None, num_classes: int | None = None) -> bool:
+    """Fail early, in one line, on a missing dataset folder or a datalist that cannot be trained on.
+
+    Args:
+        dataset_dir: the folder given by ``--dataset_dir`` (the converted data, holding the datalist).
+        datalist: path of the datalist JSON (``training``/``validation``/``test`` items with ``image``
+            and ``label``; image paths relative to the datalist's folder).
+        num_channels: the number of image paths (channels) each item must have, e.g. 3 DCE phases.
+        num_classes: labels must lie in ``[0, num_classes)``.
+
+    Returns ``True`` so that it can sit in a bundle's ``initialize`` list. Raises :class:`BundleInputError`.
+    """
+    from medimb.data.datalist import load_datalist
+    from medimb.data.errors import DataError
+
+    if not Path(dataset_dir).is_dir():
+        raise BundleInputError(
+            f"dataset_dir {str(dataset_dir)!r} does not exist or is not a folder; pass "
+            "--dataset_dir /path/to/converted (the folder holding datalist.json from `medimb-prep datalist`)"
+        )
+    try:
+        splits = load_datalist(datalist, num_classes=num_classes)
+    except DataError as exc:
+        raise BundleInputError(str(exc)) from None
+    if num_channels is not None:
+        found = len(splits["train"][0]["image"])
+        if found != num_channels:
+            raise BundleInputError(
+                f"{datalist}: items have {found} image(s) (channels) but the bundle expects {num_channels}; "
+                f"set --num_channels {found} (and the metadata's num_channels) or rebuild the datalist"
+            )
+    return True
+
+
+def report_checkpoint(path: str) -> str:
+    """Log where the best checkpoint is (the bundle's ``finalize`` step); raise if training wrote none."""
+    if is_main_process():
+        if not Path(path).is_file():
+            raise BundleInputError(f"no checkpoint was written to {path}: did validation run (val_interval)?")
+        logger.info("best checkpoint: %s", path)
+    return path
+
+
+def check_checkpoint(path: str, what: str = "the") -> bool:
+    """One clear line when a checkpoint the bundle needs is missing (e.g. stage 2 before stage 1)."""
+    if not Path(path).is_file():
+        raise BundleInputError(
+            f"{what} checkpoint {path} does not exist; run the earlier bundle step first or pass --ckpt_dir / the "
+            "checkpoint path override"
+        )
+    return True
+
+
+def check_dataset_dir(dataset_dir: str, data: str) -> bool:
+    """One clear line when the dataset folder or the input (datalist, folder, file) of inference is missing."""
+    if not Path(dataset_dir).is_dir():
+        raise BundleInputError(
+            f"dataset_dir {str(dataset_dir)!r} does not exist or is not a folder; pass --dataset_dir /path/to/data"
+        )
+    if not Path(data).exists():
+        raise BundleInputError(f"{data} does not exist; pass --datalist (a datalist JSON, a NIfTI folder or file)")
+    return True

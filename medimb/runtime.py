@@ -1,0 +1,49 @@
+"""Run-time settings every torch command shares: the device, and library warnings that say nothing to users."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from medimb.errors import UserError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda[:N]"`` on a machine without CUDA is a
+    :class:`~medimb.errors.UserError` (one line) instead of a failure at the first tensor moved there."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, auto): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of an initialised process group, or when not distributed: the process that writes."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+#: (message regex, category, module regex) of warnings that are about the libraries, not the user's run
+QUIET_WARNINGS = (
+    (r".*codec.*", UserWarning, r"monai\..*"),  # MONAI probing optional image codecs at import
+    (r".*pkg_resources is deprecated.*", UserWarning, r".*"),
+    (r".*TensorFloat32.*|.*tf32.*", UserWarning, r"torch\..*"),
+    (r".*", DeprecationWarning, r"(monai|ignite|torch)\..*"),
+    (r".*", FutureWarning, r"(monai|ignite)\..*"),
+)
+
+
+def quiet_library_warnings() -> None:
+    """Hide warnings that the libraries print on every command and the user cannot act on; warnings
+    about the user's data or run still show (``--verbose`` shows everything)."""
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
