@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_bundle_helpers import BUNDLES
+from helpers.bundles import BUNDLES
 
 from medimb.networks import save_checkpoint
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import BUNDLES
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ["breast_dce_cmsl", "imbalanced_two_stage_metric"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_bundle_helpers import BUNDLES, make_dataset
+from helpers.bundles import BUNDLES, make_dataset
 
 from medimb import bundle_utils
 from medimb.bundle_utils import BundleInputError

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from helpers.training import tiny_config, tiny_npz
+
 from medimb.cli import main
 from medimb.training import train
-from training_utils import tiny_config, tiny_npz
 
 
 def test_evaluate_reproduces_training_metrics(tmp_path, capsys):

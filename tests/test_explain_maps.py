@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.explain import BrightSpotNet, bright_cube_input
 
-from explain_helpers import BrightSpotNet, bright_cube_input
 from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, cam_classifier
 from medimb.explain.coam import COAM, coam_from_features
 from medimb.explain.methods import METHODS, create_explainer, parse_methods

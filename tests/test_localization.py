@@ -85,7 +85,9 @@ def test_oracle_mask_survives_preprocess_and_inversion(tmp_path, flip):
     """The localisation benchmark's sanity row: a lesion mask pushed through the checkpoint's
     geometric preprocessing (reorient, resample, crop one axis and pad another) and inverted onto the
     source grid with the *image's* recorded transforms scores as a perfect map."""
-    from explain_helpers import oblique_affine, write_nifti
+    from helpers.explain import oblique_affine
+    from helpers.nifti import write_nifti
+
     from medimb.data.transforms import Preprocessing, build_eval_transforms
     from medimb.explain.export import forward_to_network_grid, invert_to_source
 
@@ -98,8 +100,8 @@ def test_oracle_mask_survives_preprocess_and_inversion(tmp_path, flip):
     centre = np.array([19, 12, 7]) @ affine[:3, :3].T
     mask = np.linalg.norm(world - centre, axis=-1) <= 3.0  # a 3 mm ball off the centre
     image = np.random.default_rng(1).random(shape).astype(np.float32) + 2.0 * mask
-    write_nifti(tmp_path / "image.nii.gz", image, affine)
-    write_nifti(tmp_path / "mask.nii.gz", mask.astype(np.float32), affine)
+    write_nifti(tmp_path / "image.nii.gz", image, affine, scanner_codes=True)
+    write_nifti(tmp_path / "mask.nii.gz", mask.astype(np.float32), affine, scanner_codes=True)
     pre = Preprocessing(spatial_size=(24, 40, 16), pixdim=(0.9, 0.9, 2.0))
     transform = build_eval_transforms(pre)
     data = transform({"image": [str(tmp_path / "image.nii.gz")]})

@@ -9,15 +9,13 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.paths import REPO
 
 from data_prep import deid
 from data_prep.deid import PhiScrubber, identifying_values
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers.training import tiny_config, tiny_npz
 
 from medimb.data import load_splits
 from medimb.networks import load_checkpoint
-from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train
-from medimb.training import workflow
+from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train, workflow
 from medimb.training.workflow import build_model
-from training_utils import tiny_config, tiny_npz
 
 
 def _frozen_state(model) -> dict:
