@@ -201,7 +201,6 @@ def test_class_balanced_sampler_is_uniform_disjoint_and_deterministic(num_replic
     samplers[0].set_epoch(4)
     assert list(samplers[0]) != list(ClassBalancedSampler(labels, 6000, num_replicas, 0, seed=7))
     if num_replicas > 1:  # ranks take disjoint positions of one shared sequence
-        ref = list(ClassBalancedSampler(labels, 6000 * num_replicas, seed=7).__iter__())
         ref_s = ClassBalancedSampler(labels, 6000 * num_replicas, seed=7)
         ref_s.set_epoch(3)
         ref = list(ref_s)
