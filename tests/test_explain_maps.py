@@ -81,7 +81,7 @@ def test_rerouted_model_matches_and_mismatch_is_reported():
         FeatureMapClassifier(model).check_matches(x)
 
 
-def test_parse_methods():
+def test_method_list_is_deduplicated_defaulted_and_names_an_unknown_method():
     assert parse_methods("coam, gradcam,coam") == ["coam", "gradcam"]
     assert parse_methods(None) == ["coam", "gradcam", "cam"]
     with pytest.raises(ValueError, match="gradcan"):

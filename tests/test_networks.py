@@ -110,7 +110,7 @@ def test_predict_proba_softmax_and_normalised_sigmoid():
     assert torch.allclose(predict_proba(model, logits), sig)
 
 
-def test_tau_normalize():
+def test_tau_normalisation_divides_each_row_by_its_norm_to_the_power_tau():
     w = torch.tensor([[3.0, 4.0], [0.6, 0.8]])
     assert torch.allclose(tau_normalize(w, 0.0), w)
     assert torch.allclose(tau_normalize(w, 1.0).norm(dim=1), torch.ones(2))

@@ -62,7 +62,7 @@ def _assert_oracle_holds(result) -> None:
 
 
 @pytest.mark.parametrize("name", _class_params())
-def test_mutation_class(name, tmp_path):
+def test_each_mutation_class_regression_case_holds_the_oracle(name, tmp_path):
     spec = fuzz.regression_case(name)
     if spec is None:
         pytest.skip(f"regression source {fuzz.MUTATIONS[name].regression_source} absent (no shared data)")
@@ -70,7 +70,7 @@ def test_mutation_class(name, tmp_path):
 
 
 @pytest.mark.parametrize("spec", _selection_params())
-def test_seeded_selection(spec, tmp_path):
+def test_seeded_fuzz_cases_hold_the_oracle(spec, tmp_path):
     _assert_oracle_holds(fuzz.execute(spec, LIMITS, workdir=tmp_path))
 
 
