@@ -49,7 +49,7 @@ def test_bad_bundle_inputs_are_one_line_errors_saying_what_is_wrong(tmp_path):
 def test_missing_checkpoint_exits_with_one_line_naming_the_stage_and_file(tmp_path):
     """A SystemExit with the message as its code: `python -m monai.bundle run` prints exactly this line."""
     missing = tmp_path / "none.pt"
-    expected = r"^medimb bundle: error: stage 1 checkpoint .*none\.pt does not exist; run the earlier bundle step"
+    expected = r"^medimb bundle: error: stage 1 checkpoint .*none\.pt does not exist; run the earlier bundle"
     with pytest.raises(SystemExit, match=expected) as info:
         bundle_utils.check_checkpoint(str(missing), "stage 1")
     assert isinstance(info.value, BundleInputError)

@@ -26,8 +26,8 @@ def _train(args, capsys) -> tuple[int, str, str]:
 
 def _datalist(tmp_path: Path, labels=(0, 1, 0, 1, 0, 1), channels=1, nan_item=None, **top) -> Path:
     """Noise volumes ``s{i}_c{c}.nii.gz`` next to ``datalist.json``; ``top``: extra top-level keys."""
-    return write_datalist(tmp_path, labels, channels=channels, nan_items=() if nan_item is None else (nan_item,),
-                          extra=top)
+    nan_items = () if nan_item is None else (nan_item,)
+    return write_datalist(tmp_path, labels, channels=channels, nan_items=nan_items, extra=top)
 
 
 def test_train_writes_metrics_checkpoints_plots_config(tmp_path, capsys):

@@ -28,8 +28,9 @@ def _datalist(tmp_path: Path, channels=1, labels=(0, 1, 0, 1)) -> Path:
     """Noise volumes in ``img/``, the datalist in ``lists/`` (paths ``../img/...``, relative to the datalist's
     folder); training is every case, validation the first two, test the rest."""
     n = len(labels)
-    return write_datalist(tmp_path, labels, channels=channels, shape=(12, 10, 8), affine=np.diag([2.0, 1.0, 1.5, 1.0]),
-                          image="img/{case}_c{c}.nii.gz", datalist="lists/datalist.json", image_list=False,
+    return write_datalist(tmp_path, labels, channels=channels, shape=(12, 10, 8),
+                          affine=np.diag([2.0, 1.0, 1.5, 1.0]), image="img/{case}_c{c}.nii.gz",
+                          datalist="lists/datalist.json", image_list=False,
                           splits={"training": range(n), "validation": range(2), "test": range(2, n)})
 
 
@@ -228,6 +229,7 @@ def test_medmnist_files_load_with_official_splits():
 
 
 def test_medmnist_bad_files(tmp_path):
+    # hand-written archives, not helpers.training.tiny_npz: they are malformed on purpose
     np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DataError, match="missing arrays"):
         load_medmnist(tmp_path / "bad.npz")

@@ -46,8 +46,8 @@ def write_scans(root: Path, n: int = 2) -> tuple[Path, list[Path]]:
     split (labels alternating, no subject: cases are named after their files); returns (datalist, scans)."""
     datalist = write_datalist(root, [i % 2 for i in range(n)], shape=(20, 18, 10), volume=_bright_block,
                               affine=oblique_affine(spacing=(1.2, 1.4, 3.0)), scanner_codes=True,
-                              splits={"test": range(n)}, case="scan-{i}", image="scans/{case}.nii.gz", subject=None,
-                              image_list=False)
+                              splits={"test": range(n)}, case="scan-{i}", image="scans/{case}.nii.gz",
+                              subject=None, image_list=False)
     return datalist, [root / "scans" / f"scan-{i}.nii.gz" for i in range(n)]
 
 

@@ -132,7 +132,7 @@ def test_real_series_overlay_matches_source(tmp_path, pixdim, real_series_nifti)
     ijk = tuple(int(s * f) for s, f in zip(volume.shape[:3], (0.55, 0.4, 0.6)))
     volume[ijk] = volume.max() * 20
     planted = tmp_path / "planted.nii.gz"
-    # not helpers.nifti.write_nifti: the copy must keep the real scanner header (codes, units, pixdim) as it is
+    # not helpers.nifti.write_nifti: the copy keeps the real scanner header (codes, units, pixdim) as it is
     out = nib.Nifti1Image(volume, None, header=image.header.copy())
     out.set_qform(image.get_qform(), int(image.header["qform_code"]))
     out.set_sform(image.get_sform(), int(image.header["sform_code"]))

@@ -27,8 +27,8 @@ TINY = '{"widths": [4, 8], "depths": [0, 1]}'
 def _datalist(folder: Path, n: int = 6, size: int = 16, nan_item: int | None = None,
               sizes: dict[int, tuple] | None = None) -> Path:
     """``n`` cases, labels 0/1 alternating, 2/3 training and the rest both val and test; float32 volumes."""
-    return write_datalist(folder, [i % 2 for i in range(n)], shape=(size,) * 3, shapes=sizes, image="{case}.nii.gz",
-                          nan_items=() if nan_item is None else (nan_item,))
+    return write_datalist(folder, [i % 2 for i in range(n)], shape=(size,) * 3, shapes=sizes,
+                          image="{case}.nii.gz", nan_items=() if nan_item is None else (nan_item,))
 
 
 def _one_line_error(err: str, command: str = "train") -> str:

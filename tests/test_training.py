@@ -122,8 +122,8 @@ def test_flip_tta_averages_probabilities_over_every_axis_flip(tmp_path):
     # the averaged prediction is flip-invariant: predict on a test set flipped along any axis (or all three)
     # gives the same probabilities under flip TTA, while without TTA the flip changes them
     for dims in [(1,), (2,), (3,), (1, 2, 3)]:  # spatial axes of one (C, D, H, W) item
-        flipped_set = [{"image": torch.as_tensor(splits.test[i]["image"]).flip(dims), "label": splits.test[i]["label"]}
-                       for i in range(len(splits.test))]
+        flipped_set = [{"image": torch.as_tensor(item["image"]).flip(dims), "label": item["label"]}
+                       for item in (splits.test[i] for i in range(len(splits.test)))]
         flipped_tta = workflow.predict(model, flipped_set, torch.device("cpu"), flip_tta=True)
         np.testing.assert_allclose(flipped_tta["proba"], tta["proba"], atol=1e-5, err_msg=str(dims))
         np.testing.assert_array_equal(flipped_tta["labels"], tta["labels"])

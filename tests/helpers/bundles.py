@@ -1,4 +1,4 @@
-"""The bundle tests' dataset (a :func:`helpers.nifti.write_datalist` layout) and runners of bundle commands."""
+"""The bundle tests' dataset (a :func:`helpers.nifti.write_datalist` layout) and bundle command runners."""
 
 from __future__ import annotations
 

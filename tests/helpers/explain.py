@@ -1,5 +1,5 @@
 """Hand-built networks that follow the explain contract, their inputs, and oblique affines (explain and
-localisation tests). NIfTI files are written with :func:`helpers.nifti.write_nifti` (``scanner_codes=True``)."""
+localisation tests). Their NIfTI files: :func:`helpers.nifti.write_nifti` with ``scanner_codes=True``."""
 
 from __future__ import annotations
 

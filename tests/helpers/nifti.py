@@ -1,10 +1,11 @@
 """The one NIfTI volume writer and the one datalist writer of the tests.
 
-:func:`write_datalist` writes a MONAI-style datalist (``{"training": [...], "validation": [...], "test": [...]}``)
-and one NIfTI file per case and channel, with paths relative to the datalist's folder, as ``medimb-prep
-datalist`` writes them. What differs between callers is a parameter: classes and per-class counts (through
-``labels``), channels, shapes, affine, file layout, split assignment, image contents (a ``volume`` function:
-:func:`noise`, :func:`blob` or the caller's), NaN items and lesion masks.
+:func:`write_datalist` writes a MONAI-style datalist (``{"training": [...], "validation": [...],
+"test": [...]}``, items ``{"image", "label", "subject"}``) and one NIfTI file per case and channel, with
+paths relative to the datalist's folder, as ``medimb-prep datalist`` writes them. What differs between
+callers is a parameter: classes and per-class counts (through ``labels``), channels, shapes, affine, file
+layout, split assignment, image contents (a ``volume`` function: :func:`noise`, :func:`blob` or the
+caller's), NaN items and lesion masks.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def noise(rng: np.random.Generator, label: int, channels: int, shape) -> tuple[n
 
 
 def blob(rng: np.random.Generator, label: int, channels: int, shape) -> tuple[np.ndarray, np.ndarray]:
-    """N(100, 10) noise plus a bright ball of radius ``2 + label`` near the centre, ``200 * (c + 1)`` bright in
-    channel ``c``: learnable in an epoch or two. The ball is the lesion mask."""
+    """N(100, 10) noise plus a bright ball of radius ``2 + label`` near the centre, ``200 * (c + 1)``
+    brighter in channel ``c``: learnable in an epoch or two. The ball is the lesion mask."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
     mask = (np.linalg.norm(grid - centre, axis=-1) < 2 + label).astype(np.float32)
@@ -102,7 +103,7 @@ def write_datalist(
     extra: Mapping | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write one NIfTI per case and channel under ``root`` and the datalist ``root/datalist``; returns its path.
+    """Write one NIfTI per case and channel under ``root`` and the datalist ``root/datalist``; its path back.
 
     - ``labels``: one class index per case (``per_class_labels((8, 4))`` for per-class counts).
     - ``shape`` for every case, or ``shapes[i]`` for case ``i``; ``affine`` (identity by default).
