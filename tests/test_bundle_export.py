@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_bundle_helpers import BUNDLES
+from helpers.bundles import BUNDLES
 
 from medimb.networks import save_checkpoint
 
@@ -16,7 +16,7 @@ from medimb.networks import save_checkpoint
     [("breast_dce_cmsl", {}), ("imbalanced_two_stage_metric", {}),
      ("imbalanced_two_stage_metric", {"input_mode": "2.5d"})],
 )
-def test_verify_net_in_out(bundle, overrides, monkeypatch):
+def test_bundle_networks_match_their_declared_input_and_output_format(bundle, overrides, monkeypatch):
     from monai.bundle import verify_net_in_out
 
     monkeypatch.chdir(BUNDLES / bundle)
@@ -24,7 +24,7 @@ def test_verify_net_in_out(bundle, overrides, monkeypatch):
                       device="cpu", **overrides)  # raises on a channel or dtype mismatch
 
 
-def test_verify_net_in_out_catches_a_wrong_network(monkeypatch):
+def test_network_with_another_class_count_fails_the_format_check(monkeypatch):
     from monai.bundle import verify_net_in_out
 
     monkeypatch.chdir(BUNDLES / "breast_dce_cmsl")

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import BUNDLES
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ["breast_dce_cmsl", "imbalanced_two_stage_metric"]
 
 
@@ -21,7 +21,7 @@ def _verify(bundle: Path, meta_file: str = "configs/metadata.json") -> subproces
     )
 
 
-def test_verify_metadata_cli_offline():
+def test_documented_metadata_check_passes_offline():
     """The documented command, from the bundle root, as a user runs it (no network needed)."""
     result = _verify(BUNDLES / NAMES[0])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -29,7 +29,7 @@ def test_verify_metadata_cli_offline():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_verify_metadata(name, monkeypatch):
+def test_bundle_ships_its_files_and_metadata_valid_against_the_vendored_schema(name, monkeypatch):
     from monai.bundle import verify_metadata
 
     bundle = BUNDLES / name

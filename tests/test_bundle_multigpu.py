@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_bundle_helpers import BUNDLES, REPO, make_dataset
+from helpers.bundles import BUNDLES, make_dataset
 
 
 @pytest.mark.slow

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_bundle_helpers import BUNDLES, make_dataset, run_bundle
+from helpers.bundles import BUNDLES, make_dataset, run_bundle
 
 BREAST = "breast_dce_cmsl"
 METRIC = "imbalanced_two_stage_metric"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from helpers.training import tiny_config, tiny_npz
+
 from medimb.cli import main
 from medimb.training import train
-from training_utils import tiny_config, tiny_npz
 
 
 def test_evaluate_reproduces_training_metrics(tmp_path, capsys):
@@ -22,7 +23,7 @@ def test_evaluate_reproduces_training_metrics(tmp_path, capsys):
     assert (tmp_path / "eval" / "plots" / "test" / "roc.png").exists()
 
 
-def test_evaluate_errors(tmp_path, capsys):
+def test_missing_checkpoint_or_data_exits_2_with_one_line(tmp_path, capsys):
     data = tiny_npz(tmp_path / "tiny.npz")
     code = main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(data), "--out", str(tmp_path)])
     assert code == 2 and "checkpoint not found" in capsys.readouterr().err

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
+from helpers.nifti import write_datalist
+from helpers.paths import SHARED
+from helpers.training import tiny_npz
 
 from medimb.cli import main
-from training_utils import tiny_npz
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDIMB_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
 
 
@@ -28,23 +25,9 @@ def _train(args, capsys) -> tuple[int, str, str]:
 
 
 def _datalist(tmp_path: Path, labels=(0, 1, 0, 1, 0, 1), channels=1, nan_item=None, **top) -> Path:
-    rng = np.random.default_rng(0)
-    items = []
-    for i, lab in enumerate(labels):
-        paths = []
-        for c in range(channels):
-            arr = rng.random((8, 8, 6)).astype(np.float32)
-            if nan_item == i:
-                arr[0, 0, 0] = np.nan
-            name = f"s{i}_c{c}.nii.gz"
-            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / name))
-            paths.append(name)
-        items.append({"image": paths, "label": lab, "subject": f"sub-{i}"})
-    n = len(items) // 3
-    data = {"training": items[: 2 * n], "validation": items[2 * n :], "test": items[2 * n :], **top}
-    path = tmp_path / "datalist.json"
-    path.write_text(json.dumps(data))
-    return path
+    """Noise volumes ``s{i}_c{c}.nii.gz`` next to ``datalist.json``; ``top``: extra top-level keys."""
+    nan_items = () if nan_item is None else (nan_item,)
+    return write_datalist(tmp_path, labels, channels=channels, nan_items=nan_items, extra=top)
 
 
 def test_train_writes_metrics_checkpoints_plots_config(tmp_path, capsys):

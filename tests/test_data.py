@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.nifti import write_datalist, write_nifti
+from helpers.paths import SHARED
 
 from medimb.data import (
     ClassBalancedSampler,
@@ -22,31 +23,15 @@ from medimb.data import (
     load_splits,
 )
 
-SHARED = Path(os.environ.get("MEDIMB_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
-
-def _nifti(path: Path, shape=(12, 10, 8), value=None, affine=None) -> str:
-    rng = np.random.default_rng(0)
-    data = rng.random(shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
-    nib.save(nib.Nifti1Image(data, np.diag([2.0, 1.0, 1.5, 1.0]) if affine is None else affine), str(path))
-    return path.name
-
-
-def _datalist(tmp_path: Path, channels=1, labels=(0, 1, 0, 1), **override) -> Path:
-    (tmp_path / "img").mkdir(exist_ok=True)
-    items = []
-    for i, lab in enumerate(labels):
-        paths = [f"img/{_nifti(tmp_path / 'img' / f's{i}_c{c}.nii.gz')}" for c in range(channels)]
-        items.append({"image": paths if channels > 1 else paths[0], "label": lab, "subject": f"sub-{i}"})
-    data = json.loads(json.dumps({"training": items, "validation": items[:2], "test": items[2:]}))
-    data.update(override)
-    path = tmp_path / "lists" / "datalist.json"
-    path.parent.mkdir(exist_ok=True)
-    for split in data.values():
-        for it in split:  # paths are relative to the datalist's folder (lists/), one level down from img/
-            it["image"] = [f"../{p}" for p in it["image"]] if isinstance(it["image"], list) else f"../{it['image']}"
-    path.write_text(json.dumps(data))
-    return path
+def _datalist(tmp_path: Path, channels=1, labels=(0, 1, 0, 1)) -> Path:
+    """Noise volumes in ``img/``, the datalist in ``lists/`` (paths ``../img/...``, relative to the datalist's
+    folder); training is every case, validation the first two, test the rest."""
+    n = len(labels)
+    return write_datalist(tmp_path, labels, channels=channels, shape=(12, 10, 8),
+                          affine=np.diag([2.0, 1.0, 1.5, 1.0]), image="img/{case}_c{c}.nii.gz",
+                          datalist="lists/datalist.json", image_list=False,
+                          splits={"training": range(n), "validation": range(2), "test": range(2, n)})
 
 
 def test_datalist_paths_resolve_against_the_datalist_folder_not_cwd(tmp_path, monkeypatch):
@@ -107,7 +92,7 @@ def test_nan_input_is_a_clear_error(tmp_path):
     arr = np.ones((12, 10, 8), np.float32)
     arr[3, 3, 3] = np.nan
     arr[4, 4, 4] = np.inf
-    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(img))
+    write_nifti(img, arr)
     splits = load_splits(path, cache="none", spatial_size=(8, 8, 8))
     with pytest.raises(Exception) as info:
         splits.train_eval[2]
@@ -145,7 +130,7 @@ def test_dce_phases_share_normalisation_by_default(tmp_path, channel_wise):
     """Joint statistics keep the contrast uptake between phases (the kinetics signal); per-channel ones erase it."""
     pre_phase = np.random.default_rng(1).random((12, 10, 8)).astype(np.float32) + 1.0
     for name, data in (("pre", pre_phase), ("post", 2.0 * pre_phase)):  # the post phase enhances 2x
-        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+        write_nifti(tmp_path / f"{name}.nii.gz", data)
     pre = {"in_channels": 2, "spatial_size": (12, 10, 8), "channel_wise": channel_wise}
     image = build_eval_transforms(pre)({"image": [str(tmp_path / "pre.nii.gz"), str(tmp_path / "post.nii.gz")]})["image"]
     uptake = float(image[1].mean() - image[0].mean())
@@ -214,8 +199,8 @@ def test_network_grid_fits_the_largest_training_field_of_view(tmp_path):
 
     small = str(tmp_path / "small.nii.gz")
     wide = str(tmp_path / "wide.nii.gz")  # stored LPS: its voxel axes map to R and A with flipped signs
-    nib.save(nib.Nifti1Image(np.zeros((10, 10, 4), np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), small)
-    nib.save(nib.Nifti1Image(np.zeros((20, 8, 2), np.float32), np.diag([-1.5, -1.0, 2.0, 1.0])), wide)
+    write_nifti(small, np.zeros((10, 10, 4)), np.diag([1.0, 1.0, 3.0, 1.0]))
+    write_nifti(wide, np.zeros((20, 8, 2)), np.diag([-1.5, -1.0, 2.0, 1.0]))
     assert infer_pixdim(small, (10, 10, 6)) == (1.0, 1.0, 2.0)
     # R: max(10, 30) mm / 10; A: max(10, 8) / 10; S: max(12, 4) / 6
     assert infer_pixdim([small, wide], (10, 10, 6)) == (3.0, 1.0, 2.0)
@@ -264,7 +249,6 @@ def test_class_balanced_sampler_is_uniform_disjoint_and_deterministic(num_replic
     samplers[0].set_epoch(4)
     assert list(samplers[0]) != list(ClassBalancedSampler(labels, 6000, num_replicas, 0, seed=7))
     if num_replicas > 1:  # ranks take disjoint positions of one shared sequence
-        ref = list(ClassBalancedSampler(labels, 6000 * num_replicas, seed=7).__iter__())
         ref_s = ClassBalancedSampler(labels, 6000 * num_replicas, seed=7)
         ref_s.set_epoch(3)
         ref = list(ref_s)
@@ -292,6 +276,7 @@ def test_medmnist_files_load_with_official_splits():
 
 
 def test_medmnist_bad_files(tmp_path):
+    # hand-written archives, not helpers.training.tiny_npz: they are malformed on purpose
     np.savez(tmp_path / "bad.npz", train_images=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DataError, match="missing arrays"):
         load_medmnist(tmp_path / "bad.npz")

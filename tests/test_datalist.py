@@ -116,7 +116,7 @@ def test_folds_keep_subjects_together(cohort, tmp_path):
         assert {labels[s] for s in in_fold} == {0, 1}
 
 
-def test_channel_selection(tmp_path):
+def test_channels_are_chosen_by_index_name_or_series_pattern(tmp_path):
     rows = _dce("sub-a", subtraction=True) + _dce("sub-b", subtraction=True)
     rows += [_row("sub-a", "ses-1", "s001-t2", "image", description="t2_tse_tra")]
     labels_path = _write(tmp_path / "conv", rows, {"sub-a": 0, "sub-b": 1})
@@ -171,7 +171,7 @@ def test_inconsistent_channels_and_ambiguous_series(tmp_path):
         collect_items(read_manifest(tmp_path / "two"))
 
 
-def test_label_errors(cohort, tmp_path):
+def test_bad_labels_file_is_refused_naming_the_line_or_key(cohort, tmp_path):
     converted, labels_path, labels = cohort
     out = tmp_path / "d.json"
     with pytest.raises(DatalistError, match=r"--key 'patient' is not a column .*\['case', 'label', 'notes'\]"):
@@ -212,7 +212,7 @@ def test_too_few_subjects_per_class(tmp_path):
         SplitSpec(val=0.2, folds=3)
 
 
-def test_masks_option(cohort, tmp_path):
+def test_masks_are_required_for_every_subject_and_linked_relative_to_the_datalist(cohort, tmp_path):
     converted, labels_path, labels = cohort
     truth = tmp_path / "truth"
     truth.mkdir()

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers.explain import oblique_affine
+from helpers.nifti import write_datalist, write_nifti
 
-from explain_helpers import oblique_affine, write_nifti
 from medimb.cli import main
 from medimb.data.transforms import Preprocessing
 from medimb.networks import create_model, read_checkpoint_file, save_checkpoint, write_checkpoint_file
@@ -33,27 +34,28 @@ def make_checkpoint(path: Path, head: str = "cmsl", in_channels: int = 1) -> Pat
                            epoch=0)
 
 
-def make_scans(folder: Path, n: int = 2) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        data = rng.random((20, 18, 10)).astype(np.float32)
-        data[8:12, 6:10, 4:7] += 3.0
-        path = folder / f"scan-{i}.nii.gz"
-        write_nifti(path, data, oblique_affine(spacing=(1.2, 1.4, 3.0)))
-        paths.append(path)
-    return paths
+def _bright_block(rng, label, channels, shape):
+    """Uniform noise with a block 3 brighter in the middle (where the explanation should look)."""
+    data = rng.random((channels, *shape)).astype(np.float32)
+    data[:, 8:12, 6:10, 4:7] += 3.0
+    return data, None
+
+
+def write_scans(root: Path, n: int = 2) -> tuple[Path, list[Path]]:
+    """``n`` oblique scans ``root/scans/scan-{i}.nii.gz`` and ``root/datalist.json`` listing them as the test
+    split (labels alternating, no subject: cases are named after their files); returns (datalist, scans)."""
+    datalist = write_datalist(root, [i % 2 for i in range(n)], shape=(20, 18, 10), volume=_bright_block,
+                              affine=oblique_affine(spacing=(1.2, 1.4, 3.0)), scanner_codes=True,
+                              splits={"test": range(n)}, case="scan-{i}", image="scans/{case}.nii.gz",
+                              subject=None, image_list=False)
+    return datalist, [root / "scans" / f"scan-{i}.nii.gz" for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     ckpt = make_checkpoint(root / "model.pt")
-    scans = make_scans(root / "scans")
-    datalist = root / "datalist.json"
-    items = [{"image": f"scans/{p.name}", "label": i % 2} for i, p in enumerate(scans)]
-    datalist.write_text(json.dumps({"test": items}))
+    datalist, scans = write_scans(root)
     out = root / "out"
     rc = main(["explain", "--checkpoint", str(ckpt), "--data", str(datalist), "--out", str(out),
                "--methods", "coam,gradcam,cam"])
@@ -174,7 +176,7 @@ def _run_error(argv, capsys) -> str:
 
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "model.pt")
-    scans = make_scans(tmp_path / "scans", n=1)
+    _, scans = write_scans(tmp_path, n=1)
     out = tmp_path / "out"
     base = ["explain", "--checkpoint", str(ckpt), "--out", str(out), "--methods", "coam"]
 
@@ -197,7 +199,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
 
     # a 4D (two-volume) NIfTI: two channels after loading
     four_d = tmp_path / "four_d.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), str(four_d))
+    write_nifti(four_d, np.zeros((8, 8, 8, 2)))
     assert "channel" in _run_error([*base, "--data", str(four_d)], capsys)
 
     assert "gradcan" in _run_error([*base, "--data", str(scans[0]), "--methods", "gradcan"], capsys)
@@ -220,7 +222,7 @@ def test_explains_2p5d_checkpoints_on_the_slab(tmp_path, backbone):
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     data = np.random.default_rng(0).random((20, 18, 9)).astype(np.float32)
     data[8:12, 6:10, 3:6] += 3.0  # the central 3 slices are 3, 4, 5
-    write_nifti(tmp_path / "scan.nii.gz", data, affine)
+    write_nifti(tmp_path / "scan.nii.gz", data, affine, scanner_codes=True)
     out = tmp_path / "out"
     assert main(["explain", "--checkpoint", str(ckpt), "--data", str(tmp_path / "scan.nii.gz"), "--out", str(out),
                  "--methods", "coam,gradcam,cam"]) == 0

@@ -3,7 +3,6 @@ them, and a bright point planted at a known world coordinate comes back there wi
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,14 +13,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers.explain import oblique_affine
+from helpers.nifti import write_nifti
+from helpers.paths import SHARED
 
-from explain_helpers import oblique_affine, write_nifti
 from medimb.data.transforms import Preprocessing, build_eval_transforms
-from medimb.explain.export import invert_to_source, write_heatmap, write_label, threshold_region
+from medimb.explain.export import invert_to_source, threshold_region, write_heatmap, write_label
 from medimb.explain.normalize import minmax_per_volume
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDIMB_SHARED_DATA", REPO.parent / "shared" / "data"))
 REAL_SERIES = SHARED / "dicom" / "decubitus_hfs_t1_fl2d_sag"
 
 
@@ -77,7 +76,7 @@ def test_oblique_anisotropic_overlay_matches_source(tmp_path, flip, pixdim):
     ijk = (23, 11, 5)
     volume[ijk] = 10.0
     source = tmp_path / "oblique.nii.gz"
-    write_nifti(source, volume, affine)
+    write_nifti(source, volume, affine, scanner_codes=True)
     world_ras = (affine @ np.array([*ijk, 1.0]))[:3]
     # the native grid after RAS reorientation is at most 40 voxels per axis: no voxel is cropped
     pre = Preprocessing(spatial_size=(40, 40, 40), pixdim=pixdim, intensity="percentile",
@@ -91,7 +90,7 @@ def test_oblique_anisotropic_overlay_matches_source(tmp_path, flip, pixdim):
 def test_label_map_is_uint8_on_source_grid(tmp_path):
     affine = oblique_affine()
     source = tmp_path / "src.nii.gz"
-    write_nifti(source, np.zeros((6, 5, 4)), affine)
+    write_nifti(source, np.zeros((6, 5, 4)), affine, scanner_codes=True)
     heat = np.linspace(0, 1, 120).reshape(6, 5, 4).astype(np.float32)
     write_label(tmp_path / "src_coam_label.nii.gz", threshold_region(heat, 0.5), source)
     label = nib.load(str(tmp_path / "src_coam_label.nii.gz"))
@@ -133,6 +132,7 @@ def test_real_series_overlay_matches_source(tmp_path, pixdim, real_series_nifti)
     ijk = tuple(int(s * f) for s, f in zip(volume.shape[:3], (0.55, 0.4, 0.6)))
     volume[ijk] = volume.max() * 20
     planted = tmp_path / "planted.nii.gz"
+    # not helpers.nifti.write_nifti: the copy keeps the real scanner header (codes, units, pixdim) as it is
     out = nib.Nifti1Image(volume, None, header=image.header.copy())
     out.set_qform(image.get_qform(), int(image.header["qform_code"]))
     out.set_sform(image.get_sform(), int(image.header["sform_code"]))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.explain import BrightSpotNet, bright_cube_input
 
-from explain_helpers import BrightSpotNet, bright_cube_input
 from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, cam_classifier
 from medimb.explain.coam import COAM, coam_from_features
 from medimb.explain.methods import EXPLAINERS, create_explainer
@@ -82,7 +82,7 @@ def test_rerouted_model_matches_and_mismatch_is_reported():
         FeatureMapClassifier(model).check_matches(x)
 
 
-def test_parse_explainers():
+def test_method_list_is_deduplicated_defaulted_and_names_an_unknown_method():
     assert parse_explainers("coam, gradcam,coam") == ["coam", "gradcam"]
     assert parse_explainers(None) == ["coam", "gradcam", "cam"]
     with pytest.raises(ValueError, match="gradcan"):

@@ -26,7 +26,7 @@ def lesion_and_map(shift=(0, 0, 0)):
     return heat, mask
 
 
-def test_pointing_game():
+def test_pointing_game_hits_only_when_the_peak_is_inside_the_lesion():
     heat, mask = lesion_and_map()
     assert pointing_game(heat, mask)
     heat[0, 0, 0] = 2.0
@@ -55,13 +55,13 @@ def test_com_distance_uses_world_millimetres():
     assert whole_map != pytest.approx(np.hypot(1.5, 4.0), abs=0.1)
 
 
-def test_centre_of_mass_mm():
+def test_centre_of_mass_is_intensity_weighted_in_world_millimetres():
     w = np.zeros((3, 3, 3))
     w[0, 0, 0], w[2, 0, 0] = 1.0, 3.0
     np.testing.assert_allclose(centre_of_mass_mm(w, np.diag([2.0, 1.0, 1.0, 1.0])), [3.0, 0.0, 0.0])
 
 
-def test_dice_of_threshold():
+def test_dice_of_thresholded_map_is_one_on_the_lesion_and_half_when_shifted_half():
     heat, mask = lesion_and_map()
     assert dice_of_threshold(heat, mask) == pytest.approx(1.0)
     heat, mask = lesion_and_map(shift=(2, 0, 0))  # half the cube overlaps
@@ -69,7 +69,7 @@ def test_dice_of_threshold():
     assert dice_of_threshold(np.zeros_like(heat), mask, threshold=0.5) == 0.0
 
 
-def test_scores_and_bad_input():
+def test_perfect_map_scores_perfectly_and_mismatched_or_empty_masks_are_errors():
     heat, mask = lesion_and_map()
     scores = localization_scores(heat, mask, np.eye(4))
     assert scores == {"pointing_game": 1.0, "com_distance_mm": pytest.approx(0.0, abs=1e-9), "dice": 1.0,
@@ -85,7 +85,9 @@ def test_oracle_mask_survives_preprocess_and_inversion(tmp_path, flip):
     """The localisation benchmark's sanity row: a lesion mask pushed through the checkpoint's
     geometric preprocessing (reorient, resample, crop one axis and pad another) and inverted onto the
     source grid with the *image's* recorded transforms scores as a perfect map."""
-    from explain_helpers import oblique_affine, write_nifti
+    from helpers.explain import oblique_affine
+    from helpers.nifti import write_nifti
+
     from medimb.data.transforms import Preprocessing, build_eval_transforms
     from medimb.explain.export import forward_to_network_grid, invert_to_source
 
@@ -98,8 +100,8 @@ def test_oracle_mask_survives_preprocess_and_inversion(tmp_path, flip):
     centre = np.array([19, 12, 7]) @ affine[:3, :3].T
     mask = np.linalg.norm(world - centre, axis=-1) <= 3.0  # a 3 mm ball off the centre
     image = np.random.default_rng(1).random(shape).astype(np.float32) + 2.0 * mask
-    write_nifti(tmp_path / "image.nii.gz", image, affine)
-    write_nifti(tmp_path / "mask.nii.gz", mask.astype(np.float32), affine)
+    write_nifti(tmp_path / "image.nii.gz", image, affine, scanner_codes=True)
+    write_nifti(tmp_path / "mask.nii.gz", mask.astype(np.float32), affine, scanner_codes=True)
     pre = Preprocessing(spatial_size=(24, 40, 16), pixdim=(0.9, 0.9, 2.0))
     transform = build_eval_transforms(pre)
     data = transform({"image": [str(tmp_path / "image.nii.gz")]})

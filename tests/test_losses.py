@@ -47,7 +47,7 @@ def test_cmsl_matches_the_design_formula():
     assert torch.allclose(CosineMarginSigmoidLoss(scale=s, margin=m)(s * cos, y), manual, atol=1e-5)
 
 
-def test_cmsl_binary_single_logit():
+def test_cmsl_single_binary_logit_is_bce_with_a_signed_margin():
     cos, y = _cosines(classes=2)
     single = cos[:, 1]
     loss = CosineMarginSigmoidLoss(scale=8.0, margin=0.2, reduction="none")(8.0 * single, y)
@@ -67,8 +67,9 @@ def test_cmsl_gradients_reach_features_and_class_weights():
     head = CMSLHead(8, 3, scale=16.0)
     features = torch.randn(6, 8, requires_grad=True)
     CosineMarginSigmoidLoss(scale=16.0, margin=0.2)(head(features), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
-    assert features.grad is not None and features.grad.abs().sum() > 0
-    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    for grad, param in ((features.grad, features), (head.weight.grad, head.weight)):
+        assert grad is not None and grad.shape == param.shape and torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0
 
 
 def test_cmsl_finite_at_scale_64_with_saturated_inputs():
@@ -170,7 +171,7 @@ def test_every_loss_rejects_bad_labels_and_nonfinite_logits(name):
     assert value.ndim == 0 and torch.isfinite(value)
 
 
-def test_factory_errors():
+def test_loss_factory_rejects_missing_counts_unknown_names_and_empty_classes():
     with pytest.raises(ValueError, match="needs class_counts"):
         create_loss("weighted-ce")
     with pytest.raises(KeyError, match="balanced_softmax"):
@@ -187,13 +188,14 @@ def test_class_weights_favour_the_minority():
 
 
 def test_weighted_ce_equals_torch_weighted_ce():
-    logits, y = torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    logits, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
     w = class_weights_from_counts(COUNTS)
     assert torch.allclose(create_loss("weighted_ce", class_counts=COUNTS)(logits, y), F.cross_entropy(logits, y, weight=w))
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
-    logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
     assert torch.allclose(create_loss("focal", gamma=0.0)(logits, y), F.cross_entropy(logits, y), atol=1e-5)
     assert create_loss("focal", gamma=2.0)(logits, y) < F.cross_entropy(logits, y)
 
@@ -212,7 +214,7 @@ def test_ldam_margins_and_drw_schedule():
 
 
 def test_balanced_softmax_adds_the_log_prior():
-    logits, y = torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    logits, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
     prior = torch.tensor([0.9, 0.1])
     assert torch.allclose(LogitAdjustedLoss(COUNTS)(logits, y), F.cross_entropy(logits + prior.log(), y), atol=1e-6)
     assert torch.allclose(create_loss("logit-adjustment", class_counts=COUNTS, tau=0.0)(logits, y),
@@ -232,11 +234,13 @@ def test_metric_losses_separate_classes(name):
     value = loss(e, y)
     value.backward()
     assert torch.isfinite(value) and e.grad.abs().sum() > 0
-    clustered = F.normalize(F.one_hot(y, 8).float() + 0.01 * torch.randn(12, 8), dim=1)
+    noise = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    clustered = F.normalize(F.one_hot(y, 8).float() + 0.01 * noise, dim=1)
     assert loss(clustered, y) < value
 
 
 def test_class_centre_triplet_trains_centres_and_handles_a_lone_minority_sample():
+    torch.manual_seed(0)  # the centres' random initialisation
     loss = ClassCentreTripletLoss(num_classes=2, embedding_dim=8, margin=0.2)
     e = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
     value = loss(e, torch.tensor([0, 0, 0, 1]))
@@ -248,7 +252,9 @@ def test_class_centre_triplet_trains_centres_and_handles_a_lone_minority_sample(
     assert loss(torch.eye(2, 8), torch.tensor([1, 0])) > 1.0  # each sample sits on the wrong centre
     with pytest.raises(ValueError, match="class range"):
         loss(e, torch.tensor([0, 0, 0, 2]))
-    assert create_metric_loss("class-centre-triplet", num_classes=2, embedding_dim=8) is not None
+    built = create_metric_loss("class-centre-triplet", num_classes=3, embedding_dim=8, margin=0.3)
+    assert isinstance(built, ClassCentreTripletLoss) and built.margin == 0.3
+    assert built.centres.shape == (3, 8) and torch.allclose(built.centres.norm(dim=1), torch.ones(3))
 
 
 def test_stage1_loss_is_the_sum_of_its_parts():
@@ -262,11 +268,17 @@ def test_stage1_loss_is_the_sum_of_its_parts():
     parts = combined.parts
     assert torch.allclose(parts["total"], parts["classification"] + 0.3 * parts["metric"], atol=1e-6)
     total.backward()
-    assert logits.grad is not None and e.grad is not None
+    # d/dlogits: only the cross-entropy term, (softmax - one-hot) / batch; d/de: only 0.3 x the metric term
+    expected_logits_grad = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 2).float()) / len(y)
+    assert logits.grad is not None and torch.allclose(logits.grad, expected_logits_grad, atol=1e-6)
+    e_alone = e.detach().clone().requires_grad_()
+    (0.3 * create_metric_loss("supcon")(e_alone, y)).backward()
+    assert e.grad is not None and torch.isfinite(e.grad).all() and e.grad.abs().sum() > 0
+    assert torch.allclose(e.grad, e_alone.grad, atol=1e-6)
     assert torch.equal(Stage1Loss(create_loss("ce"), None)(logits, e, y), F.cross_entropy(logits, y))
 
 
-def test_metric_loss_errors():
+def test_metric_loss_factory_rejects_unknown_names_nonfinite_embeddings_and_bad_miners():
     with pytest.raises(KeyError, match="supcon"):
         create_metric_loss("arcface")
     with pytest.raises(ValueError, match="NaN or Inf"):

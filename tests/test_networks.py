@@ -58,6 +58,7 @@ def test_every_model_meets_the_contract(name):
 
 
 def test_slice_pool_keeps_depth_for_coam_and_pools_over_slices():
+    torch.manual_seed(0)
     model = create_model("slice_pool", in_channels=1, num_classes=2, pooling="attention").eval()
     x = torch.randn(2, 1, 5, 16, 16)
     fmap = model.forward_features(x)
@@ -70,6 +71,7 @@ def test_slice_pool_keeps_depth_for_coam_and_pools_over_slices():
 
 
 def test_2d_and_3d_share_one_code_path():
+    torch.manual_seed(0)
     model2d = create_model("cpunet", in_channels=1, num_classes=2, spatial_dims=2)
     assert model2d(torch.randn(2, 1, 28, 28)).shape == (2, 2)
     with pytest.raises(ValueError, match=r"expects input \(B, 1, H, W\)"):
@@ -77,6 +79,7 @@ def test_2d_and_3d_share_one_code_path():
 
 
 def test_wrong_channel_count_is_a_clear_error():
+    torch.manual_seed(0)
     model = create_model("cpunet", in_channels=2, num_classes=2)
     with pytest.raises(ValueError, match=r"expects input \(B, 2, D, H, W\)"):
         model(torch.randn(2, 1, 16, 16, 16))
@@ -94,6 +97,7 @@ def test_unknown_names_list_the_known_ones():
 
 
 def test_cosine_heads_return_scaled_cosines():
+    torch.manual_seed(0)
     model = create_model("cpunet", in_channels=1, num_classes=3, head="cmsl", head_kwargs={"scale": 16.0}).eval()
     out = model.forward_all(torch.randn(*VOLUME))
     cos = torch.nn.functional.normalize(out["features"], dim=1) @ torch.nn.functional.normalize(
@@ -113,7 +117,7 @@ def test_predict_proba_softmax_and_normalised_sigmoid():
     assert torch.allclose(predict_proba(model, logits), sig)
 
 
-def test_tau_normalize():
+def test_tau_normalisation_divides_each_row_by_its_norm_to_the_power_tau():
     w = torch.tensor([[3.0, 4.0], [0.6, 0.8]])
     assert torch.allclose(tau_normalize(w, 0.0), w)
     assert torch.allclose(tau_normalize(w, 1.0).norm(dim=1), torch.ones(2))
@@ -163,6 +167,7 @@ def test_lws_trains_only_the_scales_and_round_trips(tmp_path):
 
 
 def test_tau_norm_head_matches_the_formula():
+    torch.manual_seed(0)
     model = create_model("cpunet", in_channels=1, num_classes=3, widths=(4, 8), depths=(1, 1)).eval()
     features = torch.randn(4, 8)
     old_w, old_b = model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone()
@@ -175,6 +180,7 @@ def test_tau_norm_head_matches_the_formula():
 
 
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):
+    torch.manual_seed(0)
     model = create_model("resnet10", in_channels=1, num_classes=2, head="cosine", head_kwargs={"scale": 8.0}).eval()
     path = save_checkpoint(tmp_path / "sub" / "best.pt", model, class_names=["normal", "lesion"],
                            preprocessing={"spatial_size": [16, 16, 16]}, method="cmsl", epoch=7)
@@ -215,6 +221,7 @@ def test_checkpoint_errors_are_specific(tmp_path):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("stem_width", [0, 8])
 def test_cpunet_stems_halve_then_stride(spatial_dims, stem_width):
+    torch.manual_seed(0)
     model = create_model("cpunet", in_channels=1, num_classes=2, spatial_dims=spatial_dims, stem_width=stem_width,
                          widths=(4, 8, 16), depths=(1, 0, 1))
     fmap = model.forward_features(torch.randn(2, 1, *([28] * spatial_dims)))

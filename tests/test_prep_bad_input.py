@@ -111,7 +111,7 @@ def test_every_bad_input_has_a_reason_and_the_rest_converts(bad_archive, tmp_pat
     np.testing.assert_array_equal(got, good[0].transpose(2, 1, 0))
 
 
-def test_strict_exit_status(bad_archive, tmp_path):
+def test_strict_exits_1_when_an_input_was_refused_and_0_without_it(bad_archive, tmp_path):
     from data_prep.cli import main
 
     arc, _ = bad_archive

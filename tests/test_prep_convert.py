@@ -99,7 +99,7 @@ def test_dce_as_separate_series_grouped_by_geometry_and_time(tmp_path, dicom_ser
     assert [r["kind"] for r in rows if r["series_number"] == "2"] == ["image"]
 
 
-def test_localizer_and_multi_echo(tmp_path, dicom_series):
+def test_localizer_is_reported_and_not_converted(tmp_path, dicom_series):
     dicom_series(tmp_path / "arc" / "loc", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
     dicom_series(tmp_path / "arc" / "img", series_number=2)
     res = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), progress=False)

@@ -11,15 +11,13 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pydicom
 import pytest
+from helpers.paths import REPO
 
 from data_prep import deid
 from data_prep.deid import PhiScrubber, identifying_values
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -40,7 +38,7 @@ def scrubber():
     ("Peterson Annotation", "Peterson Annotation"),  # whole words only
     ("acc-77 x", "[removed] x"),
 ])
-def test_scrubber(scrubber, text, expected):
+def test_scrubbing_removes_identifiers_keeps_generic_words_and_is_idempotent(scrubber, text, expected):
     assert scrubber.scrub(text) == expected
     assert scrubber.scrub(scrubber.scrub(text)) == expected  # idempotent
 
@@ -92,7 +90,7 @@ def test_paths_are_scrubbed_per_component(scrubber):
     assert "Smith" not in path and "1947" not in path
 
 
-def test_key_sources(tmp_path, monkeypatch):
+def test_deid_key_comes_from_env_then_key_file_then_default_and_empty_file_fails(tmp_path, monkeypatch):
     monkeypatch.delenv(deid.KEY_ENV, raising=False)
     monkeypatch.delenv(deid.KEY_FILE_ENV, raising=False)
     assert deid.resolve_key() == deid.DEFAULT_KEY

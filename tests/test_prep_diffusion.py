@@ -467,7 +467,7 @@ def test_fsl_bvecs_conventions():
     np.testing.assert_allclose(fsl_bvecs(g, ours, bvalues=[0.0, 1000.0]), [[0.6, 0], [0, 0], [0.8, 0]])
 
 
-def test_text_layout():
+def test_bval_and_bvec_text_is_compact_and_rounded_to_six_digits():
     bvals = [0, 1000, 0.001, 0.0010000000474974513, 2500.5, 1e-8]
     assert format_bval(bvals) == "0 1000 0.001 0.001 2500.5 1e-08\n"
     bvecs = [[-0.0, 0.57735026], [1.0, -0.99837719], [1e-5, 0.3]]

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 
 
 def _load_fuzz_engine():
@@ -64,7 +62,7 @@ def _assert_oracle_holds(result) -> None:
 
 
 @pytest.mark.parametrize("name", _class_params())
-def test_mutation_class(name, tmp_path):
+def test_each_mutation_class_regression_case_holds_the_oracle(name, tmp_path):
     spec = fuzz.regression_case(name)
     if spec is None:
         pytest.skip(f"regression source {fuzz.MUTATIONS[name].regression_source} absent (no shared data)")
@@ -72,18 +70,18 @@ def test_mutation_class(name, tmp_path):
 
 
 @pytest.mark.parametrize("spec", _selection_params())
-def test_seeded_selection(spec, tmp_path):
+def test_seeded_fuzz_cases_hold_the_oracle(spec, tmp_path):
     _assert_oracle_holds(fuzz.execute(spec, LIMITS, workdir=tmp_path))
 
 
 def test_oracle_catches_a_broken_volume(tmp_path):
     """The NIfTI validator itself: a NaN voxel, a skewed affine and a 1e-5 mm voxel are all reported."""
-    import nibabel as nib
     import numpy as np
+    from helpers.nifti import write_nifti
 
     good = np.eye(4)
     data = np.ones((2, 3, 4), np.float32)
-    nib.save(nib.Nifti1Image(data, good), tmp_path / "good.nii.gz")
+    write_nifti(tmp_path / "good.nii.gz", data, good)
     assert fuzz.validate_nifti(tmp_path / "good.nii.gz") == []
     bad = data.copy()
     bad[0, 0, 0] = np.nan
@@ -93,6 +91,6 @@ def test_oracle_catches_a_broken_volume(tmp_path):
     cases = [("nan", bad, good, "not finite"), ("skew", data, skewed, "orthonormal"),
              ("flat", data, flat, "outside")]
     for name, arr, affine, expected in cases:
-        nib.save(nib.Nifti1Image(arr, affine), tmp_path / f"{name}.nii.gz")
+        write_nifti(tmp_path / f"{name}.nii.gz", arr, affine)
         problems = fuzz.validate_nifti(tmp_path / f"{name}.nii.gz")
         assert any(expected in p for p in problems), (name, problems)

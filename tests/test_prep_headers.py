@@ -16,29 +16,32 @@ def _same(path: Path, root: Path) -> None:
     assert read_header(str(path), str(root)) == read_header(str(path), str(root), use_fast=False), path
 
 
-def test_pydicom_test_files(tmp_path):
+def test_fast_header_reader_matches_pydicom_on_pydicom_test_files(tmp_path):
     files = sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file() and p.stat().st_size < 3_000_000)
     assert len(files) > 50
     for p in files:
         _same(p, PYDICOM_FILES)
 
 
-def test_pydicom_data_files():
+def test_fast_header_reader_matches_pydicom_on_pydicom_data_files():
     store = pytest.importorskip("data_store")
     folder = Path(store.__file__).parent / "data"
     files = sorted(p for p in folder.glob("*.dcm") if p.stat().st_size < 3_000_000)
+    assert len(files) > 10  # not a vacuous pass over an empty folder
     for p in files:
         _same(p, folder)
 
 
 @pytest.mark.real_data
-def test_real_siemens_series(shared_data):
+def test_fast_header_reader_matches_pydicom_on_a_real_siemens_series(shared_data):
     folder = shared_data / "dicom" / "decubitus_hfs_t1_fl2d_sag"
-    for p in sorted(folder.iterdir()):
+    files = sorted(folder.iterdir())
+    assert files  # not a vacuous pass over an empty folder
+    for p in files:
         _same(p, folder)
 
 
-def test_written_series_and_damaged_copies(tmp_path, dicom_series):
+def test_fast_header_reader_matches_pydicom_on_written_and_truncated_files(tmp_path, dicom_series):
     dicom_series(tmp_path / "s", phases=2)
     first = sorted((tmp_path / "s").iterdir())[0]
     data = first.read_bytes()

@@ -52,7 +52,7 @@ def _good_csa(n="35", normal=("0", "0", "1"), count_vr="US") -> bytes:
     return _csa({"NumberOfImagesInMosaic": (count_vr, [n]), "SliceNormalVector": ("FD", list(normal))})
 
 
-def test_layout_from_csa():
+def test_mosaic_layout_tiles_per_side_comes_from_the_csa_image_count():
     layout = mosaic_layout(MOSAIC, _good_csa("35"), 384, 384)
     assert layout == MosaicLayout(35, 6, 64, 64, (0.0, 0.0, 1.0))
     assert pickle.loads(pickle.dumps(layout)) == layout
@@ -100,7 +100,7 @@ def test_damaged_or_inconsistent_csa_raises(csa, rows, cols, words):
     assert "nan" not in err.value.detail.lower() and "100000" not in err.value.detail  # names, never values
 
 
-def test_demosaic_synthetic():
+def test_demosaic_keeps_only_the_used_tiles_in_an_independent_array():
     layout = MosaicLayout(7, 3, 2, 4, (0.0, 0.0, 1.0))
     tiles = np.arange(9 * 2 * 4, dtype=np.int16).reshape(9, 2, 4)
     image = np.zeros((6, 12), np.int16)
@@ -114,7 +114,7 @@ def test_demosaic_synthetic():
         demosaic(image[:, :8], layout)
 
 
-def test_tile_positions_synthetic():
+def test_tile_positions_start_at_the_first_tile_and_follow_the_csa_normal():
     # axial grid of 2x2 tiles of 4x4 pixels; r = x, c = y, r x c = +z
     layout = MosaicLayout(3, 2, 4, 4, (0.0, 0.0, 1.0))
     pos = tile_positions(layout, (-10.0, -20.0, 5.0), (1, 0, 0, 0, 1, 0), (2.0, 0.5), 3.0)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("prep_vs_dcm2niix", REPO / "benchmarks" / "prep_vs_dcm2niix.py")
 prep_vs_dcm2niix = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = prep_vs_dcm2niix  # dataclasses look their module up there

@@ -12,10 +12,9 @@ from pathlib import Path
 import nibabel as nib
 import pydicom
 import pytest
+from helpers.paths import REPO
 
 from data_prep.convert import FAULT_ENV
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(args, env_extra=None):

@@ -3,7 +3,6 @@ file, a corrupt or truncated checkpoint, a truncated resume state, a NaN image a
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
@@ -12,36 +11,24 @@ import threading
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.nifti import write_datalist
+from helpers.paths import REPO
+from helpers.training import tiny_npz
 
 from medimb.cli import main
 from medimb.training import workflow
-from training_utils import tiny_npz
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = '{"widths": [4, 8], "depths": [0, 1]}'
 
 
 def _datalist(folder: Path, n: int = 6, size: int = 16, nan_item: int | None = None,
               sizes: dict[int, tuple] | None = None) -> Path:
     """``n`` cases, labels 0/1 alternating, 2/3 training and the rest both val and test; float32 volumes."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    items = []
-    for i in range(n):
-        shape = (sizes or {}).get(i, (size,) * 3)
-        arr = rng.random(shape).astype(np.float32)
-        if i == nan_item:
-            arr.flat[0] = np.nan
-        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(folder / f"s{i}.nii.gz"))
-        items.append({"image": [f"s{i}.nii.gz"], "label": i % 2, "subject": f"sub-{i}"})
-    k = 2 * n // 3
-    path = folder / "datalist.json"
-    path.write_text(json.dumps({"training": items[:k], "validation": items[k:], "test": items[k:]}))
-    return path
+    return write_datalist(folder, [i % 2 for i in range(n)], shape=(size,) * 3, shapes=sizes,
+                          image="{case}.nii.gz", nan_items=() if nan_item is None else (nan_item,))
 
 
 def _one_line_error(err: str, command: str = "train") -> str:

@@ -110,7 +110,7 @@ def test_layout_labels_and_truth_files(archive, headers_by_patient):
     assert meta["parameters"]["seed"] == 3 and meta["cases"] == 4
 
 
-def test_junk_entries(archive):
+def test_archive_junk_is_a_readme_a_dicomdir_and_one_truncated_file(archive):
     root = archive / "archive"
     assert "PACS" in (root / "README.txt").read_text()
     dicomdir = pydicom.dcmread(root / "DICOMDIR")

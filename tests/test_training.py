@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from helpers.training import tiny_config, tiny_npz
 
 from medimb.data import load_splits
 from medimb.networks import load_checkpoint
-from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train
 from medimb.evaluation import prediction
-from medimb.training import workflow
+from medimb.training import METHODS, TrainConfig, method_config, run_stage1, run_stage2, train, workflow
 from medimb.training.workflow import build_model
-from training_utils import tiny_config, tiny_npz
 
 
 def _frozen_state(model) -> dict:
@@ -120,10 +120,16 @@ def test_flip_tta_averages_probabilities_over_every_axis_flip(tmp_path):
     assert torch.allclose(torch.as_tensor(tta["proba"]), expected, atol=1e-5)
     assert not torch.allclose(torch.as_tensor(plain["proba"]), expected, atol=1e-4)  # the untrained net is not symmetric
     assert (tta["features"] == plain["features"]).all()  # features stay those of the unflipped input
-    # the averaged prediction is flip-invariant: a flipped test set gets the same probabilities
-    with torch.no_grad():
-        flipped = torch.stack([torch.softmax(model(x.flip(2).flip(d)), 1) for d in prediction.flip_combinations(3)]).mean(0)
-    assert torch.allclose(flipped, expected, atol=1e-5)
+    # the averaged prediction is flip-invariant: predict on a test set flipped along any axis (or all three)
+    # gives the same probabilities under flip TTA, while without TTA the flip changes them
+    for dims in [(1,), (2,), (3,), (1, 2, 3)]:  # spatial axes of one (C, D, H, W) item
+        flipped_set = [{"image": torch.as_tensor(item["image"]).flip(dims), "label": item["label"]}
+                       for item in (splits.test[i] for i in range(len(splits.test)))]
+        flipped_tta = prediction.predict(model, flipped_set, torch.device("cpu"), flip_tta=True)
+        np.testing.assert_allclose(flipped_tta["proba"], tta["proba"], atol=1e-5, err_msg=str(dims))
+        np.testing.assert_array_equal(flipped_tta["labels"], tta["labels"])
+        flipped_plain = prediction.predict(model, flipped_set, torch.device("cpu"))
+        assert not np.allclose(flipped_plain["proba"], plain["proba"], atol=1e-4), dims
 
 
 def test_flip_tta_only_for_models_trained_with_flips(tmp_path):

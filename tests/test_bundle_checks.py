@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_bundle_helpers import BUNDLES, make_dataset
+from helpers.bundles import BUNDLES, make_dataset
 
-from medimb import bundle as bundle_utils
+from medimb import bundle
 from medimb.bundle import BundleInputError
 
 
@@ -22,33 +22,40 @@ def test_bundle_root_comes_from_the_running_config_not_the_working_directory(tmp
     assert workflow.initialize() == [str(bundle.resolve()), str(bundle.resolve() / "models")]
 
 
-def test_bundle_root_from_command_line():
+def test_config_folder_is_read_from_the_config_file_argument():
     argv = ["-m", "monai.bundle", "run", "--config_file", "['/x/b/configs/train.json','/x/b/configs/s2.json']"]
-    assert str(bundle_utils._config_root_from_argv(argv)) == "/x/b/configs"
-    assert str(bundle_utils._config_root_from_argv(["--config_file=/y/configs/a.json"])) == "/y/configs"
-    assert bundle_utils._config_root_from_argv(["run"]) is None
+    assert str(bundle._config_root_from_argv(argv)) == "/x/b/configs"
+    assert str(bundle._config_root_from_argv(["--config_file=/y/configs/a.json"])) == "/y/configs"
+    assert bundle._config_root_from_argv(["run"]) is None
 
 
-def test_check_inputs(tmp_path):
+def test_bad_bundle_inputs_are_one_line_errors_saying_what_is_wrong(tmp_path):
     data = make_dataset(tmp_path / "data", channels=4, per_class=(4, 4))
     datalist = str(data / "datalist.json")
-    assert bundle_utils.check_inputs(str(data), datalist, num_channels=4, num_classes=2)
+    assert bundle.check_inputs(str(data), datalist, num_channels=4, num_classes=2)
     with pytest.raises(BundleInputError, match="does not exist or is not a folder"):
-        bundle_utils.check_inputs(str(tmp_path / "missing"), datalist)
+        bundle.check_inputs(str(tmp_path / "missing"), datalist)
     with pytest.raises(BundleInputError, match="items have 4 image.*expects 3"):
-        bundle_utils.check_inputs(str(data), datalist, num_channels=3)
+        bundle.check_inputs(str(data), datalist, num_channels=3)
     with pytest.raises(BundleInputError, match="outside the class range"):
-        bundle_utils.check_inputs(str(data), datalist, num_classes=1)
+        bundle.check_inputs(str(data), datalist, num_classes=1)
     broken = json.loads((data / "datalist.json").read_text())
     del broken["validation"]
     (data / "datalist.json").write_text(json.dumps(broken))
     with pytest.raises(BundleInputError, match="no \\['validation'\\] split"):
-        bundle_utils.check_inputs(str(data), datalist)
-    # a SystemExit with the message as its code: `python -m monai.bundle run` prints exactly this line
-    try:
-        bundle_utils.check_checkpoint(str(tmp_path / "none.pt"), "stage 1")
-    except BundleInputError as exc:
-        assert isinstance(exc, SystemExit) and str(exc.code).startswith("medimb bundle: error: stage 1 checkpoint")
+        bundle.check_inputs(str(data), datalist)
+
+
+def test_missing_checkpoint_exits_with_one_line_naming_the_stage_and_file(tmp_path):
+    """A SystemExit with the message as its code: `python -m monai.bundle run` prints exactly this line."""
+    missing = tmp_path / "none.pt"
+    expected = r"^medimb bundle: error: stage 1 checkpoint .*none\.pt does not exist; run the earlier bundle"
+    with pytest.raises(SystemExit, match=expected) as info:
+        bundle.check_checkpoint(str(missing), "stage 1")
+    assert isinstance(info.value, BundleInputError)
+    assert str(info.value.code) == str(info.value) and "\n" not in str(info.value.code)
+    missing.write_bytes(b"")
+    assert bundle.check_checkpoint(str(missing), "stage 1") is True  # present: no error
 
 
 def test_a_user_error_anywhere_in_a_bundle_run_ends_it_in_one_line(tmp_path):

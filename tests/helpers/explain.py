@@ -1,8 +1,8 @@
-"""Tiny contract-following networks and NIfTI files for the explain/localisation tests."""
+"""Hand-built networks that follow the explain contract, their inputs, and oblique affines (explain and
+localisation tests). Their NIfTI files: :func:`helpers.nifti.write_nifti` with ``scanner_codes=True``."""
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -14,7 +14,8 @@ class CosineHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 10.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, in_features))
+        gen = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features, generator=gen))
         self.scale = scale
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -77,10 +78,3 @@ def oblique_affine(spacing=(0.8, 1.1, 3.0), angles=(0.3, -0.2, 0.5),
     affine[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
-
-
-def write_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))

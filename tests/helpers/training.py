@@ -1,4 +1,4 @@
-"""Shared helpers for the training tests: a tiny learnable MedMNIST-style archive and tiny configs."""
+"""The training tests' data and configs: a tiny learnable MedMNIST-style archive and tiny configs."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def tiny_npz(path: Path, n_train: int = 48, n_eval: int = 16, size: int = 12, se
 
 def tiny_config(data: Path, out: Path, method: str = "crt", epochs: int = 2, stage2_epochs: int = 2,
                 seed: int = 0) -> TrainConfig:
+    """A CPU config of ``method`` on the tiny network: batch 8, ``epochs`` (stage 1), ``stage2_epochs``."""
     m = method_config(method)
     m.stage1.epochs = epochs
     m.stage1.batch_size = 8
