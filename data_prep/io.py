@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,6 +63,11 @@ def remove_partial_files(folder: str | os.PathLike) -> int:
 #: gzip level for .nii.gz: 1 is several times faster than nibabel's 9 and, for MR (noise in the
 #: low bits), only a few percent larger; conversion time is dominated by compression otherwise.
 GZIP_LEVEL = 1
+#: zlib strategy at level 1: run-length matches only (zlib's ``Z_RLE``), about 1.7x faster than the
+#: default strategy on MR volumes for files a few percent larger (synthetic 90-case archive: 60.9 MB
+#: instead of 57.4 MB; dcm2niix ``-1`` writes 76.3 MB, its default level 6 58.2 MB). Other levels use
+#: zlib's default strategy. Any gzip reader reads either.
+FAST_STRATEGY = zlib.Z_RLE
 
 
 def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0, inter: float = 0.0,
@@ -73,8 +79,6 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     arguments (nibabel's own writer would re-derive scaling from the array, so the header and the
     array are written here directly). Gzip output is deterministic (mtime 0).
     """
-    import zlib
-
     import nibabel as nib
     import numpy as np
 
@@ -96,7 +100,8 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     # the voxels in Fortran order (a transposed C-order volume is that already: no reordering copy)
     voxels = memoryview(np.asfortranarray(data).T).cast("B") if data.size else b""
     # one deflate stream (gzip wrapper: wbits 31; zlib writes mtime 0, so output is deterministic)
-    comp = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)
+    strategy = FAST_STRATEGY if compresslevel <= 1 else zlib.Z_DEFAULT_STRATEGY
+    comp = zlib.compressobj(compresslevel, zlib.DEFLATED, 31, 8, strategy)
     with atomic_path(path, keep_suffix=False) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(comp.compress(header))
