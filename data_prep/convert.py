@@ -333,27 +333,47 @@ def convert_archive(root: str, out: str, workers: int = 1, key: str | None = Non
 
 
 def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
+    resumed: list[tuple[SeriesPlan, list[dict]]] = []
+    todo: list[SeriesPlan] = []
+    futures: dict = {}
+    broken: list[tuple[SeriesPlan, Exception]] = []
+
+    def start(plans: list[SeriesPlan], scrubber: deid.PhiScrubber) -> None:
+        """A study's plans: resumed ones noted; the others queued in the pool at once (workers convert
+        while the main process plans the next study), else kept for after the scan."""
+        deid.set_log_scrubber(scrubber, root)
+        for plan in sorted(plans, key=lambda p: -p.n_slices):  # big series first: better load balance
+            done = _resume_rows(out, plan, options)
+            if done is not None:
+                resumed.append((plan, done))
+            elif pool is not None:
+                try:
+                    futures[pool.submit(_task, (plan, root, out, options, scrubber))] = plan
+                except RuntimeError as exc:  # the pool broke (a worker died): as its queued series would
+                    broken.append((plan, exc))
+            else:
+                todo.append(plan)
+
     if scan is None:
         try:
-            scan = scan_archive(root, key=key, progress=progress, pool=pool)
-        except KeyboardInterrupt:  # stopped while reading headers: say so, nothing else is known yet
+            scan = scan_archive(root, key=key, progress=progress, pool=pool, on_plans=start)
+        except KeyboardInterrupt:  # stopped while scanning: say so, nothing else is known yet
+            for f in futures:
+                f.cancel()
             write_json_atomic(Path(out) / "report.json", {"complete": False, "interrupted_during": "scan"})
             raise
+    else:
+        start(scan.plans, scan.scrubber)
     deid.set_log_scrubber(scan.scrubber, root)
     if deid.is_public_key(key) and not scan.synthetic:
         log.warning(deid.PUBLIC_KEY_WARNING)
     issues = list(scan.issues)
     outcomes: list[SeriesOutcome] = list(scan.outcomes)
     rows: list[dict] = []
-    todo = []
-    for plan in scan.plans:
-        done = _resume_rows(out, plan, options)
-        if done is not None:
-            rows.extend(done)
-            outcomes.append(_outcome(plan, "resumed", done))
-        else:
-            todo.append(plan)
-    todo.sort(key=lambda p: -p.n_slices)  # big series first: better load balance
+    for plan, done in resumed:
+        rows.extend(done)
+        outcomes.append(_outcome(plan, "resumed", done))
+    todo.sort(key=lambda p: -p.n_slices)
 
     def collect(plan, r, i):
         rows.extend(r)
@@ -362,28 +382,25 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         bar.update(1)
 
     complete = False
-    bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress)
+    bar = tqdm(total=len(todo) + len(futures) + len(broken), desc="convert", unit="series", disable=not progress)
     try:
-        args = [(p, root, out, options, scan.scrubber) for p in todo]
-        if pool is not None and len(todo) > 1:
-            futures = {pool.submit(_task, a): a[0] for a in args}
-            try:
-                for f in as_completed(futures):
-                    plan = futures[f]
-                    try:
-                        _, r, i = f.result()
-                    except Exception as exc:  # a worker died (killed, out of memory): that series only
-                        r, i = [], [_series_issue(plan, "internal_error", "the worker process converting "
-                                                  f"this series died ({type(exc).__name__})")]
-                    collect(plan, r, i)
-            except BaseException:  # interrupted: queued series are not started (the pool would wait for them)
-                for f in futures:
-                    f.cancel()
-                raise
-        else:
-            for a in args:
-                _, r, i = _task(a)
-                collect(a[0], r, i)
+        for plan, exc in broken:
+            collect(plan, [], [_worker_died(plan, exc)])
+        try:
+            for f in as_completed(futures):
+                plan = futures[f]
+                try:
+                    _, r, i = f.result()
+                except Exception as exc:  # a worker died (killed, out of memory): that series only
+                    r, i = [], [_worker_died(plan, exc)]
+                collect(plan, r, i)
+        except BaseException:  # interrupted: queued series are not started (the pool would wait for them)
+            for f in futures:
+                f.cancel()
+            raise
+        for plan in todo:
+            _, r, i = _task((plan, root, out, options, scan.scrubber))
+            collect(plan, r, i)
         complete = True
     finally:
         bar.close()
@@ -392,6 +409,10 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         write_json_atomic(Path(out) / "report.json", report)
     counts = Counter(o.status for o in outcomes)
     return ConvertResult(rows, issues, counts["converted"], counts["resumed"], counts["failed"], scan.n_files)
+
+
+def _worker_died(plan: SeriesPlan, exc: Exception) -> Issue:
+    return _series_issue(plan, "internal_error", f"the worker process converting this series died ({type(exc).__name__})")
 
 
 def _outcome(plan: SeriesPlan, status: str, rows: list[dict]) -> SeriesOutcome:

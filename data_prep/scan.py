@@ -308,8 +308,20 @@ def _paths(items) -> set[str]:
     return {x.path for x in items}
 
 
+def _unique_labels(plans: list[SeriesPlan]) -> None:
+    """Output names must be unique, whatever the headers say: ``-2``, ``-3``, ... in label order.
+    ``plans`` are one study's (names only meet within a subject and session)."""
+    taken: set[tuple] = set()
+    for plan in sorted(plans, key=lambda p: (p.subject, p.session, p.label)):
+        base, n = plan.label, 2
+        while (plan.subject, plan.session, plan.label) in taken:
+            plan.label, n = f"{base}-{n}", n + 1
+        taken.add((plan.subject, plan.session, plan.label))
+
+
 class _Planner:
-    def __init__(self, headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber):
+    def __init__(self, headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber, on_plans=None):
+        self.on_plans = on_plans
         self.headers = headers
         self.key = key
         self.scrub = scrubber.scrub
@@ -359,7 +371,11 @@ class _Planner:
                 log.debug("planning %s failed", label, exc_info=True)
                 self._fail("internal_error", f"unexpected {type(exc).__name__} while planning this series",
                            subject, session, label, _paths(hs))
-        self.plans.extend(self._merge_dce(subject, session, study_plans))
+        plans = self._merge_dce(subject, session, study_plans)
+        _unique_labels(plans)
+        self.plans.extend(plans)
+        if self.on_plans is not None and plans:
+            self.on_plans(plans)
 
     def _label(self, headers, used_labels) -> str:
         h0 = min(headers, key=lambda h: h.path)
@@ -563,18 +579,14 @@ class _Planner:
         return out
 
 
-def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber):
+def plan_series(headers: list[FileHeader], key: str | None, scrubber: deid.PhiScrubber, on_plans=None):
     """Group headers into :class:`SeriesPlan` tasks; returns ``(plans, issues, outcomes)`` where
-    ``outcomes`` lists the series that were not planned (failed or skipped)."""
-    planner = _Planner(headers, key, scrubber)
+    ``outcomes`` lists the series that were not planned (failed or skipped). ``on_plans(plans)``, if
+    given, receives each study's finished plans as soon as they are planned (conversion can start
+    while the rest of the archive is planned)."""
+    planner = _Planner(headers, key, scrubber, on_plans)
     planner.run()
     planner.plans.sort(key=lambda p: (p.subject, p.session, p.label))
-    taken: set[tuple] = set()
-    for plan in planner.plans:  # output names must be unique, whatever the headers say
-        base, n = plan.label, 2
-        while (plan.subject, plan.session, plan.label) in taken:
-            plan.label, n = f"{base}-{n}", n + 1
-        taken.add((plan.subject, plan.session, plan.label))
     return planner.plans, planner.issues, planner.outcomes
 
 
@@ -599,8 +611,9 @@ _FAILED_FILE_REASONS = {"truncated", "corrupt_header", "unreadable", "invalid_va
 
 
 def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True,
-                 pool=None) -> ScanResult:
+                 pool=None, on_plans=None) -> ScanResult:
     """Walk, read headers and plan; see module docstring. ``pool``: an executor to reuse.
+    ``on_plans(plans, scrubber)``: called with each study's plans as soon as they are planned.
 
     ``n_files`` counts every file-like entry of the archive, broken links included, so that each one
     is either in a series' outputs or named by a file-level issue."""
@@ -617,7 +630,8 @@ def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: 
     for r in file_issues:
         issues.append(Issue(r.reason, scrubber.scrub(r.detail), path=scrubber.scrub_path(r.path),
                             action="failed" if r.reason in _FAILED_FILE_REASONS else "skipped"))
-    plans, plan_issues, outcomes = plan_series(headers, key, scrubber)
+    plans, plan_issues, outcomes = plan_series(
+        headers, key, scrubber, None if on_plans is None else (lambda study_plans: on_plans(study_plans, scrubber)))
     n_files = len(paths) + sum(i.action != "not_followed" for i in walk_issues)
     synthetic = bool(headers) and all(h.synthetic for h in headers)
     return ScanResult(plans, issues + plan_issues, n_files, scrubber, outcomes, synthetic)
