@@ -76,7 +76,7 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     infer = tmp_path / "inference"
     run_inprocess(BREAST, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer))
     rows = list(csv.DictReader((infer / "predictions.csv").open()))
-    assert len(rows) == 3 and {"case", "predicted_class", "prob_benign", "prob_malignant"} <= set(rows[0])
+    assert len(rows) == 3 and {"case", "split", "predicted", "predicted_name", "prob_benign", "prob_malignant"} <= set(rows[0])
     datalist = json.loads((data / "datalist.json").read_text())
     source = nib.load(str(data / datalist["test"][0]["image"][0]))
     case = rows[0]["case"]
@@ -120,7 +120,7 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
     stage1 = torch.load(models / "model_stage1.pt", weights_only=True)
     assert stage1["config"]["name"] == "slice_pool" and stage1["config"]["num_classes"] == 3
     # the one 2.5D mechanism: a slab of adjacent axial slices, as medimb train --slices
-    assert stage1["preprocessing"]["slices"] == 5 and stage1["preprocessing"]["orientation"] == "RAS"
+    assert stage1["preprocessing"]["slices"] == 32 and stage1["preprocessing"]["orientation"] == "RAS"  # registered K
     run_inprocess(METRIC, ["train.json", "train_stage2.json"], **common, **tiny, rebalance="lws")
     stage2 = torch.load(models / "model.pt", weights_only=True)
     assert stage2["config"]["head"] == "lws" and stage2["method"] == "two-stage-metric-stage2-lws"

@@ -89,8 +89,10 @@ def test_checkpoint_contract_and_outputs(tmp_path):
     stage1, _ = load_checkpoint(out / "stage1_best.pt")
     assert stage1.config["head"] == "linear"
     assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).method.stage1.metric_loss == "supcon"
-    assert {p.rsplit("/", 1)[-1] for p in res["plots"]} == {"roc.png", "pr.png", "confusion_matrix.png",
-                                                              "features_pca.png"}
+    for split in ("validation", "test"):
+        assert {p.rsplit("/", 1)[-1] for p in res["plots"][split]} == {"roc.png", "pr.png", "confusion_matrix.png",
+                                                                     "features_pca.png"}
+        assert all(f"/plots/{split}/" in p for p in res["plots"][split])
 
 
 def test_every_method_has_one_config_and_round_trips():

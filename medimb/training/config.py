@@ -198,7 +198,7 @@ def _method_from_dict(d: dict) -> MethodConfig:
 
 
 def preprocessing_for(network: str, train_items: Sequence[dict], spatial_size: Sequence[int] | None = None,
-                      slices: int | None = None) -> Preprocessing:
+                      slices: int | None = None, **overrides: Any) -> Preprocessing:
     """A datalist's preprocessing for ``network`` (training, the CLI and the bundles call this):
     :func:`medimb.data.datasets.default_nifti_preprocessing` of ``train_items`` (datalist items, ``image`` a list
     of paths) at the network's registered defaults (:func:`medimb.networks.backbone_defaults`) for whatever is
@@ -206,10 +206,15 @@ def preprocessing_for(network: str, train_items: Sequence[dict], spatial_size: S
 
     ``spatial_size`` is in the axis order of the orientation (RAS); for 2.5D its first two entries are the
     in-plane size. ``slices`` with a 3D network feeds it the ``(C, K, X, Y)`` slab as a volume.
+    ``overrides``: other :class:`~medimb.data.Preprocessing` fields, e.g. ``channel_wise=True`` (bundles:
+    ``--preprocessing#channel_wise true``).
     """
+    from dataclasses import replace
+
     from medimb.data.datasets import default_nifti_preprocessing
     from medimb.networks import backbone_defaults
 
     defaults = backbone_defaults(network)
     size = tuple(spatial_size) if spatial_size else defaults.default_size
-    return default_nifti_preprocessing(train_items, size, slices or defaults.slices, orientation=defaults.orientation)
+    pre = default_nifti_preprocessing(train_items, size, slices or defaults.slices, orientation=defaults.orientation)
+    return replace(pre, **overrides) if overrides else pre
