@@ -9,6 +9,7 @@ shared and per-frame functional groups. Problems become a :class:`FileIssue` wit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -790,7 +791,13 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
                 meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop, "ImplementationVersionName": version}
                 ds = FastHeader(elements)
                 at_eof = False
+                template_key = _template_key(ts, sop, version, size - pixel_offset, head, elements)
+                template = _TEMPLATES.get(template_key) if template_key is not None else None
+                if template is not None:
+                    phi = template[0]["phi"]
+                    return _from_template(template, rel, ds, pixel_offset)
             else:
+                template_key = None
                 fh.seek(0)
                 full_ds = pydicom.dcmread(fh, stop_before_pixels=True)
                 pixel_offset = fh.tell()  # stop_before_pixels leaves the file at the pixel data element
@@ -824,7 +831,7 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
     study_dt = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"
     image_type = ds.get("ImageType") or []
     image_type = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
-    return FileHeader(
+    header = FileHeader(
         path=rel,
         patient_id=str(ds.get("PatientID", "") or ""),
         phi=phi,
@@ -845,6 +852,59 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
         params=_params(ds),
         synthetic=str(meta.get("ImplementationVersionName", "") if meta else "").strip() == SYNTH_MARK,
     )
+    if template_key is not None and len(frames) == 1 and frames[0].frame is None and frames[0].tile is None:
+        _store_template(template_key, header, pixel_offset)
+    return header
+
+
+# ------------------------------------------------------------------------------------ templates
+#: attributes that differ from file to file within a series; what :func:`read_header` derives from
+#: all the others (its whole FileHeader but the path and the frame's per-file values) is the same for
+#: every file with the same raw values of those others, so it is computed once (a "template")
+PER_FILE_TAGS = frozenset(tag_for_keyword(kw) for kw in (
+    "SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "AcquisitionTime", "AcquisitionDateTime",
+    "TriggerTime", "TemporalPositionIdentifier", "AcquisitionNumber", "ContentTime"))
+_STATIC_TAGS = tuple(sorted(_WANTED - PER_FILE_TAGS))
+_CSA_TAG = PRIVATE_TAGS["SiemensCSAImageHeader"][0]
+_TEMPLATES: dict = {}
+_FRAME_STATIC = ("orientation", "spacing", "slope", "inter", "echo", "part", "diffusion")
+
+
+def _template_key(ts: str, sop_class: str, version: str, available: int, head: bytes, elements: dict):
+    """The key of a file's template: every raw value but :data:`PER_FILE_TAGS`, the transfer syntax,
+    the meta SOP class and version, the bytes left for pixels and the pixel element's header. None
+    for files with a Siemens CSA header (mosaics, diffusion: per-file values inside it)."""
+    if _CSA_TAG in elements:
+        return None
+    return (ts, sop_class, version, available, head, *map(elements.get, _STATIC_TAGS))
+
+
+def _store_template(key: tuple, header: FileHeader, pixel_offset: int) -> None:
+    """Keep what a successfully read one-image file's header shares with its series' other files."""
+    frame = header.frames[0]
+    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(FileHeader) if f.name not in ("path", "frames")}
+    static = {name: getattr(frame, name) for name in _FRAME_STATIC}
+    layout = None if frame.pixel is None else (frame.pixel[0] - pixel_offset, *frame.pixel[1:])
+    if len(_TEMPLATES) >= 1024:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = (fields, static, layout)
+
+
+def _from_template(template: tuple, rel: str, ds, pixel_offset: int) -> FileHeader:
+    """A file's header from its template and its own per-file values, computed (and validated) as
+    :func:`_frames` does for a one-image file (an invalid position raises the same error)."""
+    fields, static, layout = template
+    sop = str(ds.get("SOPInstanceUID", ""))
+    acq_number = _num(ds.get("AcquisitionNumber"), -1.0)
+    instance = _int_or_none(ds.get("InstanceNumber"))
+    position = _vector(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient")
+    t = tm_seconds(ds.get("AcquisitionTime")) or tm_seconds(ds.get("AcquisitionDateTime"))
+    key = (_num(ds.get("TemporalPositionIdentifier"), -1.0), _num(ds.get("TriggerTime"), -1.0),
+           t if t is not None else -1.0, acq_number)
+    pixel = None if layout is None else (pixel_offset + layout[0], *layout[1:])
+    frame = Frame(rel, None, position=position, time_key=key, time_s=t, sop_uid=sop, pixel=pixel,
+                  instance=instance, **static)
+    return FileHeader(path=rel, frames=[frame], **fields)
 
 
 def _positive(value) -> float | None:

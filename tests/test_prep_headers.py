@@ -50,3 +50,30 @@ def test_fast_header_reader_matches_pydicom_on_written_and_truncated_files(tmp_p
     for p in sorted(tmp_path.rglob("*")):
         if p.is_file():
             _same(p, tmp_path)
+
+
+def test_series_template_gives_the_full_reading(tmp_path, dicom_series):
+    """The files of a series after the first are read from a template (what they share) plus their
+    own values: the same headers as a cold read and as pydicom, and a bad per-file value (a position
+    that is not 3 numbers) still fails that file alone, with the same reason."""
+    from data_prep import headers
+
+    dicom_series(tmp_path / "s", phases=2, shape=(4, 6, 5))
+    files = sorted((tmp_path / "s").iterdir())
+    bad = tmp_path / "s" / "zz_bad_position"
+    ds = pydicom.dcmread(files[0])
+    ds.ImagePositionPatient = [1.0, 2.0]
+    ds.SOPInstanceUID = ds.SOPInstanceUID[:-1] + ("2" if ds.SOPInstanceUID.endswith("1") else "1")
+    ds.save_as(bad, enforce_file_format=True)
+    files.append(bad)
+
+    def cold(p):
+        headers._TEMPLATES.clear()
+        return read_header(str(p), str(tmp_path))
+
+    headers._TEMPLATES.clear()
+    warm = [read_header(str(p), str(tmp_path)) for p in files]  # the first builds the template
+    assert len(headers._TEMPLATES) == 1
+    for p, h in zip(files, warm):
+        assert h == cold(p) == read_header(str(p), str(tmp_path), use_fast=False), p
+    assert warm[-1].reason == "invalid_geometry" and "ImagePositionPatient" in warm[-1].detail
