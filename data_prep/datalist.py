@@ -26,7 +26,8 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from data_prep import deid
 from data_prep.io import write_json_atomic
 
-MANIFEST_COLUMNS = ("subject", "session", "series", "description", "phase", "kind", "path")
+#: the manifest.csv columns (``data_prep.convert.MANIFEST_COLUMNS``) a datalist is built from
+REQUIRED_MANIFEST_COLUMNS = ("subject", "session", "series", "description", "phase", "kind", "path")
 SPLITS = ("training", "validation", "test")
 CHANNEL_MODES = ("auto", "dce", "subtraction", "image", "4d", "dwi", "timeseries")
 #: --channels mode -> manifest kind; the last three are one (3D or 4D) file each
@@ -80,7 +81,7 @@ def read_manifest(converted: str | os.PathLike) -> list[dict]:
         raise DatalistError(f"no manifest.csv in {converted}; run `medimb-prep convert ARCHIVE {converted}` first")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DatalistError(f"{path} lacks the columns {missing}; is it a medimb-prep convert manifest?")
         rows = list(reader)

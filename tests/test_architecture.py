@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = (
-    ("medimb", "medimb.errors", "medimb.atomic", "medimb.lazy", "medimb.runtime"),
+    ("medimb", "medimb.errors", "medimb.atomic", "medimb.lazy", "medimb.runtime", "medimb.validation"),
     ("medimb.data",),
     ("medimb.networks", "medimb.losses"),
     ("medimb.evaluation",),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medimb.commands.options import add_runtime_options, check_workers
 from medimb.errors import UserError
-from medimb.training.config import METHODS, TrainConfig, method_config
+from medimb.training.config import METHODS, Stage1Config, Stage2Config, TrainConfig, method_config
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,13 +25,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="two-stage", choices=list(METHODS), metavar="METHOD",
                    help="training method (default: two-stage, the recommended recipe; see below)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--network", default="cpunet", help="network name (medimb.networks.list_models(); default cpunet)")
+    p.add_argument("--network", default=TrainConfig.network,
+                   help=f"network name (medimb.networks.list_models(); default {TrainConfig.network})")
     p.add_argument("--network-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='backbone options for create_model, e.g. \'{"stem_width": 16, "widths": [32], "depths": [2]}\' '
                         "(a finer last feature map for attention maps of small lesions; docs/training.md)")
-    p.add_argument("--epochs", type=int, help="stage-1 epochs (default per method: 30)")
-    p.add_argument("--stage2-epochs", type=int, help="stage-2 epochs for two-stage methods (default 10)")
-    p.add_argument("--batch-size", type=int, help="batch size of both stages (default 32)")
+    p.add_argument("--epochs", type=int, help=f"stage-1 epochs (default per method: {Stage1Config.epochs})")
+    p.add_argument("--stage2-epochs", type=int,
+                   help=f"stage-2 epochs for two-stage methods (default {Stage2Config.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"batch size of both stages (default {Stage1Config.batch_size})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--spatial-size", type=int, nargs="+", metavar="N",
                    help="datalists: network input size after crop/pad (1 value or 3; default: the network's registered size)")

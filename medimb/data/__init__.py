@@ -1,7 +1,7 @@
 """medimb.data: datasets (MedMNIST ``.npz``, MONAI datalists of NIfTI), transform pipelines, samplers."""
 
 from medimb.data.batch_augment import BatchAugmentation
-from medimb.data.checks import check_channels, check_finite, check_labels
+from medimb.validation import check_channels, check_finite, check_labels
 from medimb.data.datalist import load_datalist
 from medimb.data.datasets import DataSplits, SafePersistentDataset, SequentialCacheDataset, load_splits
 from medimb.data.errors import DataError

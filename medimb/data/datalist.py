@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from medimb.data.checks import check_labels
+from medimb.validation import check_labels
 from medimb.data.errors import DataError
 
 #: datalist key -> our split name
@@ -32,8 +33,23 @@ def _resolve(item: dict, base: Path, where: str) -> list[str]:
     return resolved
 
 
+@dataclass
+class Datalist:
+    """A validated datalist: ``splits`` ``{"train"|"val"|"test": [item, ...]}`` (absolute image paths),
+    ``num_classes`` and one name per class."""
+
+    splits: dict[str, list[dict]]
+    num_classes: int
+    class_names: list[str]
+
+
 def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str, list[dict]]:
-    """Read and validate a datalist; returns ``{"train"|"val"|"test": [item, ...]}`` with absolute paths.
+    """:func:`read_datalist`'s splits: ``{"train"|"val"|"test": [item, ...]}`` (bundles use it in their JSON)."""
+    return read_datalist(path, num_classes).splits
+
+
+def read_datalist(path: str | Path, num_classes: int | None = None) -> Datalist:
+    """Read (once) and validate a datalist; returns its items with absolute paths, class count and names.
 
     Every item keeps its keys; ``image`` becomes a list of absolute paths (one per channel) and ``label``
     an int. Raises :class:`DataError` for a missing file or split, wrong keys, a path that does not exist,
@@ -82,7 +98,7 @@ def load_datalist(path: str | Path, num_classes: int | None = None) -> dict[str,
         num_classes = datalist_num_classes(data, splits)
     for split, items in splits.items():
         check_labels([it["label"] for it in items], num_classes, split)
-    return splits
+    return Datalist(splits, num_classes, datalist_class_names(data, num_classes))
 
 
 def datalist_num_classes(data: dict, splits: dict[str, list[dict]]) -> int:
@@ -133,3 +149,18 @@ def class_counts(items: list[dict], num_classes: int) -> list[int]:
     for item in items:
         counts[int(item["label"])] += 1
     return counts
+
+
+def datalist_class_names(data: dict, num_classes: int) -> list[str]:
+    """The datalist's ``class_names`` (a list, or ``labels`` as a name -> index map), else ``"0"``, ``"1"``..."""
+    names = data.get("class_names") or data.get("labels")
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    if isinstance(names, dict):
+        try:
+            by_index = {int(v): str(k) for k, v in names.items()}
+            if sorted(by_index) == list(range(num_classes)):
+                return [by_index[i] for i in range(num_classes)]
+        except (TypeError, ValueError):
+            pass
+    return [str(i) for i in range(num_classes)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -15,7 +14,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.data.meta_obj import MetaObj
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
-from medimb.data.datalist import datalist_num_classes, load_datalist
+from medimb.data.datalist import read_datalist
 from medimb.data.errors import DataError
 from medimb.data.medmnist import load_medmnist
 from medimb.data.transforms import Augmentation, Preprocessing, build_eval_transforms, build_train_transforms
@@ -249,20 +248,6 @@ def warn_small_images(items: dict[str, list[dict]], network_size: Sequence[int],
     return found
 
 
-def _datalist_class_names(data: dict, num_classes: int) -> list[str]:
-    names = data.get("class_names") or data.get("labels")
-    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-        return names
-    if isinstance(names, dict):
-        try:
-            by_index = {int(v): str(k) for k, v in names.items()}
-            if sorted(by_index) == list(range(num_classes)):
-                return [by_index[i] for i in range(num_classes)]
-        except (TypeError, ValueError):
-            pass
-    return [str(i) for i in range(num_classes)]
-
-
 def load_splits(
     path: str | Path,
     preprocessing: Preprocessing | dict | Callable[[list[dict]], Preprocessing] | None = None,
@@ -296,9 +281,8 @@ def load_splits(
         if len(names) != num_classes:
             names = [str(i) for i in range(num_classes)]
     elif path.suffix == ".json":
-        items = load_datalist(path)
-        data = json.loads(path.read_text())
-        num_classes = datalist_num_classes(data, items)
+        datalist = read_datalist(path)
+        items, num_classes = datalist.splits, datalist.num_classes
         # the default reads every training scan's header: only when no preprocessing (checkpoint) is given
         pre = None
         if preprocessing is None:
@@ -310,7 +294,7 @@ def load_splits(
                 raise ValueError("a datalist needs its preprocessing: pass preprocessing= (a Preprocessing, or a "
                                  "function of the training items such as medimb.training.config.preprocessing_for) "
                                  "or the network input spatial_size=")
-        names = _datalist_class_names(data, num_classes)
+        names = datalist.class_names
     else:
         raise DataError(f"--data must be a MedMNIST .npz file or a datalist .json, got {path}")
     if preprocessing is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medimb.data.checks import check_labels
+from medimb.validation import check_finite, check_labels
 from medimb.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -61,8 +61,7 @@ def load_medmnist(path: str | Path, num_classes: int | None = None) -> dict[str,
             raise DataError(f"{path}: multi-label MedMNIST files are not supported ({split}_labels {labels.shape})")
         if len(images) != len(labels):
             raise DataError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
-        if images.dtype.kind == "f" and not np.all(np.isfinite(images)):
-            raise DataError(f"{path}: {split}_images contains NaN or Inf values")
+        check_finite(images, f"{path}: {split}_images", what="the array")
     if num_classes is None:
         num_classes = int(max(int(np.max(lab)) for _, lab in raw.values())) + 1
     return {

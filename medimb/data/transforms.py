@@ -39,7 +39,7 @@ from monai.transforms import (
     Transposed,
 )
 
-from medimb.data.checks import check_channels, check_finite
+from medimb.validation import check_channels, check_finite
 from medimb.data.errors import DataError
 
 INTENSITY_MODES = ("zscore", "percentile", "scale255", "none")

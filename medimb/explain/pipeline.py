@@ -46,7 +46,7 @@ class CaseExplanation:
     seconds: dict[str, float]
 
 
-def check_inputs(model: torch.nn.Module, preprocessing: dict, items: list[dict]) -> None:
+def check_items_fit_model(model: torch.nn.Module, preprocessing: dict, items: list[dict]) -> None:
     """Raise :class:`UserError` when the items cannot be explained with this model's preprocessing."""
     if preprocessing.get("source", "nifti") != "nifti":
         raise UserError(
@@ -186,7 +186,7 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
     out_dir = Path(out_dir)
     check_destination(out_dir, overwrite)
     preprocessing = dict(meta["preprocessing"])
-    check_inputs(model, preprocessing, items)
+    check_items_fit_model(model, preprocessing, items)
     transform = build_eval_transforms(preprocessing)
     model.eval()
     explainers = {m: create_explainer(m, model) for m in settings.methods}

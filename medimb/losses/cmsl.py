@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medimb.losses.validation import check_logits_labels
+from medimb.validation import check_logits_labels
 
 
 class CosineMarginSigmoidLoss(nn.Module):

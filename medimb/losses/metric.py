@@ -14,7 +14,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import nn
 
-from medimb.losses.validation import check_finite
+from medimb.validation import check_finite, labels_outside
 
 TRIPLET_MINERS = ("batch_hard", "semihard", "all")
 
@@ -24,7 +24,7 @@ def _check_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, name: str)
         raise ValueError(
             f"{name}: expects embeddings (B, E) and labels (B,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
         )
-    check_finite(embeddings, name, "embeddings")
+    check_finite(embeddings, name, "embeddings", error=ValueError)
 
 
 class TripletLoss(nn.Module):
@@ -93,8 +93,9 @@ class ClassCentreTripletLoss(nn.Module):
         if embeddings.shape[1] != self.centres.shape[1]:
             raise ValueError(f"ClassCentreTripletLoss: embedding size {embeddings.shape[1]} != {self.centres.shape[1]}")
         num_classes = self.centres.shape[0]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"ClassCentreTripletLoss: labels outside the class range [0, {num_classes - 1}]")
+        bad = labels_outside(labels, num_classes)
+        if bad:
+            raise ValueError(f"ClassCentreTripletLoss: label(s) {bad} outside the class range [0, {num_classes - 1}]")
         centre_labels = torch.arange(num_classes, device=labels.device)
         centres = F.normalize(self.centres, dim=1).to(embeddings.dtype)
         return self.loss(embeddings, labels, ref_emb=centres, ref_labels=centre_labels)

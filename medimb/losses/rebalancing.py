@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from monai.losses import FocalLoss as MonaiFocalLoss
 from torch import nn
 
-from medimb.losses.validation import check_logits_labels
+from medimb.validation import check_logits_labels
 
 CLASS_WEIGHTINGS = ("inverse", "sqrt_inverse", "effective")
 
