@@ -24,6 +24,8 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 #: enhanced multi-frame functional groups: left to pydicom (sequence parsing)
 _FUNCTIONAL_GROUPS = {0x52009229, 0x52009230}
+#: no tag below this one ends the walk (the functional groups and the pixel data are above it)
+_FIRST_STOP = min(_FUNCTIONAL_GROUPS)
 _U16 = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _U16L = struct.Struct("<H")
@@ -92,15 +94,18 @@ def _parse(buf: bytes, wanted: set[int]):
         return None
     explicit = ts == EXPLICIT_LE
     elements: dict[int, tuple] = {}
-    # the element loop is the scan's hottest code (every element of every file): _element inlined
+    # the element loop is the scan's hottest code (every element of every file): _element inlined,
+    # one loop per VR encoding, names local
     n = len(buf)
-    head = _EXPLICIT_HEAD.unpack_from if explicit else _IMPLICIT_HEAD.unpack_from
     u32 = _U32.unpack_from
-    long_vrs = _LONG_VRS
-    while True:
-        if pos + 8 > n:
-            raise _Short
-        if explicit:
+    pixel_data, functional_groups, first_stop = _PIXEL_DATA, _FUNCTIONAL_GROUPS, _FIRST_STOP
+    skip = _skip_undefined
+    if explicit:
+        head = _EXPLICIT_HEAD.unpack_from
+        long_vrs = _LONG_VRS
+        while True:
+            if pos + 8 > n:
+                raise _Short
             group, elem, vr, length = head(buf, pos)
             if group == 0xFFFE:  # an item or delimiter at the top level: never a VR
                 vr, length = None, u32(buf, pos + 4)[0]
@@ -112,23 +117,40 @@ def _parse(buf: bytes, wanted: set[int]):
                 vpos = pos + 12
             else:
                 vpos = pos + 8
-        else:
-            group, elem, length = head(buf, pos)
-            vr = None
-            vpos = pos + 8
+            tag = group << 16 | elem
+            if tag >= first_stop:
+                if tag == pixel_data:
+                    return meta, ts, elements, pos
+                if tag in functional_groups:
+                    return None
+            if length == 0xFFFFFFFF:
+                pos = skip(buf, vpos, True)
+                continue
+            pos = vpos + length
+            if pos > n:
+                raise _Short
+            if tag in wanted:
+                elements[tag] = (vr, buf[vpos:pos])
+    head = _IMPLICIT_HEAD.unpack_from
+    while True:
+        if pos + 8 > n:
+            raise _Short
+        group, elem, length = head(buf, pos)
+        vpos = pos + 8
         tag = group << 16 | elem
-        if tag == _PIXEL_DATA:
-            return meta, ts, elements, pos
-        if tag in _FUNCTIONAL_GROUPS:
-            return None
+        if tag >= first_stop:
+            if tag == pixel_data:
+                return meta, ts, elements, pos
+            if tag in functional_groups:
+                return None
         if length == 0xFFFFFFFF:
-            pos = _skip_undefined(buf, vpos, explicit)
+            pos = skip(buf, vpos, False)
             continue
         pos = vpos + length
         if pos > n:
             raise _Short
         if tag in wanted:
-            elements[tag] = (vr, buf[vpos:pos])
+            elements[tag] = (None, buf[vpos:pos])
 
 
 def parse_file(fh, size: int, wanted: set[int]):
