@@ -55,9 +55,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataelem import DataElement
 
-with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *readers* are experimental
-    warnings.simplefilter("ignore", UserWarning)
-    from nibabel.nicom import csareader
+
+def _csareader():
+    """nibabel's CSA reader, imported on first use (only Siemens CSA headers need it: the main
+    process of a conversion never imports nibabel)."""
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *readers* are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
+    return csareader
+
 
 #: standard attributes :func:`diffusion_of` reads with ``ds.get(keyword)`` (the first two are also
 #: read from each enhanced frame's MRDiffusionSequence item)
@@ -289,7 +295,7 @@ def _csa(raw) -> dict | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tags = csareader.read(bytes(raw))["tags"]
+            tags = _csareader().read(bytes(raw))["tags"]
     except Exception:  # struct.error, CSAReadError, ...
         return None
     return {name: list(tag.get("items") or []) for name, tag in tags.items() if isinstance(tag, dict)}

@@ -41,9 +41,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *readers* are experimental
-    warnings.simplefilter("ignore", UserWarning)
-    from nibabel.nicom import csareader
+
+def _csareader():
+    """nibabel's CSA reader, imported on first use (only Siemens CSA headers need it: the main
+    process of a conversion never imports nibabel)."""
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *readers* are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
+    return csareader
+
 
 #: the CSA image header is element 0x10 of the ``SIEMENS CSA HEADER`` private block of group 0x0029
 CSA_GROUP, CSA_CREATOR, CSA_IMAGE_ELEMENT = 0x0029, "SIEMENS CSA HEADER", 0x10
@@ -117,7 +123,7 @@ def mosaic_layout(image_type, csa_image_bytes: bytes | None, rows: int, cols: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tags = csareader.read(bytes(csa_image_bytes))["tags"]
+            tags = _csareader().read(bytes(csa_image_bytes))["tags"]
     except Exception as exc:  # struct.error, CSAReadError, AssertionError, converter ValueError, ...
         raise MosaicError("invalid_value", f"the Siemens CSA image header (0029,1010) is damaged "
                                            f"({type(exc).__name__})") from None
