@@ -57,30 +57,60 @@ def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, i
 
 
 def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
-    """Position after an undefined-length sequence whose items start at ``pos``."""
-    while True:
-        tag, _, length, vpos = _element(buf, pos, explicit)
-        if tag == _SEQ_END:
-            return vpos
-        if tag != _ITEM:
-            raise ValueError("malformed sequence")
-        if length != 0xFFFFFFFF:
-            pos = vpos + length
-            continue
-        pos = vpos  # undefined-length item: nested elements until the item delimiter
-        while True:
-            tag, vr, length, vpos = _element(buf, pos, explicit)
-            if tag == _ITEM_END:
+    """Position after an undefined-length sequence whose items start at ``pos``.
+
+    Iterative (a stack of open sequences and undefined-length items), element headers read inline:
+    Philips headers nest hundreds of elements in such sequences."""
+    n = len(buf)
+    u32 = _U32.unpack_from
+    head = _U16.unpack_from
+    short = _U16L.unpack_from
+    long_vrs = _LONG_VRS
+    stack = [_IN_SEQUENCE]
+    while stack:
+        if pos + 8 > n:
+            raise _Short
+        group, elem = head(buf, pos)
+        if group == 0xFFFE or not explicit:  # items and delimiters never carry a VR
+            length, vpos = u32(buf, pos + 4)[0], pos + 8
+        elif buf[pos + 4:pos + 6] in long_vrs:
+            if pos + 12 > n:
+                raise _Short
+            length, vpos = u32(buf, pos + 8)[0], pos + 12
+        else:
+            length, vpos = short(buf, pos + 6)[0], pos + 8
+        tag = group << 16 | elem
+        if stack[-1] is _IN_SEQUENCE:
+            if tag == _SEQ_END:
+                stack.pop()
                 pos = vpos
-                break
-            if length == 0xFFFFFFFF:
-                pos = _skip_undefined(buf, vpos, explicit)
-            else:
+            elif tag != _ITEM:
+                raise ValueError("malformed sequence")
+            elif length != 0xFFFFFFFF:
                 pos = vpos + length
+            else:  # undefined-length item: nested elements until the item delimiter
+                stack.append(_IN_ITEM)
+                pos = vpos
+        elif tag == _ITEM_END:
+            stack.pop()
+            pos = vpos
+        elif length == 0xFFFFFFFF:  # a nested undefined-length sequence
+            stack.append(_IN_SEQUENCE)
+            pos = vpos
+        else:
+            pos = vpos + length
+    return pos
 
 
-def _parse(buf: bytes, wanted: set[int]):
-    """``(meta, elements, pixel_offset)`` or None; ``elements`` maps tag -> (vr, raw bytes)."""
+_IN_SEQUENCE, _IN_ITEM = object(), object()
+
+
+def _parse(buf: bytes, wanted: set[int], whole: bool = False):
+    """``(meta, elements, pixel_offset)`` or None; ``elements`` maps tag -> (vr, raw bytes).
+
+    ``whole``: ``buf`` is the whole file; a dataset whose last element ends exactly at its end has no
+    pixel data (a DICOMDIR, a presentation state, ...): ``pixel_offset`` is then the file size, as
+    pydicom's ``stop_before_pixels`` leaves it."""
     if len(buf) < 132 or buf[128:132] != b"DICM":
         return None
     pos = 132
@@ -105,6 +135,8 @@ def _parse(buf: bytes, wanted: set[int]):
         long_vrs = _LONG_VRS
         while True:
             if pos + 8 > n:
+                if whole and pos == n:
+                    return meta, ts, elements, pos
                 raise _Short
             group, elem, vr, length = head(buf, pos)
             if group == 0xFFFE:  # an item or delimiter at the top level: never a VR
@@ -134,6 +166,8 @@ def _parse(buf: bytes, wanted: set[int]):
     head = _IMPLICIT_HEAD.unpack_from
     while True:
         if pos + 8 > n:
+            if whole and pos == n:
+                return meta, ts, elements, pos
             raise _Short
         group, elem, length = head(buf, pos)
         vpos = pos + 8
@@ -164,12 +198,12 @@ def parse_with_head(fh, size: int, wanted: set[int]):
     buf = fh.read(FIRST_READ)
     try:
         try:
-            parsed = _parse(buf, wanted)
+            parsed = _parse(buf, wanted, whole=len(buf) >= size)
         except _Short:
             if len(buf) >= size:
                 return None
             buf += fh.read()
-            parsed = _parse(buf, wanted)
+            parsed = _parse(buf, wanted, whole=len(buf) >= size)
     except (_Short, ValueError, struct.error, UnicodeDecodeError):
         return None
     if parsed is None:

@@ -790,8 +790,8 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
                 version = raw_meta.get(0x00020013, b"").decode("ascii", "replace").rstrip("\x00 ")
                 meta = {"TransferSyntaxUID": ts, "MediaStorageSOPClassUID": sop, "ImplementationVersionName": version}
                 ds = FastHeader(elements)
-                at_eof = False
-                template_key = _template_key(ts, sop, version, size - pixel_offset, head, elements)
+                at_eof = pixel_offset >= size  # no pixel data element before the end of the file
+                template_key = None if at_eof else _template_key(ts, sop, version, size - pixel_offset, head, elements)
                 template = _TEMPLATES.get(template_key) if template_key is not None else None
                 if template is not None:
                     phi = template[0]["phi"]
