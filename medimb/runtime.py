@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -42,8 +43,27 @@ QUIET_WARNINGS = (
 )
 
 
+#: (logger, message start) of library log records that are about the machine's optional codecs, not the run
+QUIET_LOG_RECORDS = (
+    ("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available"),  # once per image reader
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def quiet_library_warnings() -> None:
-    """Hide warnings that the libraries print on every command and the user cannot act on; warnings
-    about the user's data or run still show (``--verbose`` shows everything)."""
+    """Hide warnings and log records that the libraries print on every command and the user cannot act on;
+    warnings about the user's data or run still show (``--verbose`` shows everything)."""
     for message, category, module in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in QUIET_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropRecords(prefix))
