@@ -5,9 +5,10 @@
 Writes a synthetic archive (``medimb-prep synth``; >= 100 series / 10,000 slices at the default
 size), then converts it with dcm2niix (internal zlib gzip, at its default level 6 and at level 1) and
 with ``medimb-prep convert`` (``--workers`` processes, gzip level 1), each as a child process.
-Reports wall time, slices/s, the ratio to dcm2niix, and peak memory (psutil, polled every 20 ms):
-the largest single process, the largest worker (child) process, and the summed RSS of the whole
-process tree (which counts pages that forked workers share with the parent more than once).
+Reports wall time, slices/s, the ratio to dcm2niix, the size of the .nii.gz files written, and peak
+memory (psutil, polled every 20 ms): the largest single process, the largest worker (child) process,
+and the summed RSS of the whole process tree (which counts pages that forked workers share with the
+parent more than once).
 ``--memory-cases`` adds a second, smaller archive to show that peak memory does not grow with the
 archive. Prints a Markdown table for docs/benchmarks.md. CPU is shared: note ``uptime``.
 """
@@ -77,11 +78,19 @@ def bench(archive: Path, work: Path, workers: int) -> dict:
         out.mkdir(parents=True)
         results[name] = run_measured([dcm2niix, "-z", "i", f"-{level}", "-b", "y", "-f", "%j_%s_%t",
                                       "-o", str(out), str(archive)])
+        results[name]["nii_mb"] = nii_megabytes(out)
     out = work / "medimb"
     shutil.rmtree(out, ignore_errors=True)
-    results[f"medimb-prep convert -j {workers}"] = run_measured(
+    name = f"medimb-prep convert -j {workers}"
+    results[name] = run_measured(
         [str(VENV_BIN / "medimb-prep"), "convert", str(archive), str(out), "--workers", str(workers), "--no-progress"])
+    results[name]["nii_mb"] = nii_megabytes(out)
     return results
+
+
+def nii_megabytes(folder: Path) -> float:
+    """Total size of the .nii.gz files written (MB, 10^6 bytes): the compression each converter did."""
+    return sum(p.stat().st_size for p in folder.rglob("*.nii.gz")) / 1e6
 
 
 def main(argv=None) -> int:
@@ -107,12 +116,13 @@ def main(argv=None) -> int:
             ref = res["dcm2niix -z i -1"]["wall_s"]
             ref6 = res["dcm2niix -z i (level 6, default)"]["wall_s"]
             print("| converter | wall (s) | slices/s | wall / dcm2niix -1 | wall / dcm2niix default | "
-                  "peak RSS, largest process (MiB) | peak RSS, largest worker (MiB) | peak RSS, process tree (MiB) | exit |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  "peak RSS, largest process (MiB) | peak RSS, largest worker (MiB) | peak RSS, process tree (MiB) | "
+                  ".nii.gz written (MB) | exit |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for name, r in res.items():
                 print(f"| {name} | {r['wall_s']:.2f} | {slices / r['wall_s']:.0f} | {r['wall_s'] / ref:.2f} | "
                       f"{r['wall_s'] / ref6:.2f} | {r['max_process_mib']:.0f} | "
-                      f"{r['max_worker_mib']:.0f} | {r['tree_peak_mib']:.0f} | {r['rc']} |")
+                      f"{r['max_worker_mib']:.0f} | {r['tree_peak_mib']:.0f} | {r['nii_mb']:.1f} | {r['rc']} |")
             print(f"load after: {os.getloadavg()}")
     finally:
         if tmp:
