@@ -5,10 +5,11 @@
 Writes a synthetic archive (``medimb-prep synth``; >= 100 series / 10,000 slices at the default
 size), then converts it with dcm2niix (internal zlib gzip, at its default level 6 and at level 1) and
 with ``medimb-prep convert`` (``--workers`` processes, gzip level 1), each as a child process.
-Reports wall time, slices/s, the ratio to dcm2niix, the size of the .nii.gz files written, and peak
-memory (psutil, polled every 20 ms): the largest single process, the largest worker (child) process,
-and the summed RSS of the whole process tree (which counts pages that forked workers share with the
-parent more than once).
+Reports wall time, CPU time (user + sys of the converter and the workers it waited for: less
+sensitive than wall time to other load on the machine), slices/s, the ratio to dcm2niix, the size of
+the .nii.gz files written, and peak memory (psutil, polled every 20 ms): the largest single process,
+the largest worker (child) process, and the summed RSS of the whole process tree (which counts pages
+that forked workers share with the parent more than once).
 ``--memory-cases`` adds a second, smaller archive to show that peak memory does not grow with the
 archive. Prints a Markdown table for docs/benchmarks.md. CPU is shared: note ``uptime``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 def run_measured(cmd: list[str]) -> dict:
     """Run ``cmd``; wall time, peak tree RSS (MiB, polled) and the exit status."""
     log = tempfile.TemporaryFile()  # not a pipe: a chatty child would block on a full pipe buffer
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     ps = psutil.Process(proc.pid)
@@ -47,10 +50,12 @@ def run_measured(cmd: list[str]) -> dict:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and the workers it waited for
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     log.seek(0)
     out = log.read().decode(errors="replace")
     log.close()
-    return {"wall_s": wall, "tree_peak_mib": peak / 2**20, "rc": proc.returncode,
+    return {"wall_s": wall, "cpu_s": cpu, "tree_peak_mib": peak / 2**20, "rc": proc.returncode,
             "max_process_mib": single / 2**20, "max_worker_mib": worker / 2**20, "output_tail": out[-400:]}
 
 
@@ -115,12 +120,12 @@ def main(argv=None) -> int:
             res = bench(archive, work / f"run{cases}", args.workers)
             ref = res["dcm2niix -z i -1"]["wall_s"]
             ref6 = res["dcm2niix -z i (level 6, default)"]["wall_s"]
-            print("| converter | wall (s) | slices/s | wall / dcm2niix -1 | wall / dcm2niix default | "
+            print("| converter | wall (s) | CPU user+sys (s) | slices/s | wall / dcm2niix -1 | wall / dcm2niix default | "
                   "peak RSS, largest process (MiB) | peak RSS, largest worker (MiB) | peak RSS, process tree (MiB) | "
                   ".nii.gz written (MB) | exit |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for name, r in res.items():
-                print(f"| {name} | {r['wall_s']:.2f} | {slices / r['wall_s']:.0f} | {r['wall_s'] / ref:.2f} | "
+                print(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {slices / r['wall_s']:.0f} | {r['wall_s'] / ref:.2f} | "
                       f"{r['wall_s'] / ref6:.2f} | {r['max_process_mib']:.0f} | "
                       f"{r['max_worker_mib']:.0f} | {r['tree_peak_mib']:.0f} | {r['nii_mb']:.1f} | {r['rc']} |")
             print(f"load after: {os.getloadavg()}")
