@@ -128,7 +128,12 @@ class _MonaiCAMExplainer:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
-        """``(B, C, *S)`` -> ``(B, 1, *S)`` in [0, 1]; ``class_idx=None`` explains the predicted class.
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` in [0, 1] (:meth:`raw_map`, min-max scaled per volume)."""
+        return minmax_per_volume(self.raw_map(x, class_idx))
+
+    def raw_map(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` unscaled map upsampled to the input grid; ``class_idx=None``
+        explains the predicted class.
 
         The model leaves in the mode it came in: MONAI's hooks switch to eval for the map and then restore
         the *wrapper's* mode, which would otherwise put an eval model into training mode (BatchNorm then
@@ -140,7 +145,7 @@ class _MonaiCAMExplainer:
             raw = self.compute_map(x, class_idx).detach().float()
         finally:
             self.wrapped.train(was_training)
-        return minmax_per_volume(upsample_to(raw, x.shape[2:]))
+        return upsample_to(raw, x.shape[2:])
 
 
 class CAMExplainer(_MonaiCAMExplainer):

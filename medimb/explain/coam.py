@@ -69,7 +69,11 @@ class COAM:
             self.model.train(was_training)
         return coam_from_features(fmap, cosine=self.cosine)
 
+    def raw_map(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` unscaled attention upsampled to the input grid (for a scale
+        shared across cases, :func:`medimb.explain.normalize.calibrate_scale`); ``class_idx`` is ignored."""
+        return upsample_to(self.compute_map(x), x.shape[2:])
+
     def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
         """``(B, C, *S)`` -> ``(B, 1, *S)`` attention in [0, 1]; ``class_idx`` is ignored (class-free)."""
-        raw = self.compute_map(x)
-        return minmax_per_volume(upsample_to(raw, x.shape[2:]))
+        return minmax_per_volume(self.raw_map(x))

@@ -16,6 +16,9 @@ class Explainer(Protocol):
     def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
         """``(B, C, *S)`` -> ``(B, 1, *S)`` map in [0, 1], 1 = attended."""
 
+    def raw_map(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` the same map before scaling (``__call__`` min-max scales it)."""
+
 
 EXPLAINERS: dict[str, Callable[[nn.Module], Explainer]] = {
     "coam": lambda model: COAM(model),
