@@ -68,7 +68,7 @@ def test_writes_every_output_on_the_source_grid(explained):
     for scan in scans:
         case = scan.name[: -len(".nii.gz")]
         for method in ("coam", "gradcam", "cam"):
-            heat, label = out / f"{case}_{method}.nii.gz", out / f"{case}_{method}_label.nii.gz"
+            heat, label = out / f"{case}_{method}_on-ch0.nii.gz", out / f"{case}_{method}_on-ch0_label.nii.gz"
             src_img, heat_img = sitk.ReadImage(str(scan)), sitk.ReadImage(str(heat))
             assert heat_img.GetSize() == src_img.GetSize()
             np.testing.assert_allclose(heat_img.GetOrigin(), src_img.GetOrigin(), atol=1e-4)
@@ -78,7 +78,7 @@ def test_writes_every_output_on_the_source_grid(explained):
             mask = np.asarray(nib.load(str(label)).dataobj)
             assert mask.dtype == np.uint8
             np.testing.assert_array_equal(mask, (values >= 0.5).astype(np.uint8))
-            assert (out / "previews" / f"{case}_{method}.png").stat().st_size < 200_000
+            assert (out / "previews" / f"{case}_{method}_on-ch0.png").stat().st_size < 200_000
     assert not list(out.parent.glob(".out.partial-*"))
 
 
@@ -93,7 +93,7 @@ def test_predictions_csv_and_index(explained):
         assert int(r["predicted"]) == int(np.argmax(probs))
         assert r["predicted_name"] == ["benign", "malignant"][int(r["predicted"])]
     index = (out / "index.html").read_text()
-    assert "scan-0" in index and "previews/scan-1_gradcam.png" in index and "malignant" in index
+    assert "scan-0" in index and "previews/scan-1_gradcam_on-ch0.png" in index and "malignant" in index
 
 
 def _fake_slicer(calls: list) -> types.ModuleType:
@@ -141,8 +141,8 @@ def test_slicer_loader_compiles_and_loads_the_right_files(explained, monkeypatch
     volumes = [Path(c[1]).resolve() for c in calls if c[0] == "loadVolume"]
     labels = [Path(c[1]).resolve() for c in calls if c[0] == "loadLabelVolume"]
     assert scans[0].resolve() in volumes and scans[1].resolve() in volumes
-    assert (out / "scan-0_coam.nii.gz").resolve() in volumes
-    assert (out / "scan-1_cam_label.nii.gz").resolve() in labels
+    assert (out / "scan-0_coam_on-ch0.nii.gz").resolve() in volumes
+    assert (out / "scan-1_cam_on-ch0_label.nii.gz").resolve() in labels
     assert len(volumes) == 2 * (1 + 3) and len(labels) == 2 * 3
     assert ("display.SetAndObserveColorNodeID", ("vtkMRMLColorTableNodeFileInferno.txt",)) in calls
     assert ("display.SetLowerThreshold", (0.3,)) in calls
@@ -150,8 +150,8 @@ def test_slicer_loader_compiles_and_loads_the_right_files(explained, monkeypatch
     layers = [c[1] for c in calls if c[0] == "setSliceViewerLayers"]
     assert len(layers) == 1 and layers[0]["foregroundOpacity"] == pytest.approx(0.4)
     assert layers[0]["background"].path.endswith("scan-0.nii.gz")
-    assert layers[0]["foreground"].path.endswith("scan-0_coam.nii.gz")
-    assert layers[0]["label"].path.endswith("scan-0_coam_label.nii.gz")
+    assert layers[0]["foreground"].path.endswith("scan-0_coam_on-ch0.nii.gz")
+    assert layers[0]["label"].path.endswith("scan-0_coam_on-ch0_label.nii.gz")
 
 
 def test_folder_input_and_refusal_to_overwrite(explained, capsys):
@@ -165,8 +165,8 @@ def test_folder_input_and_refusal_to_overwrite(explained, capsys):
     assert main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
                  "--out", str(out2), "--methods", "coam", "--no-previews"]) == 0
     assert sorted(p.name for p in out2.iterdir()) == [
-        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam.nii.gz",
-        "scan-0_coam_label.nii.gz", "scan-1_coam.nii.gz", "scan-1_coam_label.nii.gz"]
+        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam_on-ch0.nii.gz",
+        "scan-0_coam_on-ch0_label.nii.gz", "scan-1_coam_on-ch0.nii.gz", "scan-1_coam_on-ch0_label.nii.gz"]
 
 
 def _run_error(argv, capsys) -> str:
@@ -227,7 +227,7 @@ def test_explains_2p5d_checkpoints_on_the_slab(tmp_path, backbone):
     assert main(["explain", "--checkpoint", str(ckpt), "--data", str(tmp_path / "scan.nii.gz"), "--out", str(out),
                  "--methods", "coam,gradcam,cam"]) == 0
     for method in ("coam", "gradcam", "cam"):
-        heat = np.asarray(nib.load(str(out / f"scan_{method}.nii.gz")).dataobj)
+        heat = np.asarray(nib.load(str(out / f"scan_{method}_on-ch0.nii.gz")).dataobj)
         assert heat.shape == data.shape
         outside = np.delete(heat, [3, 4, 5], axis=2)
         assert outside.max() == 0 and heat[:, :, 3:6].max() > 0.5, method

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from medimb.commands.options import add_runtime_options, add_splits_option
 from medimb.errors import UserError
-from medimb.explain.settings import DEFAULT_EXPLAINERS, EXPLAINER_NAMES, ExplainSettings, parse_explainers
+from medimb.explain.settings import (BACKGROUNDS, DEFAULT_EXPLAINERS, EXPLAINER_NAMES, MAP_SCALES, ExplainSettings,
+                                     parse_background, parse_explainers)
 
 _DEFAULTS = ExplainSettings()
 
@@ -17,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "explain",
         help="attention maps (COAM, CAM, Grad-CAM) as NIfTI overlays for 3D Slicer",
         description="Predict each scan and write attention heatmaps on the source scan's grid "
-        "(<case>_<method>.nii.gz), thresholded regions (<case>_<method>_label.nii.gz), PNG previews with "
+        "(<case>_<method>_on-<background>.nii.gz), thresholded regions (..._label.nii.gz), PNG previews with "
         "index.html, predictions.csv and load_in_slicer.py (run: Slicer --python-script load_in_slicer.py).",
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (.pt) from medimb train")
@@ -34,6 +35,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--display-threshold", type=float, default=_DEFAULTS.display_threshold,
                         help="heatmap values below this are transparent in Slicer and the PNGs "
                         "(default %(default)s)")
+    parser.add_argument("--background", default=_DEFAULTS.background, metavar="|".join(BACKGROUNDS) + "|INDEX",
+                        help="image under the maps in the previews and the Slicer scene: the first post-contrast "
+                        "phase (channel 1; pre-contrast first), the subtraction first post minus pre (written as "
+                        "<case>_subtraction.nii.gz), the last channel, or a channel index; one-channel models: "
+                        "their channel (default %(default)s)")
+    parser.add_argument("--map-scale", default=_DEFAULTS.map_scale, choices=MAP_SCALES,
+                        help="calibrated: one scale per method from the validation split's maps, so weak "
+                        "attention stays low; per-case: each map stretched to [0, 1]; auto: calibrated when "
+                        "--data is a datalist with a validation split, else per-case (default %(default)s)")
     parser.add_argument("--no-previews", action="store_true", help="skip PNG previews and index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_runtime_options(parser, workers=False)  # one case at a time: nothing to load in parallel
@@ -44,12 +54,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         methods = parse_explainers(args.methods)
+        background = parse_background(args.background)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     for name in ("threshold", "display_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    from medimb.explain.inputs import resolve_items
+    from medimb.explain.inputs import resolve_items, validation_items
     from medimb.explain.pipeline import run_explain
     from medimb.networks import load_checkpoint
     from medimb.runtime import resolve_device
@@ -62,11 +73,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {args.target_class}")
     settings = ExplainSettings(methods=methods, threshold=args.threshold,
                                display_threshold=args.display_threshold, target_class=args.target_class,
-                               previews=not args.no_previews)
+                               previews=not args.no_previews, background=background, map_scale=args.map_scale)
+    calibration = validation_items(args.data) if args.map_scale != "per-case" else None
     summary = run_explain(model, meta, items, args.out, settings, overwrite=args.overwrite,
-                          progress=not args.no_progress, checkpoint_name=args.checkpoint.name)
+                          progress=not args.no_progress, checkpoint_name=args.checkpoint.name,
+                          calibration_items=calibration)
     n = len(summary["cases"])
     print(f"explained {n} case(s) with {', '.join(methods)} -> {args.out}")
+    print(f"  overlays:    {summary['files']['heatmap']} (background {summary['background']['name']}, "
+          f"map scale {summary['map_scale']})")
     print(f"  predictions: {args.out / 'predictions.csv'}")
     if settings.previews:
         print(f"  previews:    {args.out / 'index.html'}")

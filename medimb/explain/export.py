@@ -68,7 +68,7 @@ def source_shape(source_path: str | os.PathLike) -> tuple[int, ...]:
     return shape[:3]
 
 
-def _write_like(path: Path, array: np.ndarray, source_path, dtype) -> None:
+def _write_like(path: Path, array: np.ndarray, source_path, dtype, display_range=(0.0, 1.0)) -> None:
     source = nib.load(str(source_path))
     expected = source_shape(source_path)
     if tuple(array.shape) != expected:
@@ -81,10 +81,7 @@ def _write_like(path: Path, array: np.ndarray, source_path, dtype) -> None:
     # nibabel rebuilds qform/sform from the header we copied; make that explicit and unchanged
     image.set_qform(source.get_qform(), code=int(source.header["qform_code"]))
     image.set_sform(source.get_sform(), code=int(source.header["sform_code"]))
-    if dtype == np.float32:
-        image.header["cal_min"], image.header["cal_max"] = 0.0, 1.0
-    else:
-        image.header["cal_min"], image.header["cal_max"] = 0, 1
+    image.header["cal_min"], image.header["cal_max"] = display_range if display_range is not None else (0, 0)
     with atomic_output(path, suffix=".part.nii.gz") as tmp:
         nib.save(image, tmp)
 
@@ -102,3 +99,36 @@ def threshold_region(heat: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> 
 def write_label(path: str | os.PathLike, mask: np.ndarray, source_path: str | os.PathLike) -> None:
     """Write a ``(*S_src)`` 0/1 mask as a uint8 label map on the source grid."""
     _write_like(Path(path), mask.astype(np.uint8), source_path, np.uint8)
+
+
+def write_volume(path: str | os.PathLike, volume: np.ndarray, source_path: str | os.PathLike) -> None:
+    """Write a ``(*S_src)`` image (e.g. the subtraction background) as float32 on the source grid, with no
+    display range (viewers choose their own window)."""
+    _write_like(Path(path), np.asarray(volume, dtype=np.float32), source_path, np.float32, display_range=None)
+
+
+def load_on_grid(path: str | os.PathLike, reference_path: str | os.PathLike, order: int = 1) -> np.ndarray:
+    """The ``(*S_ref)`` float32 voxels of the 3D NIfTI ``path`` on ``reference_path``'s grid: the file's own
+    voxels when it shares the grid (shape and affine), else resampled (``order`` 1: linear, 0: nearest, for
+    masks) with ``nibabel.processing``, 0 outside the file's field of view."""
+    image, reference = nib.load(str(path)), nib.load(str(reference_path))
+    shape = source_shape(reference_path)
+    if source_shape(path) == shape and np.allclose(image.affine, reference.affine, atol=1e-3):
+        return np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+    from nibabel.processing import resample_from_to
+
+    data = np.asarray(image.dataobj, dtype=np.float32).reshape(source_shape(path))
+    resampled = resample_from_to(nib.Nifti1Image(data, image.affine), (shape, reference.affine), order=order,
+                                 mode="constant", cval=0.0)
+    return np.asarray(resampled.dataobj, dtype=np.float32)
+
+
+def background_volume(sources: list[str], channels: tuple[int, ...]) -> np.ndarray:
+    """The background on the first channel's grid (the grid of every overlay): channel ``channels[0]``, or
+    for ``channels == (post, pre)`` the subtraction ``post - pre``
+    (:func:`medimb.explain.settings.background_channels`)."""
+    reference = sources[0]
+    volume = load_on_grid(sources[channels[0]], reference)
+    if len(channels) == 2:
+        volume = volume - load_on_grid(sources[channels[1]], reference)
+    return volume

@@ -31,6 +31,9 @@ def _from_datalist(path: Path, splits: list[str] | None) -> list[dict]:
     else:
         raise UserError(f"datalist {path} must be a JSON object with splits or a list of items")
     base = path.parent.resolve()
+    names = data.get("channels") if isinstance(data, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        names = None
     out = []
     for i, (split, item) in enumerate(tagged):
         if isinstance(item, str):
@@ -45,12 +48,37 @@ def _from_datalist(path: Path, splits: list[str] | None) -> list[dict]:
                 raise UserError(f"datalist {path} item {i}: image file does not exist: {full}")
             resolved.append(str(full))
         label = item.get("label")
-        out.append({"image": resolved, "label": None if label is None else int(label), "split": split})
+        entry = {"image": resolved, "label": None if label is None else int(label), "split": split}
+        if item.get("mask"):
+            mask = Path(item["mask"]) if Path(item["mask"]).is_absolute() else base / item["mask"]
+            if not mask.is_file():
+                raise UserError(f"datalist {path} item {i}: mask file does not exist: {mask}")
+            entry["mask"] = str(mask)
+        if names is not None and len(names) == len(resolved):
+            entry["channel_names"] = list(names)
+        out.append(entry)
     return out
 
 
+def validation_items(path: str | Path) -> list[dict]:
+    """The validation split of a datalist JSON as :func:`resolve_items` gives it (what ``--map-scale
+    calibrated`` calibrates on); ``[]`` for a folder, a NIfTI file or a datalist without validation items."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix.lower() == ".json"):
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(data, dict) or not data.get("validation"):
+        return []
+    return resolve_items(path, ["validation"])
+
+
 def resolve_items(path: str | Path, splits: str | list[str] | None = None) -> list[dict]:
-    """Items ``{"image": [abs path per channel], "label": int | None, "case": name, "split": str}`` to explain.
+    """Items ``{"image": [abs path per channel], "label": int | None, "case": name, "split": str}`` to
+    explain; datalist items also carry ``"mask"`` (absolute path of the item's truth mask, when the datalist has one)
+    and ``"channel_names"`` (the datalist's ``"channels"``, e.g. ``["phase-00", "phase-01"]``, when given).
 
     ``path``: a datalist JSON (``splits`` picks datalist splits, e.g. ``["test"]``; default all), a folder
     (every ``.nii``/``.nii.gz`` below it, sorted) or a single NIfTI file. Raises :class:`UserError` for a missing path, an empty

@@ -1,9 +1,11 @@
 """Explain a set of NIfTI scans with one checkpoint and write the overlay folder.
 
 Per case: preprocess with the checkpoint's evaluation transforms, predict, compute each attention
-map on the network grid, invert it to the source grid and write
-``<case>_<method>.nii.gz`` (float32 heatmap), ``<case>_<method>_label.nii.gz`` (uint8 region),
-``previews/<case>_<method>.png``. Per folder: ``predictions.csv``, ``index.html``,
+map on the network grid, scale it (per case, or with the scale calibrated on the validation split),
+invert it to the source grid and write ``<case>_<method>_on-<bg>.nii.gz`` (float32 heatmap),
+``<case>_<method>_on-<bg>_label.nii.gz`` (uint8 region), ``previews/<case>_<method>_on-<bg>.png`` (``<bg>``:
+the background's name) and, for the subtraction background, ``<case>_subtraction.nii.gz``. Per folder:
+``predictions.csv``, ``index.html``,
 ``load_in_slicer.py`` and ``explain.json`` (settings and timings). The folder is staged and moved
 into place at the end, so a failed run leaves nothing half-written.
 """
@@ -25,9 +27,12 @@ from medimb.evaluation.predictions_csv import SplitPredictions, format_predictio
 from medimb.networks import predict_proba
 
 from .cam import FeatureMapClassifier
-from .export import invert_to_source, threshold_region, write_heatmap, write_label
+from .export import (background_volume, invert_to_source, load_on_grid, threshold_region, write_heatmap,
+                     write_label, write_volume)
 from .methods import create_explainer
-from .settings import CLASS_FREE_EXPLAINERS, ExplainSettings
+from .normalize import (CALIBRATION_FLOOR_PERCENTILE, CALIBRATION_PEAK_PERCENTILE, map_statistics,
+                        minmax_per_volume, scale_calibrated, scale_from_statistics)
+from .settings import CLASS_FREE_EXPLAINERS, ExplainSettings, background_channels, background_tag
 from .outputs import check_destination, staged_folder
 from .preview import render_index, save_preview
 from .slicer import render_loader
@@ -88,8 +93,13 @@ def _channel_check(data: dict, expected: int, case: str) -> None:
 
 
 def explain_item(model, transform, item: dict, methods: list[str], target_class: int | None,
-                 predict_proba, explainers: dict | None = None) -> CaseExplanation:
-    """Predict and compute every method's map for one item, inverted to the source grid."""
+                 predict_proba, explainers: dict | None = None, scales: dict | None = None,
+                 raw: bool = False) -> CaseExplanation:
+    """Predict and compute every method's map for one item, inverted to the source grid.
+
+    ``scales``: ``{method: (lo, hi)}`` calibrated scales (:func:`calibrate_maps`); a method without one is
+    min-max scaled per volume. ``raw=True``: the maps stay unscaled on the network-input grid (calibration).
+    """
     data = preprocess(transform, item)
     expected = int((getattr(model, "config", None) or {}).get("in_channels", data["image"].shape[0]))
     _channel_check(data, expected, item["case"])
@@ -104,9 +114,12 @@ def explain_item(model, transform, item: dict, methods: list[str], target_class:
     explainers = explainers if explainers is not None else {m: create_explainer(m, model) for m in methods}
     for name in methods:
         start = time.perf_counter()
-        heat = explainers[name](x, class_idx=cls)[0].cpu()  # (1, *S)
+        heat = explainers[name].raw_map(x, class_idx=cls)[0].cpu()  # (1, *S), unscaled
+        scale = (scales or {}).get(name)
+        if not raw:  # scaled on the network grid, so inversion pads with 0 = not attended
+            heat = minmax_per_volume(heat[None])[0] if scale is None else scale_calibrated(heat, *scale)
         seconds[name] = time.perf_counter() - start
-        maps[name] = invert_to_source(heat, data, transform)
+        maps[name] = heat.numpy() if raw else invert_to_source(heat, data, transform)
     return CaseExplanation(item["case"], list(item["image"]), item.get("label"),
                            [float(p) for p in probs], predicted, maps, seconds)
 
@@ -139,45 +152,122 @@ def _class_names(meta: dict, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
-def preview_image(sources: list[str], reference: nib.Nifti1Image) -> np.ndarray:
-    """The ``(*S_src)`` image drawn under the previews: the last channel (for DCE input the latest
-    post-contrast phase, where lesions enhance) when it shares the first channel's grid, else the first."""
-    shape = reference.shape[:3]
-    last = nib.load(sources[-1]) if len(sources) > 1 else reference
-    if last.shape[:3] != shape or not np.allclose(last.affine, reference.affine, atol=1e-3):
-        last = reference
-    return np.asarray(last.dataobj, dtype=np.float32).reshape(shape)
+def preview_image(sources: list[str], channels: tuple[int, ...] = (0,)) -> np.ndarray:
+    """The ``(*S_src)`` image drawn under the previews, on the first channel's grid (the overlays'): input
+    channel ``channels[0]``, or the subtraction ``post - pre`` for ``channels == (post, pre)``
+    (:func:`medimb.explain.settings.background_channels`: by default the first post-contrast phase)."""
+    return background_volume(sources, channels)
 
 
-def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, class_names: list[str]) -> dict:
-    """Write one case's heatmaps, label maps and previews into ``folder``; returns its index/loader row."""
+def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, class_names: list[str],
+               item: dict | None = None) -> dict:
+    """Write one case's heatmaps, label maps and previews into ``folder``; returns its index/loader row.
+
+    ``item`` (from :func:`medimb.explain.inputs.resolve_items`) gives the split, the truth mask (outlined in
+    the previews, loaded by the Slicer script) and the channel names (the background's name in file names).
+    """
+    item = item or {}
     source = exp.sources[0]
+    channels = background_channels(settings.background, len(exp.sources))
+    tag = background_tag(settings.background, len(exp.sources), item.get("channel_names"))
     row = {"case": exp.case, "source": source, "heatmaps": {}, "labels": {}, "previews": {},
            "prediction": f"{class_names[exp.predicted]} ({exp.probabilities[exp.predicted]:.2f})",
-           "predicted": exp.predicted, "probabilities": exp.probabilities, "label": exp.label}
-    image = None
+           "predicted": exp.predicted, "probabilities": exp.probabilities, "label": exp.label,
+           "split": item.get("split") or "", "truth": item.get("mask"),
+           "background": {"name": tag, "path": exp.sources[channels[0]], "in_output": False}}
+    image = truth = None
+    if len(channels) == 2:  # the subtraction: written so that Slicer can show it
+        image = preview_image(exp.sources, channels)
+        name = f"{exp.case}_subtraction.nii.gz"
+        write_volume(folder / name, image, source)
+        row["background"] = {"name": tag, "path": name, "in_output": True}
     if settings.previews:
-        src = nib.load(source)
-        image = preview_image(exp.sources, src)
+        image = preview_image(exp.sources, channels) if image is None else image
+        truth = load_on_grid(item["mask"], source, order=0) if item.get("mask") else None
+        src_affine = nib.load(source).affine
     for method, heat in exp.maps.items():
-        heat_name, label_name = f"{exp.case}_{method}.nii.gz", f"{exp.case}_{method}_label.nii.gz"
+        stem = f"{exp.case}_{method}_on-{tag}"
+        heat_name, label_name = f"{stem}.nii.gz", f"{stem}_label.nii.gz"
         write_heatmap(folder / heat_name, heat, source)
         write_label(folder / label_name, threshold_region(heat, settings.threshold), source)
         row["heatmaps"][method], row["labels"][method] = heat_name, label_name
-        if image is not None:
-            png = f"previews/{exp.case}_{method}.png"
-            title = f"{exp.case}  {method}  predicted {row['prediction']}"
-            save_preview(folder / png, image, heat, src.affine, title, settings.display_threshold,
-                         settings.threshold)
+        if settings.previews:
+            png = f"previews/{stem}.png"
+            title = f"{exp.case}  {method} on {tag}  predicted {row['prediction']}"
+            save_preview(folder / png, image, heat, src_affine, title, settings.display_threshold,
+                         settings.threshold, truth=truth)
             row["previews"][method] = png
     return row
 
 
+def resolve_map_scale(settings: ExplainSettings, calibration_items: list[dict] | None) -> str:
+    """``"per-case"`` or ``"calibrated"``; ``auto`` calibrates when there are calibration (validation) items."""
+    mode = settings.map_scale
+    if mode not in ("auto", "per-case", "calibrated"):
+        raise UserError(f"--map-scale {mode!r}: choose auto, per-case or calibrated")
+    if mode == "calibrated" and not calibration_items:
+        raise UserError("--map-scale calibrated needs a datalist with a validation split (the scale is "
+                        "calibrated on it); use --map-scale per-case")
+    if mode == "auto":
+        return "calibrated" if calibration_items else "per-case"
+    return mode
+
+
+def calibrate_maps(model, transform, items: list[dict], methods: list[str], target_class: int | None,
+                   explainers: dict, progress: bool = False, **predict) -> dict[str, tuple[float, float]]:
+    """``{method: (lo, hi)}``: each method's raw maps over ``items`` (the validation split) on the network
+    grid, reduced to one scale (:func:`medimb.explain.normalize.scale_from_statistics`). ``predict``: further
+    arguments of :func:`explain_item` (how the class CAM/Grad-CAM explain is predicted)."""
+    statistics: dict[str, list] = {m: [] for m in methods}
+    for item in tqdm(items, desc="calibrate", unit="case", disable=not progress):
+        exp = explain_item(model, transform, item, methods, target_class, predict_proba, explainers, raw=True,
+                           **predict)
+        for m in methods:
+            statistics[m].append(map_statistics(exp.maps[m]))
+    return {m: scale_from_statistics(statistics[m]) for m in methods}
+
+
+def overlay_summary(settings: ExplainSettings, channels: int, items: list[dict], mode: str,
+                    scales: dict | None, calibration_items: list[dict] | None) -> dict:
+    """What explain.json says about the overlays: background, file names, and the scale of the maps."""
+    tag = background_tag(settings.background, channels, (items[0] if items else {}).get("channel_names"))
+    summary = {
+        "background": {"choice": str(settings.background), "channels": list(background_channels(
+            settings.background, channels)), "name": tag},
+        "files": {"heatmap": f"<case>_<method>_on-{tag}.nii.gz",
+                  "label": f"<case>_<method>_on-{tag}_label.nii.gz",
+                  "preview": f"previews/<case>_<method>_on-{tag}.png"},
+        "map_scale": mode,
+    }
+    if tag == "subtraction":
+        summary["files"]["background"] = "<case>_subtraction.nii.gz"
+    if mode == "calibrated":
+        summary["map_scale_note"] = (
+            "one scale per method, calibrated on the validation split: 0 = the median of the maps' "
+            f"percentile {CALIBRATION_FLOOR_PERCENTILE:g}, 1 = percentile {CALIBRATION_PEAK_PERCENTILE:g} "
+            "of their peak values (raw map values on the network grid); a case with weaker attention "
+            "stays low")
+        summary["calibration"] = {
+            "split": "validation", "cases": len(calibration_items or []),
+            "scale": {m: {"lo": lo, "hi": hi} for m, (lo, hi) in (scales or {}).items()}}
+    else:
+        summary["map_scale_note"] = (
+            "each map min-max scaled to [0, 1] on its own (1 = the most attended voxel of that case; values "
+            "are not comparable across cases)"
+            + ("" if settings.map_scale == "per-case"
+               else ": no validation split to calibrate on (--data is not a datalist with one)"))
+    return summary
+
+
 def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, settings: ExplainSettings,
-                overwrite: bool = False, progress: bool = True, checkpoint_name: str = "") -> dict:
+                overwrite: bool = False, progress: bool = True, checkpoint_name: str = "",
+                calibration_items: list[dict] | None = None) -> dict:
     """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``; ``model`` and
     ``meta`` from :func:`medimb.networks.load_checkpoint` (``needs_preprocessing=True``). An item's ``split``
     (its datalist split; empty for files and folders) fills the ``split`` column of predictions.csv.
+
+    ``calibration_items``: the validation split (:func:`medimb.explain.inputs.validation_items`) on which
+    ``settings.map_scale`` ``"calibrated"`` (or ``"auto"``) calibrates one scale per method.
 
     Returns the summary also written to ``explain.json``.
     """
@@ -187,20 +277,32 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
     check_destination(out_dir, overwrite)
     preprocessing = dict(meta["preprocessing"])
     check_items_fit_model(model, preprocessing, items)
+    in_channels = int(preprocessing.get("in_channels", 1))
+    try:
+        background_channels(settings.background, in_channels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    map_scale = resolve_map_scale(settings, calibration_items)
+    if map_scale == "calibrated":
+        check_items_fit_model(model, preprocessing, calibration_items)
     transform = build_eval_transforms(preprocessing)
     model.eval()
     explainers = {m: create_explainer(m, model) for m in settings.methods}
+    scales = None
     num_classes = int((getattr(model, "config", None) or {}).get("num_classes", 0)) or None
     rows, cases = [], []
     with staged_folder(out_dir, overwrite=overwrite) as staging:
-        for n, item in enumerate(tqdm(items, desc="explain", unit="case", disable=not progress)):
-            if n == 0 and any(m not in CLASS_FREE_EXPLAINERS for m in settings.methods):
-                _check_rerouting(model, transform, item, int(preprocessing.get("in_channels", 1)))
+        if any(m not in CLASS_FREE_EXPLAINERS for m in settings.methods):
+            _check_rerouting(model, transform, items[0], in_channels)
+        if map_scale == "calibrated":
+            scales = calibrate_maps(model, transform, calibration_items, settings.methods,
+                                    settings.target_class, explainers, progress=progress)
+        for item in tqdm(items, desc="explain", unit="case", disable=not progress):
             exp = explain_item(model, transform, item, settings.methods, settings.target_class, predict_proba,
-                               explainers)
+                               explainers, scales=scales)
             num_classes = num_classes or len(exp.probabilities)
             class_names = _class_names(meta, len(exp.probabilities))
-            rows.append(write_case(staging, exp, settings, class_names))
+            rows.append(write_case(staging, exp, settings, class_names, item=item))
             cases.append(exp)
         class_names = _class_names(meta, num_classes or 2)
         (staging / "predictions.csv").write_text(format_predictions(_by_split(items, cases), class_names))
@@ -208,7 +310,11 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
                           opacity=settings.opacity))
         if settings.previews:
-            (staging / "index.html").write_text(render_index(rows, settings.methods, class_names))
+            overlays = overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items)
+            notes = [f"Background: {overlays['background']['name']} (--background {settings.background}). "
+                     f"Map scale: {map_scale}: {overlays['map_scale_note']}."]
+            (staging / "index.html").write_text(render_index(rows, settings.methods, class_names, notes=notes,
+                                                             truth=any(r.get("truth") for r in rows)))
         summary = {
             "checkpoint": checkpoint_name,
             "methods": settings.methods,
@@ -218,5 +324,6 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
                        "seconds": {k: round(v, 4) for k, v in c.seconds.items()}} for c in cases],
         }
+        summary.update(overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items))
         (staging / "explain.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

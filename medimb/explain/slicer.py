@@ -1,10 +1,12 @@
 """A ``load_in_slicer.py`` per output folder: ``Slicer --python-script load_in_slicer.py``.
 
 The script is generated from :data:`TEMPLATE` with the cases of one run embedded as a Python literal.
-For each case it loads the source scan (background), every heatmap as a foreground volume with a
+For each case it loads the background (the chosen input channel, e.g. the first post-contrast phase,
+or the subtraction image written into the output folder), every heatmap as a foreground volume with a
 colour map, a fixed 0..1 window, a lower threshold that makes low attention transparent and a
-partial opacity, and every thresholded region as a label map drawn as an outline. It shows the
-first case; the others are loaded and can be picked in the slice-view layer menus.
+partial opacity, every thresholded region as a label map, and the truth mask (when the datalist has
+one) as a label map. It shows the first case, with the truth outlined when there is one (else the
+region); the others are loaded and can be picked in the slice-view layer menus.
 """
 
 from __future__ import annotations
@@ -83,25 +85,28 @@ def load_all():
     loaded = []
     for case in CASES:
         source = slicer.util.loadVolume(
-            _find(case["source"]), {"name": case["case"], "show": False, "labelmap": False})
+            _find(case["background"]), {"name": case["background_name"], "show": False, "labelmap": False})
         heatmaps, labels = [], []
         for method, path in case["heatmaps"].items():
             node = slicer.util.loadVolume(
-                _find([path]), {"name": "%s_%s" % (case["case"], method), "show": False, "labelmap": False})
+                _find([path]), {"name": path.replace(".nii.gz", ""), "show": False, "labelmap": False})
             _style_heatmap(node)
             heatmaps.append(node)
         for method, path in case["labels"].items():
             labels.append(slicer.util.loadLabelVolume(
-                _find([path]), {"name": "%s_%s_label" % (case["case"], method)}))
-        loaded.append((case, source, heatmaps, labels))
+                _find([path]), {"name": path.replace(".nii.gz", "")}))
+        truth = None
+        if case.get("truth"):
+            truth = slicer.util.loadLabelVolume(_find(case["truth"]), {"name": "%s_truth" % case["case"]})
+        loaded.append((case, source, heatmaps, labels, truth))
         print("medimb: loaded %s (%s)" % (case["case"], case.get("prediction", "")))
     if loaded:
-        case, source, heatmaps, labels = loaded[0]
+        case, source, heatmaps, labels, truth = loaded[0]
         slicer.util.setSliceViewerLayers(
             background=source,
             foreground=heatmaps[0] if heatmaps else None,
             foregroundOpacity=FOREGROUND_OPACITY,
-            label=labels[0] if labels else None,
+            label=truth if truth is not None else (labels[0] if labels else None),
             labelOpacity=1.0,
             fit=True,
         )
@@ -134,23 +139,27 @@ def render_loader(
 
     Args:
         cases: ``[{"case": str, "source": path, "heatmaps": {method: file name}, "labels": {method: file
-            name}, "prediction": str}]``; heatmap/label names are relative to the output folder.
+            name}, "prediction": str, "background": {"name": tag, "path": path, "in_output": bool},
+            "truth": path | None}]``; heatmap/label names (and a background ``in_output``) are relative
+            to the output folder; without ``"background"`` the source scan is the background.
         out_dir: where the script is written; ``final_dir`` (default ``out_dir``) is where it will
             live after an atomic move, used for the relative source paths.
         display_threshold: heatmap values below it are transparent in Slicer.
         opacity: foreground (heatmap) opacity over the scan.
     """
     final = Path(final_dir if final_dir is not None else out_dir)
-    embedded = [
-        {
+    embedded = []
+    for c in cases:
+        bg = c.get("background") or {"name": "", "path": c["source"], "in_output": False}
+        embedded.append({
             "case": c["case"],
-            "source": _source_candidates(c["source"], final),
+            "background": [bg["path"]] if bg.get("in_output") else _source_candidates(bg["path"], final),
+            "background_name": f"{c['case']}_{bg['name']}" if bg.get("name") else c["case"],
             "heatmaps": dict(c["heatmaps"]),
             "labels": dict(c["labels"]),
+            "truth": _source_candidates(c["truth"], final) if c.get("truth") else [],
             "prediction": c.get("prediction", ""),
-        }
-        for c in cases
-    ]
+        })
     text = TEMPLATE
     for key, value in {
         "__CASES__": pprint.pformat(embedded, indent=1, width=110, sort_dicts=False),
