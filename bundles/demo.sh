@@ -79,7 +79,7 @@ m = json.loads((out / "evaluation" / "metrics.json").read_text())["test"]
 splits = json.loads((out / "converted" / "datalist.json").read_text())
 counts = {k: len(splits[k]) for k in ("training", "validation", "test")}
 rows = list(csv.DictReader((out / "overlays" / "predictions.csv").open()))
-overlays = sorted((out / "overlays").glob("*_coam.nii.gz"))
+overlays = sorted(p for p in (out / "overlays").glob("*_coam_on-*.nii.gz") if "_label" not in p.name)
 pngs = sorted((out / "overlays" / "previews").glob("*.png"))
 fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
 print()

@@ -80,8 +80,9 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     datalist = json.loads((data / "datalist.json").read_text())
     source = nib.load(str(data / datalist["test"][0]["image"][0]))
     case = rows[0]["case"]
-    heat = nib.load(str(infer / f"{case}_coam.nii.gz"))
-    label = nib.load(str(infer / f"{case}_coam_label.nii.gz"))
+    # the overlay names the input it is drawn on: the first post-contrast phase (channel 1) of a DCE model
+    heat = nib.load(str(infer / f"{case}_coam_on-ch1.nii.gz"))
+    label = nib.load(str(infer / f"{case}_coam_on-ch1_label.nii.gz"))
     for overlay in (heat, label):
         assert overlay.shape == source.shape
         np.testing.assert_allclose(overlay.affine, source.affine, atol=1e-4)
@@ -132,4 +133,4 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
                   num_classes=3, explain_methods=["coam"], previews=False)
     rows = list(csv.DictReader((infer / "predictions.csv").open()))
     assert len(rows) == 4 and {"prob_0", "prob_1", "prob_2"} <= set(rows[0])
-    assert len(list(infer.glob("*_coam.nii.gz"))) == 4
+    assert len(list(infer.glob("*_coam_on-ch0.nii.gz"))) == 4  # a one-channel model: its only channel
