@@ -17,6 +17,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medimb.evaluation.operating_point import DEFAULT_THRESHOLD, POSITIVE_CLASS, predict_classes
+
 ECE_BINS = 15
 
 
@@ -68,7 +70,7 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     return float(ece)
 
 
-def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
+def compute_metrics(y_true: Any, proba: Any, threshold: float | None = None) -> dict[str, Any]:
     """Metrics for labels ``y_true (N,)`` and class probabilities ``proba (N, K)`` (numpy or torch).
 
     Returns plain Python numbers and lists:
@@ -80,7 +82,13 @@ def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
       ``confusion_matrix`` (K x K, rows true, columns predicted), ``ece`` (15 bins), ``num_samples``,
       ``class_counts``.
 
-    Predictions are ``argmax(proba)``. When ``y_true`` holds one class only, ``auc`` and ``pr_auc`` are
+    Binary models (K = 2) predict class 1 when ``proba[:, 1] > threshold`` (default 0.5, which is the argmax;
+    :mod:`medimb.evaluation.operating_point`) and also report ``threshold``, ``sensitivity`` (recall of
+    class 1), ``specificity`` (recall of class 0) and ``f1`` (of class 1); every decision metric (balanced
+    accuracy, accuracy, F1, recall/precision, confusion matrix) is at that threshold, AUC and PR-AUC do not
+    depend on it. Multi-class models predict ``argmax(proba)`` (``threshold`` is ``None``).
+
+    When ``y_true`` holds one class only, ``auc`` and ``pr_auc`` are
     undefined: they are ``None`` and an :class:`UndefinedMetricWarning` is issued (the rest is still
     reported, so a tiny validation split does not crash a run). Multi-class AUC needs every class
     present; otherwise it is macro-averaged over the classes present (warned).
@@ -88,7 +96,9 @@ def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
     y, p = _as_arrays(y_true, proba)
     k = p.shape[1]
     labels = list(range(k))
-    pred = p.argmax(axis=1)
+    if k == 2:
+        threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    pred = predict_classes(p, threshold)
     present = np.unique(y)
     auc: float | None
     pr_auc: float | None
@@ -117,7 +127,7 @@ def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
         precision = precision_score(y, pred, labels=labels, average=None, zero_division=0)
         macro_f1 = f1_score(y, pred, labels=labels, average="macro", zero_division=0)
         balanced = balanced_accuracy_score(y, pred)
-    return {
+    result = {
         "balanced_accuracy": float(balanced),
         "auc": auc,
         "pr_auc": pr_auc,
@@ -129,7 +139,107 @@ def compute_metrics(y_true: Any, proba: Any) -> dict[str, Any]:
         "ece": expected_calibration_error(y, p),
         "num_samples": int(y.shape[0]),
         "class_counts": np.bincount(y, minlength=k).astype(int).tolist(),
+        "threshold": threshold,
     }
+    if k == 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            f1 = f1_score(y, pred, pos_label=POSITIVE_CLASS, zero_division=0)
+        counts = result["class_counts"]
+        result.update(positive_class=POSITIVE_CLASS, sensitivity=float(recall[1]) if counts[1] else None,
+                      specificity=float(recall[0]) if counts[0] else None, f1=float(f1))
+    return result
+
+
+#: the metrics with a bootstrap interval in the evaluation output (sensitivity/specificity: binary models)
+CI_KEYS = ("balanced_accuracy", "auc", "sensitivity", "specificity")
+#: resamples and seed of :func:`bootstrap_ci` (fixed: the same predictions always give the same interval)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+#: how metrics.json describes its ``ci95`` entries
+CI_METHOD = "stratified percentile bootstrap over cases"
+
+
+def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC-AUC of each row of ``scores`` (B, N) for the fixed positive columns ``positive`` (N,) bool
+    (Mann-Whitney U with average ranks for ties, as ``roc_auc_score``)."""
+    from scipy.stats import rankdata
+
+    n1 = int(positive.sum())
+    n0 = positive.size - n1
+    ranks = rankdata(scores, axis=1)
+    return (ranks[:, positive].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def bootstrap_ci(y_true: Any, proba: Any, threshold: float | None = None,
+                 n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95,
+                 chunk: int = 250) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of :data:`CI_KEYS` over cases: ``{"auc": [lo, hi], ...}``.
+
+    Stratified: every resample draws each class's cases with replacement, as many as the class has, so
+    class counts (and hence whether AUC is defined) are those of the data. Decisions are those of
+    :func:`compute_metrics` at ``threshold`` (binary; argmax for multi-class). Deterministic for a ``seed``;
+    vectorised (2000 resamples of 1000 cases take well under a second). An undefined metric (AUC with one
+    class, sensitivity without positives) is ``None``; multi-class models get balanced accuracy and AUC only.
+    """
+    y, p = _as_arrays(y_true, proba)
+    k = p.shape[1]
+    if k == 2:
+        threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    correct = predict_classes(p, threshold) == y
+    present = np.unique(y)
+    blocks = [np.flatnonzero(y == c) for c in present]
+    # the label of each resampled column: class blocks in order
+    label_of = np.concatenate([np.full(len(b), c) for b, c in zip(blocks, present)])
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[np.ndarray]] = {key: [] for key in CI_KEYS}
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        idx = np.concatenate([rng.choice(block, size=(b, len(block)), replace=True) for block in blocks],
+                             axis=1)
+        hits = correct[idx]  # (b, N)
+        recalls = {c: hits[:, label_of == c].mean(axis=1) for c in present}
+        values["balanced_accuracy"].append(np.mean(list(recalls.values()), axis=0))
+        if present.size > 1:
+            aucs = [_rank_auc(p[idx, c], label_of == c) for c in (present if k > 2 else [POSITIVE_CLASS])]
+            values["auc"].append(np.mean(aucs, axis=0))
+        if k == 2:
+            for key, c in (("sensitivity", 1), ("specificity", 0)):
+                if c in recalls:
+                    values[key].append(recalls[c])
+    tail = (1 - level) / 2 * 100
+    keys = CI_KEYS if k == 2 else ("balanced_accuracy", "auc")
+    out: dict[str, list[float] | None] = {}
+    for key in keys:
+        if values[key]:
+            lo, hi = np.percentile(np.concatenate(values[key]), [tail, 100 - tail])
+            out[key] = [float(lo), float(hi)]
+        else:
+            out[key] = None
+    return out
+
+
+_CI_LABELS = {"balanced_accuracy": "balanced accuracy", "auc": "AUC", "sensitivity": "sensitivity",
+              "specificity": "specificity"}
+
+
+def format_ci_summary(metrics: dict[str, Any], keys: tuple[str, ...] = CI_KEYS, digits: int = 2) -> str:
+    """``"balanced accuracy 0.88 (0.79-0.95), AUC 0.93 (0.87-0.98), ..., threshold 0.42"`` of one split's
+    metrics (with ``ci95`` from the evaluation output; without it the values alone)."""
+    ci = metrics.get("ci95") or {}
+    parts = []
+    for key in keys:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        text = f"{_CI_LABELS.get(key, key)} " + ("n/a" if value is None else f"{value:.{digits}f}")
+        if value is not None and ci.get(key) is not None:
+            lo, hi = ci[key]
+            text += f" ({lo:.{digits}f}-{hi:.{digits}f})"
+        parts.append(text)
+    if metrics.get("threshold") is not None:
+        parts.append(f"threshold {metrics['threshold']:.{max(digits, 3)}f}")
+    return ", ".join(parts)
 
 
 #: the metrics a one-line summary shows (CLI output, bundle logs), in this order
@@ -137,5 +247,8 @@ SUMMARY_KEYS = ("balanced_accuracy", "auc", "accuracy", "macro_f1")
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
-    """``"balanced_accuracy=0.812 auc=0.901 ..."`` of :data:`SUMMARY_KEYS` (``n/a`` where undefined)."""
-    return " ".join(f"{k}={metrics[k]:.3f}" if metrics.get(k) is not None else f"{k}=n/a" for k in SUMMARY_KEYS)
+    """``"balanced_accuracy=0.812 auc=0.901 ..."`` of :data:`SUMMARY_KEYS` (``n/a`` where undefined), and
+    ``threshold=0.420`` for binary models."""
+    text = " ".join(f"{k}={metrics[k]:.3f}" if metrics.get(k) is not None else f"{k}=n/a"
+                    for k in SUMMARY_KEYS)
+    return text if metrics.get("threshold") is None else f"{text} threshold={metrics['threshold']:.3f}"

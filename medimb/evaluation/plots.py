@@ -18,10 +18,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import auc as area_under  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_curve,
+)
 
 from medimb.atomic import atomic_output  # noqa: E402
-from medimb.evaluation.metrics import _as_arrays, _to_numpy  # noqa: E402
+from medimb.evaluation.metrics import _as_arrays, _to_numpy, expected_calibration_error  # noqa: E402
+from medimb.evaluation.operating_point import POSITIVE_CLASS, predict_classes  # noqa: E402
 
 
 def _class_names(k: int, class_names: Sequence[str] | None) -> list[str]:
@@ -52,14 +59,20 @@ def _curve_classes(y: np.ndarray, k: int) -> list[int]:
 
 
 def plot_roc(y_true: Any, proba: Any, path: str | os.PathLike, class_names: Sequence[str] | None = None,
-             title: str = "ROC") -> Path:
-    """ROC curve(s) with AUC in the legend (binary: class 1; multi-class: one-vs-rest per class)."""
+             title: str = "ROC", threshold: float | None = None) -> Path:
+    """ROC curve(s) with AUC in the legend (binary: class 1; multi-class: one-vs-rest per class); binary
+    models given a ``threshold`` also get their operating point marked."""
     y, p = _as_arrays(y_true, proba)
     names = _class_names(p.shape[1], class_names)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for c in _curve_classes(y, p.shape[1]):
         fpr, tpr, _ = roc_curve(y == c, p[:, c])
         ax.plot(fpr, tpr, label=f"{names[c]} (AUC {area_under(fpr, tpr):.3f})")
+    if threshold is not None and p.shape[1] == 2:
+        called = predict_classes(p, threshold) == POSITIVE_CLASS
+        positive = y == POSITIVE_CLASS
+        ax.plot([called[~positive].mean()], [called[positive].mean()], "o", color="black", markersize=5,
+                label=f"threshold {threshold:.3f}")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
@@ -68,13 +81,16 @@ def plot_roc(y_true: Any, proba: Any, path: str | os.PathLike, class_names: Sequ
 
 def plot_pr(y_true: Any, proba: Any, path: str | os.PathLike, class_names: Sequence[str] | None = None,
             title: str = "Precision-recall") -> Path:
-    """Precision-recall curve(s) with the class prevalence as the chance line."""
+    """Precision-recall curve(s) as step functions (``precision_recall_curve``, ``drawstyle="steps-post"``,
+    as scikit-learn draws them: no interpolation between operating points) with average precision in the
+    legend and the class prevalence as the chance line."""
     y, p = _as_arrays(y_true, proba)
     names = _class_names(p.shape[1], class_names)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for c in _curve_classes(y, p.shape[1]):
         precision, recall, _ = precision_recall_curve(y == c, p[:, c])
-        line, = ax.plot(recall, precision, label=f"{names[c]}")
+        ap = average_precision_score(y == c, p[:, c])
+        line, = ax.plot(recall, precision, drawstyle="steps-post", label=f"{names[c]} (AP {ap:.3f})")
         ax.axhline(float(np.mean(y == c)), linestyle="--", linewidth=0.8, color=line.get_color())
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower left", fontsize=8)
@@ -82,12 +98,20 @@ def plot_pr(y_true: Any, proba: Any, path: str | os.PathLike, class_names: Seque
 
 
 def plot_confusion_matrix(y_true: Any, proba: Any, path: str | os.PathLike,
-                          class_names: Sequence[str] | None = None, title: str = "Confusion matrix") -> Path:
-    """Confusion matrix of ``argmax(proba)``: counts, with row-normalised recall as colour."""
+                          class_names: Sequence[str] | None = None, title: str | None = None,
+                          threshold: float | None = None, split: str | None = None) -> Path:
+    """Confusion matrix of the predicted classes (binary: ``P(1) > threshold``, default 0.5; multi-class:
+    argmax): counts, with row-normalised recall as colour. The default title names ``split``, the number
+    of cases and the threshold (``argmax`` for multi-class models)."""
     y, p = _as_arrays(y_true, proba)
     k = p.shape[1]
     names = _class_names(k, class_names)
-    counts = confusion_matrix(y, p.argmax(axis=1), labels=list(range(k)))
+    if k == 2 and threshold is None:
+        threshold = 0.5
+    if title is None:
+        decision = f"threshold {threshold:.3f}" if k == 2 else "argmax"
+        title = f"{split + ': ' if split else ''}n={len(y)}, {decision}"
+    counts = confusion_matrix(y, predict_classes(p, threshold), labels=list(range(k)))
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.2 * k + 2))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -98,6 +122,37 @@ def plot_confusion_matrix(y_true: Any, proba: Any, path: str | os.PathLike,
     ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, label="row-normalised")
+    return _save(fig, path)
+
+
+def plot_reliability(y_true: Any, proba: Any, path: str | os.PathLike,
+                     class_names: Sequence[str] | None = None, title: str | None = None, n_bins: int = 10,
+                     split: str | None = None) -> Path:
+    """Reliability (calibration) plot (``sklearn.calibration.calibration_curve``, ``n_bins`` equal-width bins,
+    empty bins left out). Binary: observed fraction of class 1 against the mean predicted ``P(1)``;
+    multi-class: top-label accuracy against confidence. The title gives the top-label ECE of metrics.json
+    (:func:`medimb.evaluation.metrics.expected_calibration_error`, 15 bins); a histogram under the
+    curve shows how many cases each probability has."""
+    y, p = _as_arrays(y_true, proba)
+    if p.shape[1] == 2:
+        names = _class_names(2, class_names)
+        hit, score = y == POSITIVE_CLASS, p[:, POSITIVE_CLASS]
+        xlabel, ylabel = f"predicted P({names[1]})", f"observed fraction {names[1]}"
+    else:
+        hit, score = p.argmax(axis=1) == y, p.max(axis=1)
+        xlabel, ylabel = "confidence (top class)", "accuracy"
+    observed, predicted = calibration_curve(hit.astype(int), np.clip(score, 0, 1), n_bins=n_bins,
+                                            strategy="uniform")
+    ece = expected_calibration_error(y, p)
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="perfectly calibrated")
+    ax.plot(predicted, observed, "o-", label="model")
+    ax.set(ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01),
+           title=title or f"Reliability{': ' + split if split else ''} (n={len(y)}, ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.hist(score, bins=n_bins, range=(0, 1), color="grey")
+    hist.set(xlabel=xlabel, ylabel="cases")
     return _save(fig, path)
 
 
