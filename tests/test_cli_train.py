@@ -35,14 +35,16 @@ def test_train_writes_metrics_checkpoints_plots_config(tmp_path, capsys):
     code, out, err = _train(["--data", data, "--method", "ce", "--out", tmp_path / "run", "--epochs", 1,
                              "--device", "cpu", "--no-progress", "--batch-size", 8], capsys)
     assert code == 0, err
-    assert out.startswith("ce: validation balanced_accuracy=") and "metrics.json" in out and out.count("\n") == 1
+    assert out.startswith("ce: validation balanced_accuracy=") and "metrics.json" in out and out.count("\n") == 2
+    assert out.splitlines()[1].startswith("  test: balanced accuracy ")  # with its 95 % interval and threshold
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"validation", "test"}
     assert {"balanced_accuracy", "auc", "accuracy", "macro_f1", "per_class_recall", "confusion_matrix"} <= set(
         metrics["test"])
     for name in ("final.pt", "stage1_best.pt", "config.json", "predictions.csv", "plots/test/roc.png",
-                 "plots/test/confusion_matrix.png", "plots/validation/roc.png"):
+                 "plots/test/confusion_matrix.png", "plots/test/pr.png", "plots/test/reliability.png",
+                 "plots/validation/roc.png"):
         assert (run / name).exists(), name
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "ce" and config["method"]["stage1"]["epochs"] == 1

@@ -44,6 +44,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--no-tta", action="store_true",
                    help="report metrics without flip test-time augmentation (default: mean over all axis flips)")
+    p.add_argument("--sensitivity", type=float, default=None, metavar="S",
+                   help="binary models: decision threshold = the highest whose validation sensitivity is >= S, "
+                   "e.g. 0.9 (default: the threshold of maximum validation balanced accuracy, i.e. Youden's J); "
+                   "stored in final.pt as its operating point")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved epoch")
     add_runtime_options(p)
     p.set_defaults(func=run)
@@ -110,6 +114,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if args.network_kwargs:
         _check_network_kwargs(args.network, args.network_kwargs)
     check_workers(args.workers)
+    if args.sensitivity is not None and not 0.0 < args.sensitivity <= 1.0:
+        raise UserError(f"--sensitivity must be in (0, 1], got {args.sensitivity}")
     from medimb.runtime import resolve_device
 
     resolve_device(args.device)  # a one-line error now for a device this machine does not have
@@ -126,10 +132,16 @@ def run(args: argparse.Namespace) -> int:
         previous = json.loads((out / "config.json").read_text())
         if previous != json.loads(json.dumps(config.to_dict())):
             raise UserError(f"--resume: the arguments differ from the run in {out}; use the same ones")
-    from medimb.evaluation.report import summary_line
-    from medimb.training.workflow import train
+    from medimb.data.errors import surface_data_errors
+    from medimb.evaluation.operating_point import BALANCED_ACCURACY, sensitivity_rule
+    from medimb.evaluation.report import interval_lines, summary_line
+    from medimb.training.workflow import run_training
 
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    rule = BALANCED_ACCURACY if args.sensitivity is None else sensitivity_rule(args.sensitivity)
+    with surface_data_errors():  # as medimb.training.train: input-data errors in one line
+        result = run_training(config, resume=args.resume, progress=not args.no_progress, operating_rule=rule)
     print(f"{config.method.name}: {summary_line(result, ('validation', 'test'))} -> {out / 'metrics.json'}",
           file=sys.stdout)
+    for line in interval_lines(result, ("test",)):
+        print(f"  {line}", file=sys.stdout)
     return 0

@@ -16,6 +16,7 @@ evaluation output in :mod:`medimb.evaluation`. Layout of ``config.out``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from medimb.data.errors import surface_data_errors
 from medimb.data.loaders import make_loader
 from medimb.errors import UserError
 from medimb.evaluation.metrics import compute_metrics
+from medimb.evaluation.operating_point import BALANCED_ACCURACY, choose_threshold
 from medimb.evaluation.prediction import EVAL_BATCH, predict, uses_flip_tta
 from medimb.evaluation.predictions_csv import SplitPredictions
 from medimb.evaluation.report import write_evaluation
@@ -224,8 +226,9 @@ def run_stage2(model, splits: DataSplits, cfg: Stage2Config, out: Path, device: 
     return {"best_metric": res.best_metric, "best_epoch": res.best_epoch}
 
 
-def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int) -> dict:
-    return {
+def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int,
+                     operating_point: dict | None = None) -> dict:
+    meta = {
         "preprocessing": splits.preprocessing.to_dict(),
         "class_names": list(splits.class_names),
         "method": config.method.name,
@@ -233,6 +236,9 @@ def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int) -> dic
         "train_config": config.to_dict(),
         "class_counts": splits.class_counts,
     }
+    if operating_point is not None:  # binary models: the decision threshold chosen on validation
+        meta["operating_point"] = operating_point
+    return meta
 
 
 def check_network_input(model, preprocessing, network: str) -> None:
@@ -274,7 +280,8 @@ def build_model(config: TrainConfig, splits: DataSplits):
 
 def evaluate_splits(model, splits: DataSplits, device, num_workers: int = 0,
                     flip_tta: bool = False) -> tuple[list[SplitPredictions], dict[str, Any]]:
-    """Predictions of ``model`` on the validation and test splits, and their pooled features by split name."""
+    """Predictions of ``model`` on the validation and test splits (validation first), and their pooled
+    features by split name."""
     tta = uses_flip_tta(flip_tta, splits.preprocessing)
     parts, features = [], {}
     for attr in ("val", "test"):
@@ -291,9 +298,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         return run_training(config, resume=resume, progress=progress)
 
 
-def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def run_training(config: TrainConfig, resume: bool = False, progress: bool = True,
+                 operating_rule: str = BALANCED_ACCURACY) -> dict:
     """Run the method of ``config`` end to end; returns the metrics.json content
     (:func:`medimb.evaluation.report.write_evaluation`: ``{"validation": metrics, "test": metrics, ...}``).
+
+    Binary models: the decision threshold is chosen on validation by ``operating_rule``
+    (``"balanced_accuracy"`` or ``"sensitivity>=T"``, :mod:`medimb.evaluation.operating_point`), stored in
+    ``final.pt`` under ``"operating_point"`` and used for every decision metric, predictions.csv and plot.
 
     Deterministic for a given seed (``monai.utils.set_determinism``); ``resume=True`` continues from the
     newest state in ``config.out/state`` (a finished stage 1 is not repeated).
@@ -327,6 +339,13 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     if method.stage2 is not None:
         selection["stage2"] = run_stage2(model, splits, method.stage2, out, device, **common)
     parts, features = evaluate_splits(model, splits, device, config.num_workers, config.flip_tta)
-    save_checkpoint(out / "final.pt", model, **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"]))
-    return write_evaluation(out, parts, splits.class_names, features,
-                            extra={"method": method.name, "selection": selection})
+    point = None
+    if splits.num_classes == 2:  # the operating point, on the validation predictions (parts[0])
+        point = choose_threshold(parts[0].labels, parts[0].proba, operating_rule)
+        parts = [dataclasses.replace(part, threshold=point["threshold"]) for part in parts]
+    save_checkpoint(out / "final.pt", model,
+                    **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"], point))
+    extra: dict[str, Any] = {"method": method.name, "selection": selection}
+    if point is not None:
+        extra["operating_point"] = {**point, "source": "chosen on validation, stored in final.pt"}
+    return write_evaluation(out, parts, splits.class_names, features, extra=extra)
