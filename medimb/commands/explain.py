@@ -32,6 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="class CAM/Grad-CAM explain (default: each case's predicted class)")
     parser.add_argument("--threshold", type=float, default=_DEFAULTS.threshold,
                         help="label map region: map >= this (maps are scaled to [0, 1]; default %(default)s)")
+    parser.add_argument("--decision-threshold", type=float, default=None, metavar="T",
+                        help="binary models: predict (and explain) class 1 when its probability > T (default: the "
+                        "checkpoint's operating point, chosen on validation by medimb train; 0.5 without one)")
     parser.add_argument("--display-threshold", type=float, default=_DEFAULTS.display_threshold,
                         help="heatmap values below this are transparent in Slicer and the PNGs "
                         "(default %(default)s)")
@@ -57,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         background = parse_background(args.background)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    for name in ("threshold", "display_threshold"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
+    for name in ("threshold", "display_threshold", "decision_threshold"):
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     from medimb.explain.inputs import resolve_items, validation_items
     from medimb.explain.pipeline import run_explain
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = validation_items(args.data) if args.map_scale != "per-case" else None
     summary = run_explain(model, meta, items, args.out, settings, overwrite=args.overwrite,
                           progress=not args.no_progress, checkpoint_name=args.checkpoint.name,
-                          calibration_items=calibration)
+                          calibration_items=calibration, decision_threshold=args.decision_threshold)
     n = len(summary["cases"])
     print(f"explained {n} case(s) with {', '.join(methods)} -> {args.out}")
     print(f"  overlays:    {summary['files']['heatmap']} (background {summary['background']['name']}, "

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from medimb.errors import UserError
+from medimb.evaluation.operating_point import predict_classes, resolve_operating_point
 from medimb.evaluation.predictions_csv import SplitPredictions, format_predictions
 from medimb.networks import predict_proba
 
@@ -94,8 +95,12 @@ def _channel_check(data: dict, expected: int, case: str) -> None:
 
 def explain_item(model, transform, item: dict, methods: list[str], target_class: int | None,
                  predict_proba, explainers: dict | None = None, scales: dict | None = None,
-                 raw: bool = False) -> CaseExplanation:
+                 raw: bool = False, threshold: float | None = None) -> CaseExplanation:
     """Predict and compute every method's map for one item, inverted to the source grid.
+
+    The predicted class (the one CAM/Grad-CAM explain unless ``target_class``) is ``P(1) > threshold`` for
+    binary models (the operating point; 0.5 when None), the argmax for multi-class ones
+    (:func:`medimb.evaluation.operating_point.predict_classes`).
 
     ``scales``: ``{method: (lo, hi)}`` calibrated scales (:func:`calibrate_maps`); a method without one is
     min-max scaled per volume. ``raw=True``: the maps stay unscaled on the network-input grid (calibration).
@@ -108,7 +113,7 @@ def explain_item(model, transform, item: dict, methods: list[str], target_class:
     with torch.no_grad():
         logits = model(x)
         probs = predict_proba(model, logits)[0].cpu()
-    predicted = int(probs.argmax())
+    predicted = int(predict_classes(probs.double().numpy()[None], threshold)[0])
     cls = predicted if target_class is None else int(target_class)
     maps, seconds = {}, {}
     explainers = explainers if explainers is not None else {m: create_explainer(m, model) for m in methods}
@@ -135,7 +140,8 @@ def _check_rerouting(model, transform, item: dict, channels: int) -> None:
         raise UserError(str(exc)) from exc
 
 
-def _by_split(items: list[dict], cases: list[CaseExplanation]) -> list[SplitPredictions]:
+def _by_split(items: list[dict], cases: list[CaseExplanation],
+              threshold: float | None = None) -> list[SplitPredictions]:
     """The explained cases grouped by their datalist split (in order of appearance) for predictions.csv."""
     groups: dict[str, list[CaseExplanation]] = {}
     for item, case in zip(items, cases):
@@ -143,7 +149,8 @@ def _by_split(items: list[dict], cases: list[CaseExplanation]) -> list[SplitPred
     parts = []
     for split, group in groups.items():
         labels = None if any(c.label is None for c in group) else [c.label for c in group]
-        parts.append(SplitPredictions(split, [c.case for c in group], labels, [c.probabilities for c in group]))
+        parts.append(SplitPredictions(split, [c.case for c in group], labels, [c.probabilities for c in group],
+                                      threshold))
     return parts
 
 
@@ -261,13 +268,16 @@ def overlay_summary(settings: ExplainSettings, channels: int, items: list[dict],
 
 def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, settings: ExplainSettings,
                 overwrite: bool = False, progress: bool = True, checkpoint_name: str = "",
-                calibration_items: list[dict] | None = None) -> dict:
+                calibration_items: list[dict] | None = None, decision_threshold: float | None = None) -> dict:
     """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``; ``model`` and
     ``meta`` from :func:`medimb.networks.load_checkpoint` (``needs_preprocessing=True``). An item's ``split``
     (its datalist split; empty for files and folders) fills the ``split`` column of predictions.csv.
 
     ``calibration_items``: the validation split (:func:`medimb.explain.inputs.validation_items`) on which
     ``settings.map_scale`` ``"calibrated"`` (or ``"auto"``) calibrates one scale per method.
+
+    Binary models predict class 1 when ``P(1) > decision_threshold`` when given, else at the checkpoint's
+    operating point (0.5 without one); multi-class models by argmax.
 
     Returns the summary also written to ``explain.json``.
     """
@@ -290,22 +300,28 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
     explainers = {m: create_explainer(m, model) for m in settings.methods}
     scales = None
     num_classes = int((getattr(model, "config", None) or {}).get("num_classes", 0)) or None
+    try:  # the decision threshold of binary models (medimb.evaluation.operating_point)
+        point = resolve_operating_point(num_classes or 0, meta, decision_threshold)
+    except ValueError as exc:
+        raise UserError(f"--decision-threshold: {exc}") from None
+    decision = None if point is None else point["threshold"]
     rows, cases = [], []
     with staged_folder(out_dir, overwrite=overwrite) as staging:
         if any(m not in CLASS_FREE_EXPLAINERS for m in settings.methods):
             _check_rerouting(model, transform, items[0], in_channels)
         if map_scale == "calibrated":
             scales = calibrate_maps(model, transform, calibration_items, settings.methods,
-                                    settings.target_class, explainers, progress=progress)
+                                    settings.target_class, explainers, progress=progress, threshold=decision)
         for item in tqdm(items, desc="explain", unit="case", disable=not progress):
             exp = explain_item(model, transform, item, settings.methods, settings.target_class, predict_proba,
-                               explainers, scales=scales)
+                               explainers, scales=scales, threshold=decision)
             num_classes = num_classes or len(exp.probabilities)
             class_names = _class_names(meta, len(exp.probabilities))
             rows.append(write_case(staging, exp, settings, class_names, item=item))
             cases.append(exp)
         class_names = _class_names(meta, num_classes or 2)
-        (staging / "predictions.csv").write_text(format_predictions(_by_split(items, cases), class_names))
+        predictions = format_predictions(_by_split(items, cases, decision), class_names)
+        (staging / "predictions.csv").write_text(predictions)
         (staging / "load_in_slicer.py").write_text(
             render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
                           opacity=settings.opacity))
@@ -321,6 +337,7 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             "threshold": settings.threshold,
             "display_threshold": settings.display_threshold,
             "target_class": settings.target_class,
+            "operating_point": point,
             "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
                        "seconds": {k: round(v, 4) for k, v in c.seconds.items()}} for c in cases],
         }
