@@ -114,6 +114,9 @@ def test_bootstrap_interval_contains_the_estimate_and_is_deterministic():
     # one class: no AUC, no sensitivity; multi-class: balanced accuracy and AUC
     one = bootstrap_ci(np.zeros(5, int), _proba([0.1, 0.2, 0.3, 0.6, 0.9]), n_resamples=200)
     assert one["auc"] is None and one["sensitivity"] is None and one["specificity"] is not None
+    # every positive found: the Wilson interval of sensitivity does not collapse to 1.00-1.00
+    sens = bootstrap_ci([0] * 20 + [1] * 12, _proba([0.2] * 20 + [0.9] * 12), n_resamples=200)["sensitivity"]
+    assert sens[1] == 1.0 and sens[0] == pytest.approx(0.757, abs=0.01)
     y3 = np.arange(30) % 3
     assert set(bootstrap_ci(y3, rng.dirichlet([1, 1, 1], 30), n_resamples=200)) == {"balanced_accuracy", "auc"}
 

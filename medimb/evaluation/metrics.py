@@ -157,7 +157,22 @@ CI_KEYS = ("balanced_accuracy", "auc", "sensitivity", "specificity")
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 #: how metrics.json describes its ``ci95`` entries
-CI_METHOD = "stratified percentile bootstrap over cases"
+CI_METHOD = ("stratified percentile bootstrap over cases (balanced accuracy, AUC); Wilson score interval "
+             "(sensitivity, specificity)")
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion ``successes / n`` (None for ``n == 0``). Unlike a percentile
+    bootstrap it does not collapse to a point at 0 or 1 (12 of 12 positives found: 0.76-1.00)."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return None
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -173,8 +188,11 @@ def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 def bootstrap_ci(y_true: Any, proba: Any, threshold: float | None = None,
                  n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95,
-                 chunk: int = 250) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals of :data:`CI_KEYS` over cases: ``{"auc": [lo, hi], ...}``.
+                 chunk: int = 250, proportions: str = "wilson") -> dict[str, list[float] | None]:
+    """95 % intervals of :data:`CI_KEYS`: ``{"auc": [lo, hi], ...}``; percentile bootstrap over cases for
+    balanced accuracy and AUC; sensitivity and specificity, proportions over a fixed number of cases, get
+    the Wilson score interval (``proportions="bootstrap"``: percentile bootstrap as well, which collapses to
+    a point when every positive is found).
 
     Stratified: every resample draws each class's cases with replacement, as many as the class has, so
     class counts (and hence whether AUC is defined) are those of the data. Decisions are those of
@@ -210,8 +228,13 @@ def bootstrap_ci(y_true: Any, proba: Any, threshold: float | None = None,
     tail = (1 - level) / 2 * 100
     keys = CI_KEYS if k == 2 else ("balanced_accuracy", "auc")
     out: dict[str, list[float] | None] = {}
+    if proportions not in ("wilson", "bootstrap"):
+        raise ValueError(f"proportions must be 'wilson' or 'bootstrap', got {proportions!r}")
     for key in keys:
-        if values[key]:
+        if proportions == "wilson" and key in ("sensitivity", "specificity"):
+            cls = 1 if key == "sensitivity" else 0
+            out[key] = wilson_interval(int(correct[y == cls].sum()), int((y == cls).sum()), level)
+        elif values[key]:
             lo, hi = np.percentile(np.concatenate(values[key]), [tail, 100 - tail])
             out[key] = [float(lo), float(hi)]
         else:

@@ -83,7 +83,7 @@ def write_evaluation(out_dir: str | os.PathLike, parts: Sequence[SplitPrediction
         if bootstrap:
             metrics["ci95"] = bootstrap_ci(part.labels, part.proba, part.threshold, n_resamples=bootstrap,
                                            seed=BOOTSTRAP_SEED)
-            metrics["ci95_method"] = f"{CI_METHOD}, {bootstrap} resamples, seed {BOOTSTRAP_SEED}"
+            metrics["ci95_method"] = f"{CI_METHOD}; {bootstrap} resamples, seed {BOOTSTRAP_SEED}"
         result[part.split] = metrics
     write_predictions(out_dir / "predictions.csv", parts, class_names)
     if with_plots:
