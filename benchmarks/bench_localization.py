@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=32, help="synth in-plane size (default 32)")
     parser.add_argument("--slices", type=int, default=12, help="synth nominal slices (default 12)")
     parser.add_argument("--workers", type=int, default=2, help="medimb-prep synth worker processes (default 2)")
+    parser.add_argument("--difficulty", default="hard",
+                        help="medimb-prep synth --difficulty (default hard: the level of the published results)")
     parser.add_argument("--method", default="ce", help="medimb training method (default ce)")
     parser.add_argument("--network", default="cpunet", help="backbone name (default cpunet)")
     parser.add_argument("--network-kwargs", type=json.loads, default=DEFAULT_NETWORK_KWARGS,
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 *(["--slices", str(args.slices)] if args.slices else [])]
         run(prep_command("synth", str(synth), "--cases", str(args.cases), "--seed", str(args.seed),
                          "--positive-fraction", str(args.positive_fraction), "--workers", str(args.workers),
-                         *size))
+                         "--difficulty", args.difficulty, *size))
     if not (converted / "manifest.csv").exists():
         run(prep_command("convert", str(synth / "archive"), str(converted)))
     if not datalist.exists():

@@ -136,16 +136,19 @@ def main() -> None:
     parser.add_argument("--cnn-epochs", type=int, default=8)
     parser.add_argument("--cnn-matrix", type=int, default=PhantomConfig.matrix)
     parser.add_argument("--cnn-slices", type=int, default=PhantomConfig.slices)
+    parser.add_argument("--difficulty", default="hard", help="phantom difficulty of the AUC and CNN checks "
+                        "(default hard: the level the published figures were measured at)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-auc", action="store_true")
     args = parser.parse_args()
     if not args.skip_speed:
         print("speed:", bench_speed(args.cases), flush=True)
     if not args.skip_auc:
-        bench_difficulty(args.auc_cases, [int(s) for s in args.seeds.split(",")], PhantomConfig())
+        bench_difficulty(args.auc_cases, [int(s) for s in args.seeds.split(",")],
+                         PhantomConfig(difficulty=args.difficulty))
     if args.cnn:
         config = PhantomConfig(matrix=args.cnn_matrix, slices=args.cnn_slices,
-                               slice_jitter=min(4, args.cnn_slices - 8))
+                               slice_jitter=min(4, args.cnn_slices - 8), difficulty=args.difficulty)
         print("cnn:", bench_cnn(args.cnn_train, args.cnn_test, config, args.cnn_epochs))
 
 

@@ -9,7 +9,7 @@ import sys
 from data_prep import deid
 from data_prep.cli import UserError
 from data_prep.synth.archive import synthesize_archive
-from data_prep.synth.phantom import PhantomConfig
+from data_prep.synth.phantom import DIFFICULTIES, PhantomConfig
 
 _DEFAULTS = PhantomConfig()
 
@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
                         f"(default {_DEFAULTS.slices})")
     parser.add_argument("--post-phases", type=int, default=_DEFAULTS.post_phases,
                         help=f"post-contrast phases after the pre-contrast one (default {_DEFAULTS.post_phases})")
+    parser.add_argument("--difficulty", choices=list(DIFFICULTIES), default=_DEFAULTS.difficulty,
+                        help="how hard the classification task is: 'standard' is learnable from a few dozen "
+                        "cases (the demo); 'hard' has cancer-like distractors and class-overlapping lesion "
+                        f"enhancement (the benchmarks) (default {_DEFAULTS.difficulty})")
     deid.add_key_arguments(parser)  # the key of the case pseudonyms in labels.csv: use the converter's
     parser.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes synthesising cases in parallel; output does not depend on it "
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     jitter = min(_DEFAULTS.slice_jitter, max(0, args.slices - 8))
     try:
         config = PhantomConfig(matrix=args.matrix, slices=args.slices, slice_jitter=jitter,
-                               post_phases=args.post_phases)
+                               post_phases=args.post_phases, difficulty=args.difficulty)
         summary = synthesize_archive(
             args.out, cases=args.cases, positive_fraction=args.positive_fraction, seed=args.seed,
             config=config, deid_key=deid.key_from_arguments(args), force=args.force, progress=sys.stderr.isatty(),

@@ -21,13 +21,15 @@ KINETIC_TYPES = {
 }
 
 
-def enhancement_curve(kind: str, times_s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def enhancement_curve(kind: str, times_s: np.ndarray, rng: np.random.Generator,
+                      ranges: dict | None = None) -> np.ndarray:
     """Enhancement ``(P,)`` at ``times_s`` ``(P,)`` (0 = contrast injection; the pre-contrast phase
     has time 0 and enhancement 0), normalised to a peak of 1 over the post-contrast phases.
 
-    ``e(t) = (1 - exp(-t / tau_in)) * exp(-k_out * t)``, with parameters drawn for ``kind``.
+    ``e(t) = (1 - exp(-t / tau_in)) * exp(-k_out * t)``, with parameters drawn for ``kind``;
+    ``ranges`` replaces some of its ranges (e.g. ``{"k_out": (lo, hi)}``), the same draws from other ranges.
     """
-    params = KINETIC_TYPES[kind]
+    params = {**KINETIC_TYPES[kind], **(ranges or {})}
     tau_in = rng.uniform(*params["tau_in"])
     k_out = rng.uniform(*params["k_out"])
     t = np.asarray(times_s, dtype=float)

@@ -31,6 +31,57 @@ LESION_TYPES = ("malignant", "benign", "none")
 
 
 @dataclass(frozen=True)
+class Difficulty:
+    """The ranges of everything that makes the classification task hard (uniform ``(low, high)`` draws;
+    integer ranges are ``(low, high)`` with ``high`` exclusive, as ``Generator.integers``).
+
+    The levels draw the geometry, phase times and anatomy from the same random numbers for a seed (the
+    distractor counts then differ, so later draws do); ``hard`` is the phantom as it was before the levels
+    existed (same arrays for the same seed).
+    """
+
+    vessels: tuple[int, int]  # number of distractor arteries
+    vessel_radius: tuple[float, float]  # x L
+    vessel_enhancement: tuple[float, float]
+    foci: tuple[int, int]  # number of small benign foci
+    focus_enhancement: tuple[float, float]
+    focus_kinetics: tuple[float, float, float]  # probabilities of persistent, plateau, washout foci
+    bpe: tuple[float, float]  # background parenchymal enhancement
+    malignant_radius: tuple[float, float]  # x L
+    benign_radius_factor: tuple[float, float]  # benign radius = a malignant-range radius x this
+    malignant_enhancement: tuple[float, float]
+    benign_enhancement: tuple[float, float]
+    washout_rate: tuple[float, float]  # k_out of malignant lesions (1/s), KINETIC_TYPES["washout"] for hard
+    bias: tuple[float, float]  # amplitude of the coil bias field
+    gain: tuple[float, float]  # scanner gain
+    noise: tuple[float, float]  # Rician noise sigma as a fraction of the fat signal
+
+
+#: the ``--difficulty`` levels of ``medimb-prep synth`` (docs/synthetic_archive.md lists what differs)
+DIFFICULTIES = {
+    # the benchmarks' setting: distractors that enhance and wash out like cancer, lesion enhancement drawn from
+    # the same range for both classes, benign masses larger than malignant ones
+    "hard": Difficulty(
+        vessels=(2, 6), vessel_radius=(0.025, 0.05), vessel_enhancement=(600, 1400),
+        foci=(1, 6), focus_enhancement=(250, 900), focus_kinetics=(0.6, 0.3, 0.1), bpe=(20, 350),
+        malignant_radius=(0.14, 0.32), benign_radius_factor=(1.2, 1.6),
+        malignant_enhancement=(300, 900), benign_enhancement=(300, 900), washout_rate=(1 / 500, 1 / 220),
+        bias=(0.08, 0.25), gain=(0.7, 1.4), noise=(0.01, 0.03),
+    ),
+    # learnable from a few dozen cases: fewer, thinner, weaker vessels; fewer, fainter foci that never wash
+    # out; milder background enhancement; a larger malignant mass that enhances more than a benign one and
+    # washes out faster; less bias, gain and noise variation
+    "standard": Difficulty(
+        vessels=(1, 3), vessel_radius=(0.02, 0.035), vessel_enhancement=(250, 600),
+        foci=(0, 3), focus_enhancement=(150, 400), focus_kinetics=(0.7, 0.3, 0.0), bpe=(20, 150),
+        malignant_radius=(0.2, 0.32), benign_radius_factor=(0.8, 1.1),
+        malignant_enhancement=(800, 1200), benign_enhancement=(250, 500), washout_rate=(1 / 350, 1 / 200),
+        bias=(0.03, 0.1), gain=(0.85, 1.2), noise=(0.005, 0.015),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class PhantomConfig:
     """Size and timing of the synthetic studies (one source of truth for their defaults)."""
 
@@ -42,8 +93,11 @@ class PhantomConfig:
     phase_interval_s: float = 90.0
     oblique_fraction: float = 0.3  # share of cases with a tilted (oblique) slice orientation
     benign_lesion_fraction: float = 0.6  # share of class-0 cases that have a benign mass
+    difficulty: str = "standard"  # a key of DIFFICULTIES
 
     def __post_init__(self) -> None:
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
         if self.matrix < 16:
             raise ValueError(f"--matrix must be at least 16, got {self.matrix}")
         if self.slices - self.slice_jitter < 8:
@@ -252,6 +306,7 @@ def synthesize_case(
     """
     if label not in (0, 1):
         raise ValueError(f"label must be 0 or 1, got {label!r}")
+    level = DIFFICULTIES[config.difficulty]
     geometry = _draw_geometry(rng, config, oblique)
     grid = _Grid(geometry)
     shape = geometry.shape
@@ -297,7 +352,7 @@ def synthesize_case(
     pre = pre * (1 - fgt) + fgt_level * fgt
     pre = pre * (1.0 + 0.05 * _smooth_noise(rng, shape, 0.8))  # fine texture
 
-    bpe = rng.uniform(20, 350) * fgt * (1.0 + 0.3 * _smooth_noise(rng, shape, grid.sigma_vox(0.05 * grid.L)))
+    bpe = rng.uniform(*level.bpe) * fgt * (1.0 + 0.3 * _smooth_noise(rng, shape, grid.sigma_vox(0.05 * grid.L)))
     components.append((bpe, enhancement_curve("persistent", times, rng)))
     components.append((rng.uniform(40, 120) * muscle, enhancement_curve("plateau", times, rng)))
     components.append((rng.uniform(1000, 1800) * heart, enhancement_curve("blood", times, rng)))
@@ -306,7 +361,7 @@ def synthesize_case(
     room = ndimage.distance_transform_edt(np.pad(breast, 1), sampling=grid.spacing)[1:-1, 1:-1, 1:-1]
 
     # --- arteries: tubes from the chest wall towards the nipple, wash in fast and wash out like cancer
-    n_vessels = int(rng.integers(2, 6))
+    n_vessels = int(rng.integers(*level.vessels))
     vessels, vessel_r = [], []
     for _ in range(n_vessels):
         u0, w0 = rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.9) * grid.w_max
@@ -314,20 +369,20 @@ def synthesize_case(
         direction = np.array([rng.normal(0, 0.2), -1.0, rng.normal(0, 0.5)])
         path = _walk(rng, start, direction, rng.uniform(0.8, 1.6), step=0.03, wiggle=0.12)
         vessels.append(grid.norm_to_mm(path))
-        vessel_r.append(rng.uniform(0.025, 0.05) * grid.L)
+        vessel_r.append(rng.uniform(*level.vessel_radius) * grid.L)
     vessel = grid.tubes(vessels, vessel_r, edge_mm=0.35) * breast
     pre = pre * (1 - vessel) + 250.0 * vessel
-    components.append((rng.uniform(600, 1400) * vessel, enhancement_curve("blood", times, rng)))
+    components.append((rng.uniform(*level.vessel_enhancement) * vessel, enhancement_curve("blood", times, rng)))
 
     # --- benign foci in every case: small, round, mostly persistent
-    n_foci = int(rng.integers(1, 6))
+    n_foci = int(rng.integers(*level.foci))
     for _ in range(n_foci):
         radius = rng.uniform(0.04, 0.09) * grid.L
         at, radius = _place(rng, room, radius * 1.2)
         weight, _ = _benign_mass(rng, grid, at * grid.spacing, max(radius / 1.2, 0.5), texture=False)
-        kind = rng.choice(["persistent", "plateau", "washout"], p=[0.6, 0.3, 0.1])
+        kind = rng.choice(["persistent", "plateau", "washout"], p=list(level.focus_kinetics))
         pre = pre * (1 - weight) + fgt_level * weight
-        components.append((rng.uniform(250, 900) * weight, enhancement_curve(str(kind), times, rng)))
+        components.append((rng.uniform(*level.focus_enhancement) * weight, enhancement_curve(str(kind), times, rng)))
 
     # --- the lesion that decides the class
     if label == 1:
@@ -337,7 +392,8 @@ def synthesize_case(
     lesion_mask = np.zeros(shape, dtype=bool)
     radius_mm, kinetics = 0.0, ""
     if lesion_type != "none":
-        radius_mm = rng.uniform(0.14, 0.32) * grid.L * (1.0 if lesion_type == "malignant" else rng.uniform(1.2, 1.6))
+        radius_mm = rng.uniform(*level.malignant_radius) * grid.L * (
+            1.0 if lesion_type == "malignant" else rng.uniform(*level.benign_radius_factor))
         at, room_mm = _place(rng, room, 1.3 * radius_mm)
         radius_mm = room_mm / 1.3
         centre_mm = at * grid.spacing
@@ -348,7 +404,9 @@ def synthesize_case(
             weight, multiplier = _benign_mass(rng, grid, centre_mm, radius_mm)
             kinetics = str(rng.choice(["persistent", "plateau"], p=[0.75, 0.25]))
         pre = pre * (1 - weight) + rng.uniform(330, 450) * weight
-        components.append((rng.uniform(300, 900) * weight * multiplier, enhancement_curve(kinetics, times, rng)))
+        peak = level.malignant_enhancement if lesion_type == "malignant" else level.benign_enhancement
+        rate = {"k_out": level.washout_rate} if lesion_type == "malignant" else None
+        components.append((rng.uniform(*peak) * weight * multiplier, enhancement_curve(kinetics, times, rng, rate)))
         lesion_mask = weight >= 0.5
 
     # --- acquisition: contrast uptake, coil bias field, scanner gain, Rician noise per phase
@@ -356,13 +414,13 @@ def synthesize_case(
     for amplitude, curve in components:
         signal += curve[:, None, None, None].astype(np.float32) * amplitude[None]
     gradient = rng.normal(0, 1, 3)
-    bias = 1.0 + rng.uniform(0.08, 0.25) * (
+    bias = 1.0 + rng.uniform(*level.bias) * (
         (gradient[0] * w + gradient[1] * v + gradient[2] * u) / np.linalg.norm(gradient)
         + 0.5 * _smooth_noise(rng, shape, grid.sigma_vox(0.6 * grid.L))
     )
-    gain = rng.uniform(0.7, 1.4)
+    gain = rng.uniform(*level.gain)
     signal *= (gain * np.clip(bias, 0.5, 1.6))[None].astype(np.float32)
-    sigma = rng.uniform(0.01, 0.03) * fat_level * gain
+    sigma = rng.uniform(*level.noise) * fat_level * gain
     real = signal + rng.normal(0, sigma, signal.shape).astype(np.float32)
     imag = rng.normal(0, sigma, signal.shape).astype(np.float32)
     phases = np.sqrt(real**2 + imag**2).astype(np.float32)
