@@ -224,3 +224,35 @@ def test_bad_background_and_scale_give_one_line_errors(dce, tmp_path, capsys):
     assert main([*base, "--data", str(no_validation), "--map-scale", "calibrated"]) == 2
     assert "validation split" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_maps_are_scored_against_lesion_masks_even_when_the_calibrated_scale_saturates(tmp_path):
+    """With a lesion mask per item, explain.json reports each method's pointing game and centre-of-mass distance;
+    they are computed on the unclipped map, so a peak saturated at 1 by the calibrated scale still points right."""
+    model = BrightSpotNet().eval()
+    model.classifier.activation = "softmax"
+    meta = {"preprocessing": Preprocessing(spatial_size=(16, 16, 16), intensity="none").to_dict(),
+            "class_names": ["benign", "malignant"]}
+    lesion = np.zeros((16, 16, 16), np.uint8)
+    lesion[4:8, 8:12, 6:10] = 1  # where _cube_scan puts the bright spot
+    away = np.zeros_like(lesion)
+    away[12:15, 1:4, 1:4] = 1
+    identity = np.diag([1.0, 1.0, 1.0, 1.0])
+    masks = {name: str(write_nifti(tmp_path / f"{name}_mask.nii.gz", m, identity, scanner_codes=True))
+             for name, m in (("on", lesion), ("off", away), ("empty", np.zeros_like(lesion)))}
+    validation = [{"image": [_cube_scan(tmp_path / "val.nii.gz", 0.3)], "label": 1, "case": "val",
+                   "split": "validation"}]  # a weak validation case: the test cases saturate the scale
+    items = [{"image": [_cube_scan(tmp_path / f"{n}.nii.gz", 1.0)], "label": 1, "case": n, "split": "test",
+              "mask": masks[n]} for n in ("on", "off", "empty")]
+    summary = run_explain(model, meta, items, tmp_path / "out", ExplainSettings(methods=["coam"], previews=False,
+                                                                                 map_scale="calibrated"),
+                          progress=False, calibration_items=validation)
+    written = nib.load(str(tmp_path / "out" / "on_coam_on-ch0.nii.gz")).get_fdata()
+    assert (written >= 0.999).sum() > 1  # saturated: many voxels tie at the top of the scale
+    per_case = {c["case"]: c.get("localization", {}).get("coam") for c in summary["cases"]}
+    assert per_case["on"]["pointing_game"] == 1.0 and per_case["off"]["pointing_game"] == 0.0
+    assert per_case["empty"] is None  # no lesion: nothing to point at, not counted
+    assert per_case["on"]["com_distance_mm"] < per_case["off"]["com_distance_mm"]
+    assert summary["localization"]["coam"]["cases"] == 2
+    assert summary["localization"]["coam"]["pointing_game"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "out" / "explain.json").read_text())["localization"] == summary["localization"]

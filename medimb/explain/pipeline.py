@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from medimb.errors import UserError
+from medimb.evaluation.localization import localization_scores
 from medimb.evaluation.operating_point import predict_classes, resolve_operating_point
 from medimb.evaluation.predictions_csv import SplitPredictions, format_predictions
 from medimb.networks import predict_proba
@@ -50,6 +51,8 @@ class CaseExplanation:
     predicted: int
     maps: dict[str, np.ndarray]
     seconds: dict[str, float]
+    #: per method, :func:`medimb.evaluation.localization.localization_scores` against the item's lesion mask
+    localization: dict[str, dict[str, float]] | None = None
 
 
 def check_items_fit_model(model: torch.nn.Module, preprocessing: dict, items: list[dict]) -> None:
@@ -115,18 +118,50 @@ def explain_item(model, transform, item: dict, methods: list[str], target_class:
         probs = predict_proba(model, logits)[0].cpu()
     predicted = int(predict_classes(probs.double().numpy()[None], threshold)[0])
     cls = predicted if target_class is None else int(target_class)
-    maps, seconds = {}, {}
+    maps, seconds, localization = {}, {}, {}
     explainers = explainers if explainers is not None else {m: create_explainer(m, model) for m in methods}
+    lesion = None if raw else lesion_mask(item)
     for name in methods:
         start = time.perf_counter()
         heat = explainers[name].raw_map(x, class_idx=cls)[0].cpu()  # (1, *S), unscaled
+        if lesion is not None:  # on the unclipped map: a calibrated scale saturates peaks at 1 (ties)
+            peak_map = invert_to_source(minmax_per_volume(heat[None])[0], data, transform)
+            localization[name] = localization_scores(peak_map, *lesion)
         scale = (scales or {}).get(name)
         if not raw:  # scaled on the network grid, so inversion pads with 0 = not attended
             heat = minmax_per_volume(heat[None])[0] if scale is None else scale_calibrated(heat, *scale)
         seconds[name] = time.perf_counter() - start
         maps[name] = heat.numpy() if raw else invert_to_source(heat, data, transform)
     return CaseExplanation(item["case"], list(item["image"]), item.get("label"),
-                           [float(p) for p in probs], predicted, maps, seconds)
+                           [float(p) for p in probs], predicted, maps, seconds, localization or None)
+
+
+def lesion_mask(item: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mask (*S_src) bool, affine)`` of the item's ``"mask"`` when it has one with lesion voxels on the source
+    scan's grid (``medimb-prep datalist --masks``); None otherwise (no mask, an empty mask: no lesion to find)."""
+    if not item.get("mask"):
+        return None
+    mask_img = nib.load(item["mask"])
+    source = nib.load(item["image"][0])
+    if mask_img.shape[:3] != source.shape[:3] or not np.allclose(mask_img.affine, source.affine, atol=1e-3):
+        raise UserError(f"case {item['case']}: mask {item['mask']} is not on the grid of {item['image'][0]}")
+    mask = np.asarray(mask_img.dataobj).reshape(source.shape[:3]) > 0
+    return (mask, source.affine) if mask.any() else None
+
+
+def summarize_localization(cases: list[CaseExplanation], methods: list[str]) -> dict:
+    """Per method, over the cases with a lesion mask: how many, the pointing game (share of maps whose peak lies
+    in the lesion) and the distance (mm) between the map's and the lesion's centres of mass (median)."""
+    out = {}
+    for method in methods:
+        scores = [c.localization[method] for c in cases if c.localization and method in c.localization]
+        if scores:
+            distances = [s["com_distance_mm"] for s in scores]
+            out[method] = {"cases": len(scores),
+                           "pointing_game": float(np.mean([s["pointing_game"] for s in scores])),
+                           "com_distance_mm_median": float(np.median(distances)),
+                           "dice_median": float(np.median([s["dice"] for s in scores]))}
+    return out
 
 
 def _check_rerouting(model, transform, item: dict, channels: int) -> None:
@@ -339,7 +374,10 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             "target_class": settings.target_class,
             "operating_point": point,
             "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
-                       "seconds": {k: round(v, 4) for k, v in c.seconds.items()}} for c in cases],
+                       "seconds": {k: round(v, 4) for k, v in c.seconds.items()},
+                       **({"localization": c.localization} if c.localization else {})} for c in cases],
+            # maps against the items' lesion masks (datalist "mask"): computed on each map before any clipping
+            "localization": summarize_localization(cases, settings.methods),
         }
         summary.update(overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items))
         (staging / "explain.json").write_text(json.dumps(summary, indent=2) + "\n")
