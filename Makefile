@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
-DEMO_CASES ?= 40
+DEMO_CASES ?= 100
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean
