@@ -9,9 +9,11 @@ Class 1 (malignant): an irregular mass with spicules and rim-heavy enhancement t
 and washes out. Class 0: a smooth oval mass with persistent (sometimes plateau) enhancement, or no
 lesion. Both classes contain the same distractors: arteries (fast wash-in and wash-out, like cancer,
 but tubular), small round benign foci, background parenchymal enhancement, chest-wall muscle and the
-heart's blood pool (the brightest thing in the field of view). Lesion size and brightness are drawn
-from the same ranges for both classes, and scanner gain, bias field and noise vary per case, so
-intensity statistics of the subtraction image do not give the class away; shape and time course do.
+heart's blood pool. At the ``hard`` level (:data:`DIFFICULTIES`) the blood pool is the brightest thing
+in the field of view, lesion size and brightness are drawn from the same ranges for both classes, and
+scanner gain, bias field and noise vary per case, so intensity statistics of the subtraction image do not
+give the class away; shape and time course do. The default ``standard`` level makes the cancer larger and
+the brightest early enhancement and the distractors fainter: learnable from a few dozen cases.
 
 All anatomy is laid out in units of ``L`` = half the in-plane field of view, so a 32x32 test phantom
 looks like a coarser 64x64 one.
@@ -47,6 +49,7 @@ class Difficulty:
     focus_enhancement: tuple[float, float]
     focus_kinetics: tuple[float, float, float]  # probabilities of persistent, plateau, washout foci
     bpe: tuple[float, float]  # background parenchymal enhancement
+    heart_enhancement: tuple[float, float]  # the blood pool's peak enhancement
     malignant_radius: tuple[float, float]  # x L
     benign_radius_factor: tuple[float, float]  # benign radius = a malignant-range radius x this
     malignant_enhancement: tuple[float, float]
@@ -64,19 +67,22 @@ DIFFICULTIES = {
     "hard": Difficulty(
         vessels=(2, 6), vessel_radius=(0.025, 0.05), vessel_enhancement=(600, 1400),
         foci=(1, 6), focus_enhancement=(250, 900), focus_kinetics=(0.6, 0.3, 0.1), bpe=(20, 350),
+        heart_enhancement=(1000, 1800),
         malignant_radius=(0.14, 0.32), benign_radius_factor=(1.2, 1.6),
         malignant_enhancement=(300, 900), benign_enhancement=(300, 900), washout_rate=(1 / 500, 1 / 220),
         bias=(0.08, 0.25), gain=(0.7, 1.4), noise=(0.01, 0.03),
     ),
-    # learnable from a few dozen cases: fewer, thinner, weaker vessels; fewer, fainter foci that never wash
-    # out; milder background enhancement; a larger malignant mass that enhances more than a benign one and
-    # washes out faster; less bias, gain and noise variation
+    # learnable from a few dozen cases: fewer, thinner, fainter vessels; fewer, fainter foci that never wash
+    # out; milder background enhancement; a dimmer blood pool; a larger malignant mass, the brightest
+    # enhancement in the image, that washes out faster, and smaller, fainter benign masses; less bias, gain and
+    # noise variation
     "standard": Difficulty(
-        vessels=(1, 3), vessel_radius=(0.02, 0.035), vessel_enhancement=(250, 600),
-        foci=(0, 3), focus_enhancement=(150, 400), focus_kinetics=(0.7, 0.3, 0.0), bpe=(20, 150),
-        malignant_radius=(0.2, 0.32), benign_radius_factor=(0.8, 1.1),
-        malignant_enhancement=(800, 1200), benign_enhancement=(250, 500), washout_rate=(1 / 350, 1 / 200),
-        bias=(0.03, 0.1), gain=(0.85, 1.2), noise=(0.005, 0.015),
+        vessels=(1, 3), vessel_radius=(0.02, 0.03), vessel_enhancement=(200, 450),
+        foci=(0, 3), focus_enhancement=(100, 300), focus_kinetics=(0.8, 0.2, 0.0), bpe=(20, 100),
+        heart_enhancement=(700, 1000),
+        malignant_radius=(0.24, 0.34), benign_radius_factor=(0.7, 1.0),
+        malignant_enhancement=(1300, 1800), benign_enhancement=(200, 400), washout_rate=(1 / 300, 1 / 180),
+        bias=(0.03, 0.08), gain=(0.9, 1.1), noise=(0.005, 0.01),
     ),
 }
 
@@ -355,7 +361,7 @@ def synthesize_case(
     bpe = rng.uniform(*level.bpe) * fgt * (1.0 + 0.3 * _smooth_noise(rng, shape, grid.sigma_vox(0.05 * grid.L)))
     components.append((bpe, enhancement_curve("persistent", times, rng)))
     components.append((rng.uniform(40, 120) * muscle, enhancement_curve("plateau", times, rng)))
-    components.append((rng.uniform(1000, 1800) * heart, enhancement_curve("blood", times, rng)))
+    components.append((rng.uniform(*level.heart_enhancement) * heart, enhancement_curve("blood", times, rng)))
 
     # room to the breast boundary (the field-of-view edge counts as boundary), to place things inside
     room = ndimage.distance_transform_edt(np.pad(breast, 1), sampling=grid.spacing)[1:-1, 1:-1, 1:-1]
