@@ -140,3 +140,65 @@ def test_flip_tta_only_for_models_trained_with_flips(tmp_path):
     assert not prediction.uses_flip_tta(False, splits.preprocessing)
     splits.preprocessing.augmentation.flip_prob = 0.0
     assert not prediction.uses_flip_tta(True, splits.preprocessing)
+
+
+def test_small_data_recipe_warmup_cosine_schedule_and_defaults():
+    from medimb.training import warmup_cosine_scheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine_scheduler(opt, epochs=10, warmup_epochs=3)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs[:4], [0.1, 0.4, 0.7, 1.0], atol=1e-6)  # linear warm-up into the peak
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.1  # then cosine towards 0
+    # resumes from its state and the optimiser's (the engines save both with the trainer)
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    again = warmup_cosine_scheduler(opt2, epochs=10, warmup_epochs=3)
+    again.load_state_dict(sched.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    opt.step(), sched.step(), opt2.step(), again.step()
+    assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+    plain = warmup_cosine_scheduler(opt2, epochs=5, warmup_epochs=0)
+    assert isinstance(plain, torch.optim.lr_scheduler.CosineAnnealingLR)
+    # the defaults the resume test above runs with: warm-up and clipping on
+    s1 = method_config("two-stage").stage1
+    assert s1.warmup_epochs > 0 and s1.grad_clip_norm and method_config("cmsl-two-stage").stage1.grad_clip_norm
+
+
+def test_small_training_sets_get_smaller_batches_and_a_scaled_learning_rate():
+    s1, s2 = method_config("two-stage").stage1, method_config("two-stage").stage2
+    assert s1.batch_and_lr(1188) == (32, s1.lr)  # MedMNIST-sized sets: unchanged
+    batch, lr = s1.batch_and_lr(36)  # 60 synthetic cases, 36 for training
+    assert batch == 9 and lr == pytest.approx(s1.lr * (9 / 32) ** 0.5)
+    assert s2.batch_and_lr(36) == (5, s2.lr) and s2.batch_and_lr(1188) == (32, s2.lr)
+    assert s1.batch_and_lr(3)[0] == 2  # never a batch of 1 (BatchNorm)
+
+
+def test_gradient_clipping_bounds_the_norm_before_the_step(tmp_path):
+    from medimb.training import Stage1Trainer
+    from medimb.training.handlers import GradientClipping
+
+    with pytest.raises(ValueError, match="max_norm > 0"):
+        GradientClipping(0)
+    data = tiny_npz(tmp_path / "tiny.npz")
+    cfg = tiny_config(data, tmp_path / "out", "ce", epochs=1)
+    splits = load_splits(data)
+    model = build_model(cfg, splits)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=8)
+    norms = []
+    trainer = Stage1Trainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model,
+                            optimizer=opt, loss_function=lambda logits, y: 1e4 * torch.nn.functional.cross_entropy(
+                                logits, y), grad_clip_norm=0.5, epoch_length=2)
+    from monai.engines.utils import IterationEvents
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _norm(engine):  # attached after the clipping handler: sees the clipped gradients
+        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+
+    trainer.run()
+    assert len(norms) == 2 and max(norms) <= 0.5 + 1e-4

@@ -14,7 +14,7 @@ _EXPORTS = {
                     "config"),
     **dict.fromkeys(("AugmentingPrepareBatch", "ForwardAllInferer", "ImbalanceMetric", "OutputsLoss",
                      "Stage1Trainer", "Stage2Trainer", "create_evaluator", "labels_prepare_batch", "prepare_stage2",
-                     "trainable_parameters"), "engines"),
+                     "trainable_parameters", "warmup_cosine_scheduler"), "engines"),
     **dict.fromkeys(("build_classification_loss", "build_stage1_loss", "drw_schedule"), "losses"),
     **dict.fromkeys(("run_stage1", "run_stage2", "train"), "workflow"),
 }

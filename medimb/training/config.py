@@ -9,6 +9,7 @@ network from its registered defaults. Loads without torch (the CLI imports it to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -23,12 +24,21 @@ class Stage1Config:
 
     loss: a ``medimb.losses.create_loss`` name; metric_loss: a ``create_metric_loss`` name or None;
     ``L = L_cls + metric_weight * L_metric``. key_metric selects the best epoch on validation.
+
+    The small-data recipe (docs/training.md): AdamW at ``lr`` with a linear warm-up over ``warmup_epochs``
+    (from 0.1 x lr) into a cosine decay to 0 (:func:`medimb.training.engines.warmup_cosine_scheduler`), gradient
+    norms clipped at ``grad_clip_norm`` (None: off), and at least ``min_steps_per_epoch`` optimiser steps per
+    epoch: with fewer than ``batch_size * min_steps_per_epoch`` training items the batch shrinks to
+    ``ceil(items / min_steps_per_epoch)`` and the learning rate with its square root (:meth:`batch_and_lr`).
     """
 
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 2e-3  # at batch_size; scaled by sqrt(batch / batch_size) when a small training set shrinks the batch
     weight_decay: float = 1e-4
+    warmup_epochs: int = 3
+    grad_clip_norm: float | None = 1.0
+    min_steps_per_epoch: int = 4
     loss: str = "ce"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     metric_loss: str | None = None
@@ -37,6 +47,10 @@ class Stage1Config:
     key_metric: str = "balanced_accuracy"
     early_stop_patience: int | None = None
     drw_start: float | None = None  # LDAM-DRW: class re-weighting from this fraction of the epochs on
+
+    def batch_and_lr(self, n_train: int) -> tuple[int, float]:
+        """The batch size and learning rate used for ``n_train`` training items (see the class docstring)."""
+        return small_data_batch_and_lr(n_train, self.batch_size, self.lr, self.min_steps_per_epoch, scale_lr=True)
 
 
 @dataclass
@@ -48,16 +62,38 @@ class Stage2Config:
     loss_kwargs: None inherits stage 1's when stage 2 trains the same loss (so a stage-1 CMSL margin holds
     in stage 2 too), else none; a dict (even ``{}``) overrides. Resolved by :meth:`MethodConfig.resolved`;
     a Stage2Config used on its own treats None as no kwargs.
+
+    min_steps_per_epoch: with fewer than ``batch_size * min_steps_per_epoch`` training items the batch
+    shrinks to ``ceil(items / min_steps_per_epoch)`` (the learning rate stays: a re-initialised head needs
+    enough steps to move away from its random start; the frozen backbone's BatchNorm does not mind small
+    batches).
     """
 
     rebalance: str = "crt"
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    min_steps_per_epoch: int = 8
     loss: str = "ce"
     loss_kwargs: dict[str, Any] | None = None
     taus: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     key_metric: str = "balanced_accuracy"
+
+    def batch_and_lr(self, n_train: int) -> tuple[int, float]:
+        """The batch size and learning rate used for ``n_train`` training items (see the class docstring)."""
+        return small_data_batch_and_lr(n_train, self.batch_size, self.lr, self.min_steps_per_epoch, scale_lr=False)
+
+
+def small_data_batch_and_lr(n_train: int, batch_size: int, lr: float, min_steps_per_epoch: int,
+                            scale_lr: bool) -> tuple[int, float]:
+    """``(batch, lr)`` giving at least ``min_steps_per_epoch`` optimiser steps per epoch over ``n_train`` items:
+    ``batch = min(batch_size, max(2, ceil(n_train / min_steps_per_epoch)))`` (2: BatchNorm needs two samples),
+    and ``lr * sqrt(batch / batch_size)`` when ``scale_lr`` (Adam's square-root scaling rule). Training sets of
+    ``batch_size * min_steps_per_epoch`` items or more are unaffected."""
+    if min_steps_per_epoch < 1 or n_train < 1:
+        return batch_size, lr
+    batch = min(batch_size, max(2, math.ceil(n_train / min_steps_per_epoch)))
+    return batch, (lr * math.sqrt(batch / batch_size) if scale_lr and batch < batch_size else lr)
 
 
 @dataclass
@@ -111,11 +147,13 @@ METHODS: dict[str, MethodConfig] = {
         _two_stage("two-stage-triplet", "two-stage: CE + triplet (batch-hard mining) stage 1, cRT stage 2",
                    "triplet"),
         _two_stage("two-stage-supcon", "two-stage: CE + supervised contrastive stage 1, cRT stage 2", "supcon"),
+        # margin 0: it won every validation sweep of s and m (docs/benchmarks.md, "Sweeps")
         MethodConfig("cmsl", "Cosine Margin Sigmoid Loss on an L2-normalised cosine head",
-                     head="cmsl", stage1=Stage1Config(loss="cmsl")),
+                     head="cmsl", stage1=Stage1Config(loss="cmsl", loss_kwargs={"margin": 0.0})),
         MethodConfig("cmsl-two-stage", "CMSL + supervised contrastive stage 1, cRT of the CMSL head in stage 2",
                      head="cmsl",
-                     stage1=Stage1Config(loss="cmsl", metric_loss="supcon", key_metric="auc"),
+                     stage1=Stage1Config(loss="cmsl", loss_kwargs={"margin": 0.0}, metric_loss="supcon",
+                                         key_metric="auc"),
                      stage2=Stage2Config(rebalance="crt", loss="cmsl")),
     )
 }

@@ -23,6 +23,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from medimb.losses import Stage1Loss
+from medimb.training.handlers import GradientClipping
 from medimb.networks import freeze_backbone, predict_proba, rebalance_classifier
 
 KEY_METRICS = ("balanced_accuracy", "auc", "macro_f1", "accuracy")
@@ -84,15 +85,37 @@ class Stage1Trainer(SupervisedTrainer):
 
     Takes the keyword arguments of ``monai.engines.SupervisedTrainer``; ``loss_function`` is either a
     :class:`medimb.losses.Stage1Loss` ``(logits, embedding, labels)`` or a plain ``(logits, labels)`` loss.
+    ``grad_clip_norm``: clip the gradient norm to it before every optimiser step
+    (:class:`medimb.training.handlers.GradientClipping`); None or 0: no clipping.
     """
 
-    def __init__(self, *, loss_function: Callable, **kwargs: Any):
+    def __init__(self, *, loss_function: Callable, grad_clip_norm: float | None = None, **kwargs: Any):
         kwargs.setdefault("prepare_batch", labels_prepare_batch)
         kwargs.setdefault("decollate", False)
         kwargs.setdefault("optim_set_to_none", True)
         if kwargs.get("amp") and torch.device(kwargs.get("device", "cpu")).type != "cuda":
             kwargs["amp"] = False  # MONAI's AMP path is CUDA autocast
         super().__init__(loss_function=OutputsLoss(loss_function), inferer=ForwardAllInferer(), **kwargs)
+        if grad_clip_norm:
+            GradientClipping(grad_clip_norm).attach(self)
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                            start_factor: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+    """Epoch-level learning-rate schedule (step it once per epoch, e.g. ``monai.handlers.LrScheduleHandler``):
+    a linear warm-up from ``start_factor * lr`` to ``lr`` over ``warmup_epochs``, then a cosine decay to 0 over
+    the remaining epochs; with ``warmup_epochs=0`` plain ``CosineAnnealingLR(T_max=epochs)``. The warm-up is
+    at most ``epochs - 1`` epochs. A torch ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``, whose
+    ``state_dict`` resumes it exactly.
+    """
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    epochs = max(1, int(epochs))
+    warmup = max(0, min(int(warmup_epochs), epochs - 1))
+    if warmup == 0:
+        return CosineAnnealingLR(optimizer, T_max=epochs)
+    return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup),
+                                    CosineAnnealingLR(optimizer, T_max=epochs - warmup)], milestones=[warmup])
 
 
 def prepare_stage2(network: nn.Module, rebalance: str = "crt", **head_kwargs: Any) -> nn.Module:

@@ -72,6 +72,32 @@ class ChecksumSaver(BaseSaveHandler):
         (self.dirname / (self.filename or filename)).unlink(missing_ok=True)
 
 
+class GradientClipping:
+    """Clips the gradient norm of the trainer's optimised parameters to ``max_norm`` after every backward
+    pass, before the optimiser step (MONAI's ``IterationEvents.BACKWARD_COMPLETED``; under AMP the gradients
+    are unscaled first, as ``GradScaler`` documents). Stateless, so a resumed run clips exactly as an
+    uninterrupted one. Not meant for MONAI's gradient accumulation (it would clip partial sums).
+
+    ``Stage1Trainer(grad_clip_norm=...)`` attaches it; bundles can list it in ``train_handlers``.
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"gradient clipping needs max_norm > 0, got {max_norm}")
+        self.max_norm, self.norm_type = float(max_norm), float(norm_type)
+
+    def attach(self, engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
+
+
 class On:
     """A callable attached to ``event`` by MONAI's ``handlers`` lists (they call ``attach(engine)``)."""
 

@@ -57,6 +57,7 @@ from medimb.training.engines import (
     create_evaluator,
     prepare_stage2,
     trainable_parameters,
+    warmup_cosine_scheduler,
 )
 from medimb.training.handlers import (
     BestEpoch,
@@ -113,6 +114,8 @@ def _run_engine(
     progress: bool,
     early_stop_patience: int | None = None,
     epoch_hook=None,
+    warmup_epochs: int = 0,
+    grad_clip_norm: float | None = None,
 ) -> StageResult:
     """Shared engine set-up of both stages; the best validation weights are loaded into ``model`` at the end."""
     state_dir = out / "state"
@@ -139,7 +142,8 @@ def _run_engine(
     batch_augment = BatchAugmentation(aug, splits.preprocessing.spatial_dims, seed) if aug.on_batch else None
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    scheduler = warmup_cosine_scheduler(optimizer, epochs, warmup_epochs)  # its state is in save_dict: resumes exactly
+    clipping = {"grad_clip_norm": grad_clip_norm} if grad_clip_norm else {}  # Stage1Trainer's option
     save_dict = {"network": model, "optimizer": optimizer, "lr_scheduler": scheduler, "best": best_saver,
                  "best_epoch": best_epoch}
     handlers: list = [
@@ -154,6 +158,7 @@ def _run_engine(
     trainer = trainer_cls(
         device=device, max_epochs=epochs, train_data_loader=train_loader, network=model, optimizer=optimizer,
         loss_function=loss, amp=amp, train_handlers=handlers, prepare_batch=AugmentingPrepareBatch(batch_augment),
+        **clipping,
     )
     # saved after validation (handlers fire in attach order), so the best-model tracking is current
     save_dict["trainer"] = trainer
@@ -182,11 +187,13 @@ def run_stage1(model, splits: DataSplits, cfg: Stage1Config, out: Path, device: 
     loss = build_stage1_loss(cfg.loss, splits.class_counts, cfg.metric_loss, cfg.metric_weight, cfg.loss_kwargs,
                              cfg.metric_kwargs, head=model.classifier).to(device)
     hook = drw_schedule(loss, splits.class_counts, cfg.epochs, cfg.drw_start)
+    batch_size, lr = cfg.batch_and_lr(len(splits.train))  # small training sets: smaller batches, lower lr
     return _run_engine(
         trainer_cls=Stage1Trainer, stage="stage1", model=model, loss=loss, splits=splits, sampler_kind="instance",
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        epochs=cfg.epochs, batch_size=batch_size, lr=lr, weight_decay=cfg.weight_decay,
         key_metric=cfg.key_metric, out=out, device=device, seed=seed, amp=amp, num_workers=num_workers,
         resume=resume, progress=progress, early_stop_patience=cfg.early_stop_patience, epoch_hook=hook,
+        warmup_epochs=cfg.warmup_epochs, grad_clip_norm=cfg.grad_clip_norm,
     )
 
 
@@ -220,7 +227,8 @@ def run_stage2(model, splits: DataSplits, cfg: Stage2Config, out: Path, device: 
                                      **(cfg.loss_kwargs or {})).to(device)
     res = _run_engine(
         trainer_cls=Stage2Trainer, stage="stage2", model=model, loss=loss, splits=splits, sampler_kind="class",
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0, key_metric=cfg.key_metric,
+        epochs=cfg.epochs, batch_size=cfg.batch_and_lr(len(splits.train))[0], lr=cfg.lr, weight_decay=0.0,
+        key_metric=cfg.key_metric,
         out=out, device=device, seed=seed + 1, amp=amp, num_workers=num_workers, resume=resume, progress=progress,
     )
     return {"best_metric": res.best_metric, "best_epoch": res.best_epoch}
