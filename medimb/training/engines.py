@@ -139,9 +139,11 @@ class Stage2Trainer(SupervisedTrainer):
 
     Plain ``(logits, labels)`` loss, usually CE with a class-balanced sampler (Kang et al., ICLR 2020).
     Raises if the backbone is not frozen, so stage 2 can never change the representation.
+    ``grad_clip_norm`` as for :class:`Stage1Trainer` (None: no clipping; what ``medimb train`` uses in stage 2).
     """
 
-    def __init__(self, *, network: nn.Module, loss_function: Callable, **kwargs: Any):
+    def __init__(self, *, network: nn.Module, loss_function: Callable, grad_clip_norm: float | None = None,
+                 **kwargs: Any):
         if not getattr(network, "backbone_frozen", False):
             raise ValueError("stage 2 needs a frozen backbone: call medimb.training.prepare_stage2(network) first")
         kwargs.setdefault("prepare_batch", labels_prepare_batch)
@@ -151,6 +153,8 @@ class Stage2Trainer(SupervisedTrainer):
             kwargs["amp"] = False
         loss = OutputsLoss(loss_function, uses_embedding=False)
         super().__init__(network=network, loss_function=loss, inferer=ForwardAllInferer(), **kwargs)
+        if grad_clip_norm:
+            GradientClipping(grad_clip_norm).attach(self)
 
 
 class ImbalanceMetric(Metric):
