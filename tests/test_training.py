@@ -91,7 +91,7 @@ def test_checkpoint_contract_and_outputs(tmp_path):
     assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).method.stage1.metric_loss == "supcon"
     for split in ("validation", "test"):
         assert {p.rsplit("/", 1)[-1] for p in res["plots"][split]} == {"roc.png", "pr.png", "confusion_matrix.png",
-                                                                     "features_pca.png"}
+                                                                     "reliability.png", "features_pca.png"}
         assert all(f"/plots/{split}/" in p for p in res["plots"][split])
 
 
