@@ -284,5 +284,5 @@ def test_a_split_of_two_cases_still_gets_its_plots(tmp_path, caplog):
     part = SplitPredictions("test", ["a1", "b1"], np.array([0, 1]), np.array([[0.7, 0.3], [0.4, 0.6]]))
     with caplog.at_level(logging.WARNING):
         written = write_split_plots(part, ["a", "b"], tmp_path, features=np.ones((2, 4)))
-    assert sorted(Path(p).name for p in written) == ["confusion_matrix.png", "pr.png", "roc.png"]
+    assert sorted(Path(p).name for p in written) == ["confusion_matrix.png", "pr.png", "reliability.png", "roc.png"]
     assert "no feature projection plot" in caplog.text
