@@ -490,17 +490,24 @@ def image_part(image_type, manufacturer: str = "", ge_image_type=None, ge_vas_co
 def _phi_values(ds) -> tuple:
     """Identifying strings of this file (see :func:`data_prep.deid.identifying_values`), only to
     scrub them from every output. Never fails: a damaged value is skipped."""
-    if isinstance(ds, FastHeader):  # the files of a study repeat these values: computed once per set
-        key = ds.raw_key(_PHI_TAGS)
-        try:
-            return _PHI_CACHE[key]
-        except KeyError:
-            pass
-        if len(_PHI_CACHE) >= 4096:
-            _PHI_CACHE.clear()
-        value = _PHI_CACHE[key] = _phi_values_of(ds)
-        return value
-    return _phi_values_of(ds)
+    # the files of a study repeat these values: computed once per set
+    return _by_raw_values(ds, _PHI_TAGS, _PHI_CACHE, _phi_values_of)
+
+
+def _by_raw_values(ds, tags: tuple, cache: dict, compute):
+    """``compute(ds)``, remembered in ``cache`` by the raw bytes of ``tags`` for fast-read headers (the files
+    of a series repeat them; at most 4096 entries, so memory stays bounded); computed directly otherwise."""
+    if not isinstance(ds, FastHeader):
+        return compute(ds)
+    key = ds.raw_key(tags)
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    if len(cache) >= 4096:
+        cache.clear()
+    value = cache[key] = compute(ds)
+    return value
 
 
 def _phi_values_of(ds) -> tuple:
@@ -548,17 +555,7 @@ _PARAMS_CACHE: dict = {}
 def _params(ds) -> dict:
     """Acquisition parameters for the sidecar (no PHI). Files with the same raw values share one
     dict (never modified afterwards)."""
-    if isinstance(ds, FastHeader):
-        key = ds.raw_key(_PARAMS_TAGS)
-        try:
-            return _PARAMS_CACHE[key]
-        except KeyError:
-            pass
-        if len(_PARAMS_CACHE) >= 4096:
-            _PARAMS_CACHE.clear()
-        value = _PARAMS_CACHE[key] = _params_of(ds)
-        return value
-    return _params_of(ds)
+    return _by_raw_values(ds, _PARAMS_TAGS, _PARAMS_CACHE, _params_of)
 
 
 def _params_of(ds) -> dict:
