@@ -109,13 +109,28 @@ def explain_item(model, transform, item: dict, methods: list[str], target_class:
     min-max scaled per volume. ``raw=True``: the maps stay unscaled on the network-input grid (calibration).
     """
     data = preprocess(transform, item)
+    return explain_preprocessed(model, transform, data, item, methods, target_class, predict_proba, explainers,
+                                scales=scales, raw=raw, threshold=threshold)
+
+
+def explain_preprocessed(model, transform, data: dict, item: dict, methods: list[str], target_class: int | None,
+                         predict_proba, explainers: dict | None = None, scales: dict | None = None,
+                         raw: bool = False, threshold: float | None = None,
+                         probabilities=None) -> CaseExplanation:
+    """:func:`explain_item` of an item already through ``transform``: ``data["image"]`` is its ``(C, *S)``
+    MetaTensor with the applied operations (e.g. one case of a MONAI evaluator's decollated batch).
+    ``probabilities``: its ``(K,)`` class probabilities when already predicted (the network is not run again).
+    """
     expected = int((getattr(model, "config", None) or {}).get("in_channels", data["image"].shape[0]))
     _channel_check(data, expected, item["case"])
     device = next(model.parameters()).device
     x = data["image"].as_tensor().unsqueeze(0).float().to(device)
-    with torch.no_grad():
-        logits = model(x)
-        probs = predict_proba(model, logits)[0].cpu()
+    if probabilities is None:
+        with torch.no_grad():
+            logits = model(x)
+            probs = predict_proba(model, logits)[0].cpu()
+    else:
+        probs = torch.as_tensor(probabilities).detach().float().reshape(-1).cpu()
     predicted = int(predict_classes(probs.double().numpy()[None], threshold)[0])
     cls = predicted if target_class is None else int(target_class)
     maps, seconds, localization = {}, {}, {}
@@ -354,31 +369,45 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
             class_names = _class_names(meta, len(exp.probabilities))
             rows.append(write_case(staging, exp, settings, class_names, item=item))
             cases.append(exp)
-        class_names = _class_names(meta, num_classes or 2)
-        predictions = format_predictions(_by_split(items, cases, decision), class_names)
-        (staging / "predictions.csv").write_text(predictions)
-        (staging / "load_in_slicer.py").write_text(
-            render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
-                          opacity=settings.opacity))
-        if settings.previews:
-            overlays = overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items)
-            notes = [f"Background: {overlays['background']['name']} (--background {settings.background}). "
-                     f"Map scale: {map_scale}: {overlays['map_scale_note']}."]
-            (staging / "index.html").write_text(render_index(rows, settings.methods, class_names, notes=notes,
-                                                             truth=any(r.get("truth") for r in rows)))
-        summary = {
-            "checkpoint": checkpoint_name,
-            "methods": settings.methods,
-            "threshold": settings.threshold,
-            "display_threshold": settings.display_threshold,
-            "target_class": settings.target_class,
-            "operating_point": point,
-            "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
-                       "seconds": {k: round(v, 4) for k, v in c.seconds.items()},
-                       **({"localization": c.localization} if c.localization else {})} for c in cases],
-            # maps against the items' lesion masks (datalist "mask"): computed on each map before any clipping
-            "localization": summarize_localization(cases, settings.methods),
-        }
-        summary.update(overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items))
-        (staging / "explain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = write_folder_files(staging, out_dir, items, cases, rows, settings, meta, num_classes, point,
+                                     map_scale, scales, calibration_items, checkpoint_name)
+    return summary
+
+
+def write_folder_files(staging: Path, out_dir: Path, items: list[dict], cases: list[CaseExplanation],
+                       rows: list[dict], settings: ExplainSettings, meta: dict, num_classes: int | None,
+                       point: dict | None, map_scale: str, scales: dict | None,
+                       calibration_items: list[dict] | None, checkpoint_name: str = "") -> dict:
+    """The per-folder files after every case is written into ``staging`` (``rows`` from :func:`write_case`):
+    predictions.csv, load_in_slicer.py (paths as in ``out_dir``), index.html (with previews) and explain.json,
+    whose content is returned. ``point``: the binary operating point the cases were predicted at, or None."""
+    in_channels = int(dict(meta["preprocessing"]).get("in_channels", 1))
+    decision = None if point is None else point["threshold"]
+    class_names = _class_names(meta, num_classes or 2)
+    predictions = format_predictions(_by_split(items, cases, decision), class_names)
+    (staging / "predictions.csv").write_text(predictions)
+    (staging / "load_in_slicer.py").write_text(
+        render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
+                      opacity=settings.opacity))
+    if settings.previews:
+        overlays = overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items)
+        notes = [f"Background: {overlays['background']['name']} (--background {settings.background}). "
+                 f"Map scale: {map_scale}: {overlays['map_scale_note']}."]
+        (staging / "index.html").write_text(render_index(rows, settings.methods, class_names, notes=notes,
+                                                         truth=any(r.get("truth") for r in rows)))
+    summary = {
+        "checkpoint": checkpoint_name,
+        "methods": settings.methods,
+        "threshold": settings.threshold,
+        "display_threshold": settings.display_threshold,
+        "target_class": settings.target_class,
+        "operating_point": point,
+        "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
+                   "seconds": {k: round(v, 4) for k, v in c.seconds.items()},
+                   **({"localization": c.localization} if c.localization else {})} for c in cases],
+        # maps against the items' lesion masks (datalist "mask"): computed on each map before any clipping
+        "localization": summarize_localization(cases, settings.methods),
+    }
+    summary.update(overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items))
+    (staging / "explain.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
