@@ -28,3 +28,19 @@ def shared_data() -> Path:
 def dicom_series():
     """The :func:`helpers.dicom.write_dicom_series` helper."""
     return write_dicom_series
+
+
+@pytest.fixture(scope="session")
+def orthanc():
+    """A real Orthanc server on free loopback ports (:mod:`helpers.orthanc`), shared by the session and
+    stopped at its end; skips only when Orthanc or its DICOMweb plugin cannot be found (says why)."""
+    from helpers.orthanc import find_orthanc, start_orthanc
+
+    binary, plugin, why = find_orthanc()
+    if binary is None or plugin is None:
+        pytest.skip(why)
+    server = start_orthanc(binary, plugin)
+    try:
+        yield server
+    finally:
+        server.stop()
