@@ -6,7 +6,7 @@
     medimb.networks, medimb.losses              models and losses
     medimb.evaluation                           prediction, metrics, the evaluation output
     medimb.training                             engines, handlers, the two-stage workflow
-    medimb.explain                              attention maps and overlays
+    medimb.explain, medimb.export               attention maps and overlays; overlays as DICOM results
     medimb.commands, cli, bundle, __main__      entry points: the CLI and the MONAI bundles' glue
 """
 
@@ -26,7 +26,7 @@ LAYERS = (
     ("medimb.networks", "medimb.losses"),
     ("medimb.evaluation",),
     ("medimb.training",),
-    ("medimb.explain",),
+    ("medimb.explain", "medimb.export"),
     ("medimb.commands", "medimb.cli", "medimb.bundle", "medimb.__main__"),
 )
 
