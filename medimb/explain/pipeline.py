@@ -4,7 +4,8 @@ Per case: preprocess with the checkpoint's evaluation transforms, predict, compu
 map on the network grid, scale it (per case, or with the scale calibrated on the validation split),
 invert it to the source grid and write ``<case>_<method>_on-<bg>.nii.gz`` (float32 heatmap),
 ``<case>_<method>_on-<bg>_label.nii.gz`` (uint8 region), ``previews/<case>_<method>_on-<bg>.png`` (``<bg>``:
-the background's name) and, for the subtraction background, ``<case>_subtraction.nii.gz``. Per folder:
+the background's name), ``<case>.mrb`` (the case's 3D Slicer scene) and, for the subtraction background,
+``<case>_subtraction.nii.gz``. Per folder:
 ``predictions.csv``, ``index.html``,
 ``load_in_slicer.py`` and ``explain.json`` (settings and timings). The folder is staged and moved
 into place at the end, so a failed run leaves nothing half-written.
@@ -37,6 +38,7 @@ from .normalize import (CALIBRATION_FLOOR_PERCENTILE, CALIBRATION_PEAK_PERCENTIL
 from .settings import CLASS_FREE_EXPLAINERS, ExplainSettings, background_channels, background_tag
 from .outputs import check_destination, staged_folder
 from .preview import render_index, save_preview
+from .scene import write_case_scene
 from .slicer import render_loader
 
 
@@ -254,6 +256,8 @@ def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, cl
             save_preview(folder / png, image, heat, src_affine, title, settings.display_threshold,
                          settings.threshold, truth=truth)
             row["previews"][method] = png
+    # the case's self-contained Slicer scene (<case>.mrb), stepped through by load_in_slicer.py
+    row["scene"] = write_case_scene(folder, row, settings.display_threshold, settings.opacity, settings.threshold)
     return row
 
 
@@ -318,7 +322,8 @@ def overlay_summary(settings: ExplainSettings, channels: int, items: list[dict],
 
 def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, settings: ExplainSettings,
                 overwrite: bool = False, progress: bool = True, checkpoint_name: str = "",
-                calibration_items: list[dict] | None = None, decision_threshold: float | None = None) -> dict:
+                calibration_items: list[dict] | None = None, decision_threshold: float | None = None,
+                keep: tuple[str, ...] = ()) -> dict:
     """Explain ``items`` (from :func:`medimb.explain.inputs.resolve_items`) into ``out_dir``; ``model`` and
     ``meta`` from :func:`medimb.networks.load_checkpoint` (``needs_preprocessing=True``). An item's ``split``
     (its datalist split; empty for files and folders) fills the ``split`` column of predictions.csv.
@@ -328,6 +333,9 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
 
     Binary models predict class 1 when ``P(1) > decision_threshold`` when given, else at the checkpoint's
     operating point (0.5 without one); multi-class models by argmax.
+
+    ``keep``: entries of an existing ``out_dir`` carried into the new one (``medimb predict``'s ``converted``
+    inputs, which the items point at).
 
     Returns the summary also written to ``explain.json``.
     """
@@ -356,7 +364,7 @@ def run_explain(model, meta: dict, items: list[dict], out_dir: str | Path, setti
         raise UserError(f"--decision-threshold: {exc}") from None
     decision = None if point is None else point["threshold"]
     rows, cases = [], []
-    with staged_folder(out_dir, overwrite=overwrite) as staging:
+    with staged_folder(out_dir, overwrite=overwrite, keep=keep) as staging:
         if any(m not in CLASS_FREE_EXPLAINERS for m in settings.methods):
             _check_rerouting(model, transform, items[0], in_channels)
         if map_scale == "calibrated":
@@ -387,8 +395,7 @@ def write_folder_files(staging: Path, out_dir: Path, items: list[dict], cases: l
     predictions = format_predictions(_by_split(items, cases, decision), class_names)
     (staging / "predictions.csv").write_text(predictions)
     (staging / "load_in_slicer.py").write_text(
-        render_loader(rows, staging, final_dir=out_dir, display_threshold=settings.display_threshold,
-                      opacity=settings.opacity))
+        render_loader(rows, final_dir=out_dir))
     if settings.previews:
         overlays = overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items)
         notes = [f"Background: {overlays['background']['name']} (--background {settings.background}). "
