@@ -39,8 +39,9 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces ``out_dir`` atomically (a rename)."""
+def staged_folder(out_dir: str | Path, overwrite: bool = False, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces ``out_dir`` atomically (a rename). ``keep``: names of
+    entries of an existing ``out_dir`` moved into the new folder just before (inputs the results point at)."""
     out_dir = Path(out_dir)
     check_destination(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,9 @@ def staged_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         yield staging
         make_readable(staging)
+        for name in keep:
+            if (out_dir / name).exists() and not (staging / name).exists():
+                (out_dir / name).rename(staging / name)
         backup = None
         if out_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
