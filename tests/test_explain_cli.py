@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import py_compile
-import runpy
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +15,7 @@ import SimpleITK as sitk
 import torch
 from helpers.explain import oblique_affine
 from helpers.nifti import write_datalist, write_nifti
+from test_explain_slicer import composite, read_mrb, run_loader
 
 from medimb.cli import main
 from medimb.data.transforms import Preprocessing
@@ -96,62 +95,23 @@ def test_predictions_csv_and_index(explained):
     assert "scan-0" in index and "previews/scan-1_gradcam_on-ch0.png" in index and "malignant" in index
 
 
-def _fake_slicer(calls: list) -> types.ModuleType:
-    """A stand-in for Slicer's ``slicer`` module that records what the loader asks for."""
-
-    class Display:
-        def __getattr__(self, name):
-            return lambda *a: calls.append(("display." + name, a))
-
-    class Node:
-        def __init__(self, path, props):
-            self.path, self.props, self.display = path, props, Display()
-
-        def GetDisplayNode(self):
-            return self.display
-
-    slicer = types.ModuleType("slicer")
-    util = types.ModuleType("slicer.util")
-
-    def load_volume(path, props=None):
-        calls.append(("loadVolume", path, props))
-        assert Path(path).is_file(), path
-        return Node(path, props)
-
-    def load_label(path, props=None):
-        calls.append(("loadLabelVolume", path, props))
-        assert Path(path).is_file(), path
-        return Node(path, props)
-
-    util.loadVolume, util.loadLabelVolume = load_volume, load_label
-    util.setSliceViewerLayers = lambda **kw: calls.append(("setSliceViewerLayers", kw))
-    slicer.util = util
-    slicer.mrmlScene = types.SimpleNamespace(GetNodeByID=lambda nid: object() if "Inferno" in nid else None)
-    slicer.app = types.SimpleNamespace(layoutManager=lambda: None)
-    return slicer
-
-
-def test_slicer_loader_compiles_and_loads_the_right_files(explained, monkeypatch):
+def test_slicer_loader_compiles_and_shows_one_case_scene_at_a_time(explained, monkeypatch):
     root, out, scans = explained
     script = out / "load_in_slicer.py"
     py_compile.compile(str(script), doraise=True)
     calls: list = []
-    monkeypatch.setitem(sys.modules, "slicer", _fake_slicer(calls))
-    runpy.run_path(str(script), run_name="__main__")
-    volumes = [Path(c[1]).resolve() for c in calls if c[0] == "loadVolume"]
-    labels = [Path(c[1]).resolve() for c in calls if c[0] == "loadLabelVolume"]
-    assert scans[0].resolve() in volumes and scans[1].resolve() in volumes
-    assert (out / "scan-0_coam_on-ch0.nii.gz").resolve() in volumes
-    assert (out / "scan-1_cam_on-ch0_label.nii.gz").resolve() in labels
-    assert len(volumes) == 2 * (1 + 3) and len(labels) == 2 * 3
-    assert ("display.SetAndObserveColorNodeID", ("vtkMRMLColorTableNodeFileInferno.txt",)) in calls
-    assert ("display.SetLowerThreshold", (0.3,)) in calls
-    assert ("display.SetWindowLevelMinMax", (0.0, 1.0)) in calls
-    layers = [c[1] for c in calls if c[0] == "setSliceViewerLayers"]
-    assert len(layers) == 1 and layers[0]["foregroundOpacity"] == pytest.approx(0.4)
-    assert layers[0]["background"].path.endswith("scan-0.nii.gz")
-    assert layers[0]["foreground"].path.endswith("scan-0_coam_on-ch0.nii.gz")
-    assert layers[0]["label"].path.endswith("scan-0_coam_on-ch0_label.nii.gz")
+    ns = run_loader(script, monkeypatch, calls)
+    assert [c for c in calls if c[0] == "loadScene"] == [("loadScene", str((out / "scan-0.mrb").resolve()))]
+    tag = json.loads((out / "explain.json").read_text())["background"]["name"]
+    assert composite(ns) == {"backgroundVolume": f"scan-0 {tag}", "foregroundVolume": "scan-0 coam"}
+    assert ns["next_case"]() == "scan-1"
+    names = [n.GetName() for n in ns["slicer"].mrmlScene.nodes if n.tag == "Volume"]
+    assert sorted(names) == sorted(["scan-1 cam", f"scan-1 {tag}", "scan-1 coam", "scan-1 gradcam",
+                                    "the user's own scan"])
+    # the background in the scene is the scan explain drew on, voxel for voxel
+    _, files, folder = read_mrb(out / "scan-1.mrb")
+    background = nib.Nifti1Image.from_bytes(gzip.decompress(files[f"{folder}/Data/background.nii.gz"]))
+    np.testing.assert_array_equal(np.asarray(background.dataobj), np.asarray(nib.load(str(scans[1])).dataobj))
 
 
 def test_folder_input_and_refusal_to_overwrite(explained, capsys):
@@ -165,8 +125,9 @@ def test_folder_input_and_refusal_to_overwrite(explained, capsys):
     assert main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
                  "--out", str(out2), "--methods", "coam", "--no-previews"]) == 0
     assert sorted(p.name for p in out2.iterdir()) == [
-        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0_coam_on-ch0.nii.gz",
-        "scan-0_coam_on-ch0_label.nii.gz", "scan-1_coam_on-ch0.nii.gz", "scan-1_coam_on-ch0_label.nii.gz"]
+        "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0.mrb", "scan-0_coam_on-ch0.nii.gz",
+        "scan-0_coam_on-ch0_label.nii.gz", "scan-1.mrb", "scan-1_coam_on-ch0.nii.gz",
+        "scan-1_coam_on-ch0_label.nii.gz"]
 
 
 def _run_error(argv, capsys) -> str:

@@ -4,10 +4,9 @@ index.html sorted by split and probability with the truth outlined."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -17,7 +16,7 @@ import pytest
 import torch
 from helpers.explain import BrightSpotNet, oblique_affine
 from helpers.nifti import write_datalist, write_nifti
-from test_explain_cli import _fake_slicer
+from test_explain_slicer import composite, read_mrb, run_loader
 
 from medimb.cli import main
 from medimb.data.transforms import Preprocessing
@@ -152,15 +151,17 @@ def test_default_background_is_the_first_post_contrast_phase(dce, monkeypatch):
                 assert (out / name).is_file(), name
     assert not list(out.glob("*subtraction*"))
     calls: list = []
-    monkeypatch.setitem(sys.modules, "slicer", _fake_slicer(calls))
-    runpy.run_path(str(out / "load_in_slicer.py"), run_name="__main__")
-    layers = [c[1] for c in calls if c[0] == "setSliceViewerLayers"][0]
-    assert layers["background"].path.endswith("case-0_phase-01.nii.gz")  # not the pre-contrast phase
-    assert layers["background"].props["name"] == "case-0_phase-00_phase-01"
-    assert layers["foreground"].path.endswith("case-0_phase-00_coam_on-phase-01.nii.gz")
-    assert layers["label"].path.endswith("case-0_mask.nii.gz")  # the truth, outlined
-    labels = [Path(c[1]).name for c in calls if c[0] == "loadLabelVolume"]
-    assert "case-5_phase-00_gradcam_on-phase-01_label.nii.gz" in labels and "case-5_mask.nii.gz" in labels
+    ns = run_loader(out / "load_in_slicer.py", monkeypatch, calls)
+    # the scene shows the first post-contrast phase (not the pre-contrast phase the case is named after)
+    assert composite(ns) == {"backgroundVolume": "case-0_phase-00 phase-01",
+                             "foregroundVolume": "case-0_phase-00 coam"}
+    _, files, folder = read_mrb(out / "case-0_phase-00.mrb")
+    background = nib.Nifti1Image.from_bytes(gzip.decompress(files[f"{folder}/Data/background.nii.gz"]))
+    np.testing.assert_array_equal(np.asarray(background.dataobj),
+                                  np.asarray(nib.load(str(root / "scans" / "case-0_phase-01.nii.gz")).dataobj))
+    # the truth travels as a segment of every case's segmentation, next to the regions
+    assert ns["CASES"][5]["segments"] == ["coam region (map >= 0.5)", "gradcam region (map >= 0.5)",
+                                          "truth (lesion mask)"]
 
 
 def test_index_sorted_by_split_and_probability_with_truth_outline(dce):
@@ -208,7 +209,9 @@ def test_subtraction_background_is_written_on_the_source_grid(dce):
                                - np.asarray(src.dataobj), atol=1e-5)
     assert (out / "case-4_phase-00_coam_on-subtraction.nii.gz").is_file()
     assert (out / "previews" / "case-4_phase-00_coam_on-subtraction.png").is_file()
-    assert 'case-4_phase-00_subtraction.nii.gz' in (out / "load_in_slicer.py").read_text()
+    _, files, folder = read_mrb(out / "case-4_phase-00.mrb")  # the scene's background is the subtraction
+    background = nib.Nifti1Image.from_bytes(gzip.decompress(files[f"{folder}/Data/background.nii.gz"]))
+    np.testing.assert_allclose(np.asarray(background.dataobj), np.asarray(sub.dataobj))
 
 
 def test_bad_background_and_scale_give_one_line_errors(dce, tmp_path, capsys):
