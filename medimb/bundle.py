@@ -162,3 +162,52 @@ def check_dataset_dir(dataset_dir: str, data: str) -> bool:
     if not Path(data).exists():
         raise BundleInputError(f"{data} does not exist; pass --datalist (a datalist JSON, a NIfTI folder or file)")
     return True
+
+
+def check_output_dir(path: str, overwrite: bool = False) -> bool:
+    """Refuse, in one line, to write into a non-empty output folder unless ``overwrite`` (as ``medimb explain``
+    does without ``--overwrite``): a second inference run must not silently replace the first one's overlays."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise BundleInputError(f"output_dir {path} exists and is not a folder; pass another --output_dir")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BundleInputError(f"output_dir {path} is not empty; pass --overwrite true to replace it, or another "
+                               "--output_dir")
+    return True
+
+
+def _plain(value):
+    """``value`` with tuples as lists (a config compared with its JSON round trip)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_network_def(ckpt_path: str, network) -> bool:
+    """One line when ``network_def`` cannot take the checkpoint's weights, instead of ``CheckpointLoader``'s long
+    strict-loading error, or silently differs from the trained network (e.g. another CMSL scale).
+
+    Compares the weight names and shapes, and, when ``network`` is a medimb model (``network.config``; a
+    TorchScript module has none), its config with the checkpoint's ``config``. Returns ``True``.
+    """
+    from medimb.errors import CheckpointError
+    from medimb.networks import read_checkpoint_file
+
+    try:
+        payload = read_checkpoint_file(ckpt_path)
+    except CheckpointError as exc:
+        raise BundleInputError(str(exc)) from None
+    state, trained = payload.get("model"), payload.get("config")
+    if not isinstance(state, dict):
+        raise BundleInputError(f"{ckpt_path}: holds no 'model' weights (not a medimb checkpoint)")
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    differ = sorted(set(expected) ^ set(found)) + [k for k in expected if k in found and expected[k] != found[k]]
+    config = getattr(network, "config", None)
+    if not differ and (config is None or trained is None or _plain(config) == _plain(trained)):
+        return True
+    what = f"weights {differ[:3]}{' ...' if len(differ) > 3 else ''} differ" if differ else "configs differ"
+    raise BundleInputError(f"network_def does not match {ckpt_path} ({what}); the checkpoint's network is "
+                           f"{trained}: override network_def's ids to match it")

@@ -95,7 +95,8 @@ class Stage1Trainer(SupervisedTrainer):
         kwargs.setdefault("optim_set_to_none", True)
         if kwargs.get("amp") and torch.device(kwargs.get("device", "cpu")).type != "cuda":
             kwargs["amp"] = False  # MONAI's AMP path is CUDA autocast
-        super().__init__(loss_function=OutputsLoss(loss_function), inferer=ForwardAllInferer(), **kwargs)
+        kwargs.setdefault("inferer", ForwardAllInferer())  # a bundle's train#inferer may pass its own
+        super().__init__(loss_function=OutputsLoss(loss_function), **kwargs)
         if grad_clip_norm:
             GradientClipping(grad_clip_norm).attach(self)
 
@@ -152,7 +153,8 @@ class Stage2Trainer(SupervisedTrainer):
         if kwargs.get("amp") and torch.device(kwargs.get("device", "cpu")).type != "cuda":
             kwargs["amp"] = False
         loss = OutputsLoss(loss_function, uses_embedding=False)
-        super().__init__(network=network, loss_function=loss, inferer=ForwardAllInferer(), **kwargs)
+        kwargs.setdefault("inferer", ForwardAllInferer())
+        super().__init__(network=network, loss_function=loss, **kwargs)
         if grad_clip_norm:
             GradientClipping(grad_clip_norm).attach(self)
 
