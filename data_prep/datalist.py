@@ -5,6 +5,9 @@ Output (docs/datalist.md, docs/architecture.md)::
     {"training": [{"image": ..., "label": 0, "subject": "sub-...", "session": "ses-1"[, "fold": k]}, ...],
      "validation": [...], "test": [...], ...metadata}
 
+or, without a labels table (studies to predict), ``{"test": [items without "label"], "channels": [...],
+"labelled": false}``.
+
 ``image`` is one path, or a list of paths (one per channel; DCE phases in time order, pre-contrast
 first), relative to the datalist file's folder. Subjects never straddle two splits (every session of
 a subject goes where the subject goes); splits are stratified by class with scikit-learn and
@@ -16,6 +19,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +187,122 @@ def select_channels(rows: list[dict], channels: str, where: str) -> tuple[list[d
     return picked, [f"{prefix}-{int(r['phase']):02d}" for r in picked]
 
 
+# ------------------------------------------------------------- channels named by a datalist (inference)
+_NAMED = re.compile(r"^(phase|sub)-(\d+)$")
+_POSITION = re.compile(r"^phase\[(-?\d+)\]$")
+#: the file names `medimb-prep convert` writes (docs/data_prep.md, "Output layout")
+CONVERTED_NAME = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_(?P<session>ses-[A-Za-z0-9]+)_(?P<series>.+?)"
+                            r"(?:_(?P<suffix>phase|sub)-(?P<phase>\d+)|_(?P<four>4d))?\.nii(?:\.gz)?$")
+_KIND_NAMES = {"dce_phase": "DCE phases", "subtraction": "subtraction volumes"}
+
+
+def describe_channels(names: list[str]) -> str:
+    """What channel names ask for, in words: ``4 DCE phases (phase-00..phase-03)``, ``1 image``."""
+    names = list(names)
+    numbers = [int(m.group(2)) for m in map(_NAMED.match, names) if m]
+    if len(numbers) == len(names) and names and len({n.split("-")[0] for n in names}) == 1:
+        what = "DCE phases" if names[0].startswith("phase") else "subtraction volumes"
+        consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers))) and len(names) > 2
+        shown = f"{names[0]}..{names[-1]}" if consecutive else ", ".join(names)
+        return f"{len(names)} {what} ({shown})"
+    if names and all(_POSITION.match(n) for n in names):
+        return f"{len(names)} DCE phases by position ({', '.join(names)})"
+    if len(names) == 1:
+        return {"image": "1 image (a 3D series)", "4d": "a 4D DCE series"}.get(names[0], f"a {names[0]} series")
+    return f"{len(names)} channels ({', '.join(names)})"
+
+
+def _found(rows: list[dict], kind: str) -> str:
+    """What a session has of ``kind`` (for error messages), or which series it has instead."""
+    prefix = {"dce_phase": "phase", "subtraction": "sub"}.get(kind)
+    have = _phase_rows(rows, kind) if prefix else [r for r in rows if r["kind"] == kind]
+    if have:
+        return ", ".join(f"{prefix}-{int(r['phase']):02d}" if prefix else r["series"] for r in have)
+    series = sorted({f"{r['series']} ({r['kind']})" for r in rows})
+    return f"no {_KIND_NAMES.get(kind, kind + ' volume')}; its series: {', '.join(series) or 'none'}"
+
+
+def pick_named_channels(rows: list[dict], names: list[str], where: str) -> list[dict]:
+    """The manifest rows of one session that give the channels ``names``: a datalist's ``"channels"`` as
+    :func:`select_channels` names them (``phase-NN``, ``sub-NN``, ``phase[i]``, ``image``, ``4d``, ``dwi``,
+    ``timeseries``), e.g. what a model was trained on. One row per name; a single-file kind gives its one row
+    (``4d``: the 4D file, else every DCE phase of the session, which is the same stack). Raises
+    :class:`DatalistError` naming what is missing, e.g. ``sub-0003/ses-01: the model takes 4 DCE phases
+    (phase-00..phase-03); found phase-00, phase-01``."""
+    names = list(names)
+    wanted = describe_channels(names)
+    if len(names) == 1 and names[0] in _SINGLE_FILE_KINDS:
+        kind = names[0]
+        if kind == "4d" and not any(r["kind"] == "4d" for r in rows):
+            kind = "dce_phase"  # the phases are the 4D file's volumes
+    elif names and all(_POSITION.match(n) for n in names):
+        kind = "dce_phase"
+    elif names and all(_NAMED.match(n) for n in names) and len({n.split("-")[0] for n in names}) == 1:
+        kind = "dce_phase" if names[0].startswith("phase") else "subtraction"
+    else:
+        raise DatalistError(f"{where}: the model's channels {names} are not named as medimb-prep names them "
+                            "(phase-NN, sub-NN, phase[i], image, 4d, dwi, timeseries); give a datalist instead")
+    candidates = sorted({r["series"] for r in rows if r["kind"] == kind})
+    if not candidates:
+        hint = " (convert the study with --subtract)" if kind == "subtraction" else ""
+        raise DatalistError(f"{where}: the model takes {wanted}; found {_found(rows, kind)}{hint}")
+    if len(candidates) > 1:
+        raise DatalistError(f"{where}: the model takes {wanted}; found {len(candidates)} {kind} series "
+                            f"{candidates}; choose one with --series PATTERN")
+    chosen = [r for r in rows if r["series"] == candidates[0]]
+    if kind in _SINGLE_FILE_KINDS:
+        return [r for r in chosen if r["kind"] == kind][:1]
+    ordered = _phase_rows(chosen, kind)
+    if names[0] == "4d":
+        return ordered
+    if _POSITION.match(names[0]):
+        indices = [int(_POSITION.match(n).group(1)) for n in names]
+        if any(not -len(ordered) <= i < len(ordered) for i in indices):
+            raise DatalistError(f"{where}: the model takes {wanted}; found {len(ordered)} DCE phases "
+                                f"({_found(chosen, kind)})")
+        return [ordered[i] for i in indices]
+    by_phase = {int(r["phase"]): r for r in ordered}
+    numbers = [int(_NAMED.match(n).group(2)) for n in names]
+    if any(n not in by_phase for n in numbers):
+        raise DatalistError(f"{where}: the model takes {wanted}; found {_found(chosen, kind)}")
+    return [by_phase[n] for n in numbers]
+
+
+def read_sessions(folder: str | os.PathLike) -> dict[tuple[str, str], list[dict]]:
+    """The converted sessions under ``folder``, ``{(subject, session): manifest rows}`` with each row's ``path``
+    made absolute: a converted folder (its ``manifest.csv``), a subject or session folder inside one (the rows
+    of the manifest two or one level up that lie below it), or any folder of files named as ``medimb-prep
+    convert`` names them (rows rebuilt from the names: ``_phase-NN`` a DCE phase, ``_sub-NN`` a subtraction,
+    ``_4d`` the 4D DCE file, a ``.bval`` beside it a DWI series, anything else an image). ``{}`` when none."""
+    folder = Path(folder).absolute()
+    for root in (folder, folder.parent, folder.parent.parent):
+        if (root / "manifest.csv").is_file():
+            rows = read_manifest(root)
+            inside = [dict(r, path=str(root / r["path"])) for r in rows]
+            inside = [r for r in inside if Path(r["path"]).is_relative_to(folder)]
+            return _group(inside)
+    rows = []
+    for path in sorted(folder.rglob("*.nii*")):
+        match = CONVERTED_NAME.match(path.name)
+        if not match or not path.is_file():
+            continue
+        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
+        if match["suffix"]:
+            kind = "dce_phase" if match["suffix"] == "phase" else "subtraction"
+        else:
+            kind = "4d" if match["four"] else ("dwi" if (path.parent / f"{stem}.bval").is_file() else "image")
+        rows.append({"subject": match["subject"], "session": match["session"], "series": match["series"],
+                     "description": "", "phase": match["phase"] or "", "kind": kind, "path": str(path)})
+    return _group(rows)
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    sessions: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        sessions[(row["subject"], row["session"])].append(row)
+    return dict(sorted(sessions.items()))
+
+
 def collect_items(manifest: list[dict], channels: str = "auto", series: str | None = None) -> list[Item]:
     """One :class:`Item` per (subject, session) of the manifest; ``series`` keeps only rows whose
     series label or description matches the glob or substring (case-insensitive)."""
@@ -295,8 +415,8 @@ def assign_folds(items: list[Item], folds: int, seed: int) -> list[int]:
 # ------------------------------------------------------------------------------------------ building
 def build_datalist(
     converted: str | os.PathLike,
-    labels_path: str | os.PathLike,
-    key: str,
+    labels_path: str | os.PathLike | None,
+    key: str | None,
     output: str | os.PathLike,
     spec: SplitSpec = SplitSpec(),
     label_column: str = "label",
@@ -315,29 +435,31 @@ def build_datalist(
 
     Image paths are written relative to ``output``'s folder. With ``masks`` (e.g. a synthetic
     archive's ``truth/`` folder), each item also gets ``"mask"``: ``<masks>/<subject>_lesion.nii.gz``.
+
+    Without ``labels_path`` (new, unlabelled studies to predict): every session becomes an item without
+    ``"label"`` in the one split ``"test"`` (:func:`build_unlabelled_datalist`).
     """
     converted, output = Path(converted), Path(output)
     items = collect_items(read_manifest(converted), channels, series)
+    if labels_path is None:
+        if class_names is not None:
+            raise DatalistError("--class-names needs --labels (an unlabelled datalist has no classes)")
+        _check_volumes(converted, items)
+        return build_unlabelled_datalist(converted, items, output, masks)
+    if key is None:
+        raise DatalistError("--labels needs --key (the labels column that names the subjects)")
     labels = read_labels(labels_path, key, label_column, hash_keys, deid_key)
     items = attach_labels(items, labels, ignore_unlabeled, ignore_missing, hashed=hash_keys)
-    absent = [p for item in items for p in item.images if not (converted / p).is_file()]
-    if absent:
-        raise DatalistError(f"{len(absent)} volumes listed in manifest.csv are missing (e.g. {absent[:_SHOWN]}); "
-                            "re-run `medimb-prep convert`")
+    _check_volumes(converted, items)
     subject_class: dict[str, int] = {}
     for item in items:  # a subject with sessions of different classes is stratified by its highest
         subject_class[item.subject] = max(item.label, subject_class.get(item.subject, item.label))
     subjects = sorted(subject_class)
     split_of = split_subjects(subjects, [subject_class[s] for s in subjects], spec)
-    base = output.absolute().parent
     mask_of = _lesion_masks(Path(masks), items) if masks is not None else {}
     datalist: dict = {split: [] for split in SPLITS}
     for item in items:
-        paths = [Path(os.path.relpath((converted / p).absolute(), base)).as_posix() for p in item.images]
-        entry = {"image": paths[0] if len(paths) == 1 else paths, "label": int(item.label),
-                 "subject": item.subject, "session": item.session}
-        if mask_of:
-            entry["mask"] = Path(os.path.relpath(mask_of[item.subject].absolute(), base)).as_posix()
+        entry = _entry(converted, item, output, mask_of)
         datalist[split_of[item.subject]].append(entry)
     if spec.folds:
         training = [i for i in items if split_of[i.subject] == "training"]
@@ -357,6 +479,39 @@ def build_datalist(
     return datalist
 
 
+def build_unlabelled_datalist(converted: Path, items: list[Item], output: Path,
+                              masks: str | os.PathLike | None = None) -> dict:
+    """Write the datalist of studies without labels (to predict, not to train): ``{"test": [items], "channels":
+    [...], "labelled": false}``; items as :func:`build_datalist` writes them, without ``"label"``. One split,
+    ``"test"`` (the split MONAI's decathlon datalists leave unlabelled), so the channel names can travel with
+    the items; returns it."""
+    mask_of = _lesion_masks(Path(masks), items) if masks is not None else {}
+    datalist = {"test": [_entry(converted, item, output, mask_of) for item in items],
+                "channels": items[0].channels, "labelled": False}
+    write_json_atomic(output, datalist)
+    return datalist
+
+
+def _check_volumes(converted: Path, items: list[Item]) -> None:
+    absent = [p for item in items for p in item.images if not (converted / p).is_file()]
+    if absent:
+        raise DatalistError(f"{len(absent)} volumes listed in manifest.csv are missing (e.g. {absent[:_SHOWN]}); "
+                            "re-run `medimb-prep convert`")
+
+
+def _entry(converted: Path, item: Item, output: Path, mask_of: dict[str, Path]) -> dict:
+    """One datalist item: image path(s) relative to ``output``'s folder, label (when known), subject, session."""
+    base = output.absolute().parent
+    paths = [Path(os.path.relpath((converted / p).absolute(), base)).as_posix() for p in item.images]
+    entry: dict = {"image": paths[0] if len(paths) == 1 else paths}
+    if item.label is not None:
+        entry["label"] = int(item.label)
+    entry.update(subject=item.subject, session=item.session)
+    if mask_of:
+        entry["mask"] = Path(os.path.relpath(mask_of[item.subject].absolute(), base)).as_posix()
+    return entry
+
+
 def _lesion_masks(folder: Path, items: list[Item]) -> dict[str, Path]:
     """``{subject: <folder>/<subject>_lesion.nii.gz}``; every item must have one."""
     found = {i.subject: folder / f"{i.subject}_lesion.nii.gz" for i in items}
@@ -369,6 +524,9 @@ def _lesion_masks(folder: Path, items: list[Item]) -> dict[str, Path]:
 
 def class_count_summary(datalist: dict) -> str:
     """A small table of items, subjects and items per class in each split."""
+    if datalist.get("labelled") is False:
+        entries = datalist.get("test", [])
+        return f"unlabelled: {len(entries)} items, {len({e['subject'] for e in entries})} subjects (split test)"
     classes = list(range(int(datalist.get("num_classes", 0))))
     header = ["split", "items", "subjects"] + [f"class {c}" for c in classes]
     lines = [header]

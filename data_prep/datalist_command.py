@@ -1,4 +1,5 @@
-"""`medimb-prep datalist OUT --labels labels.csv --key COLUMN`: a MONAI datalist from converted volumes."""
+"""`medimb-prep datalist OUT [--labels labels.csv --key COLUMN]`: a MONAI datalist from converted volumes
+(without --labels: an unlabelled datalist of studies to predict)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ def add_parser(subparsers) -> None:
         "datalist",
         help="write a MONAI datalist (training/validation/test) from converted volumes and labels",
         description="Read OUT/manifest.csv (from `medimb-prep convert`) and a labels CSV; write a MONAI "
-        "datalist split by subject, stratified by class. See docs/datalist.md.",
+        "datalist split by subject, stratified by class. Without --labels: an unlabelled datalist (every "
+        "session in the split 'test', no 'label') for medimb predict / explain. See docs/datalist.md.",
     )
     p.add_argument("out", help="the converted folder (holds manifest.csv)")
-    p.add_argument("--labels", required=True, help="CSV with a key column and a label column")
-    p.add_argument("--key", required=True,
-                   help="labels column matched to the converted subjects (sub-...; or sub-.../ses-... per session)")
+    p.add_argument("--labels", default=None,
+                   help="CSV with a key column and a label column (omit it for an unlabelled datalist of new "
+                   "studies to predict: every session in the split 'test', items without 'label')")
+    p.add_argument("--key", default=None,
+                   help="labels column matched to the converted subjects (sub-...; or sub-.../ses-... per session); "
+                   "required with --labels")
     p.add_argument("--label-column", default="label", help="labels column with integer classes (default: label)")
     p.add_argument("--class-names", default=None, metavar="NAME,NAME,...",
                    help="names of classes 0, 1, ... (e.g. benign,malignant); written as class_names, used by "
@@ -52,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.datalist import DatalistError, SplitSpec, build_datalist, class_count_summary
 
     output = Path(args.output) if args.output else Path(args.out) / "datalist.json"
+    if args.labels is None:
+        given = [flag for flag, on in (("--key", args.key), ("--val", args.val is not None), ("--folds", args.folds),
+                                       ("--hash-keys", args.hash_keys), ("--ignore-unlabeled", args.ignore_unlabeled),
+                                       ("--ignore-missing-images", args.ignore_missing_images)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)} only work with --labels (without it the datalist is unlabelled: "
+                            "every session goes to the split 'test')")
     try:
         spec = SplitSpec(val=(0.0 if args.folds else 0.2) if args.val is None else args.val,
                          test=args.test, folds=args.folds, seed=args.seed)

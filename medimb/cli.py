@@ -1,4 +1,4 @@
-"""`medimb` command line: `medimb train ...`, `medimb evaluate ...`, `medimb explain ...`.
+"""`medimb` command line: `medimb train ...`, `medimb evaluate ...`, `medimb explain ...`, `medimb predict ...`.
 
 Each subcommand lives in :mod:`medimb.commands` and exposes ``add_parser(subparsers)``; the parser sets
 ``func(args) -> int``. Parsing imports no torch (``medimb --help`` is instant); a command imports what it
@@ -13,10 +13,10 @@ import logging
 import sys
 
 from medimb import __version__
-from medimb.commands import evaluate, explain, train
+from medimb.commands import evaluate, explain, export_dicom, predict, train
 from medimb.errors import UserError
 
-COMMANDS = (train, evaluate, explain)
+COMMANDS = (train, evaluate, explain, predict, export_dicom)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from medimb.commands.options import add_runtime_options, add_splits_option
@@ -11,6 +12,9 @@ from medimb.explain.settings import (BACKGROUNDS, DEFAULT_EXPLAINERS, EXPLAINER_
                                      parse_background, parse_explainers)
 
 _DEFAULTS = ExplainSettings()
+#: the subfolder of --out that holds a DICOM input's conversion and 4D inputs split into their phases
+CONVERTED = "converted"
+logger = logging.getLogger("medimb")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,7 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (.pt) from medimb train")
     parser.add_argument("--data", required=True, type=Path,
-                        help="datalist JSON, a folder of .nii/.nii.gz files, or one NIfTI file")
+                        help="a datalist JSON (labelled or not), a DICOM study/archive folder (converted into "
+                        "OUT/converted, de-identified), a converted folder or sub-*/ses-* folder, a 4D DCE NIfTI, "
+                        "a NIfTI file or a folder of them; the checkpoint's channels are assembled from it")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty)")
     parser.add_argument("--methods", default=",".join(DEFAULT_EXPLAINERS),
                         help=f"comma-separated, from {', '.join(EXPLAINER_NAMES)} (default: %(default)s)")
@@ -49,9 +55,76 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--data is a datalist with a validation split, else per-case (default %(default)s)")
     parser.add_argument("--no-previews", action="store_true", help="skip PNG previews and index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_input_options(parser)
     add_runtime_options(parser, workers=False)  # one case at a time: nothing to load in parallel
     parser.set_defaults(func=run)
     return parser
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    """The de-identification key of a DICOM input's conversion (as ``medimb-prep convert`` takes it)."""
+    from data_prep import deid
+
+    deid.add_key_arguments(parser)
+
+
+def check_thresholds(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettings, splits: list[str] | None,
+                   decision_threshold: float | None) -> dict:
+    """Load the checkpoint, turn ``data`` into cases with the channels it takes (DICOM converted into
+    ``OUT/converted``, 4D files split there: :func:`medimb.explain.inputs.resolve_items`) and explain them into
+    ``args.out`` (:func:`medimb.explain.pipeline.run_explain`); returns its summary plus ``"channels"`` (what
+    the model takes, and the note when that was assumed). Shared by ``medimb explain`` and ``medimb predict``.
+    A failed run removes the output folder it created."""
+    import shutil
+
+    from data_prep import deid
+    from data_prep.cli import UserError as PrepError
+    from medimb.data.channels import ASSUMED, ChannelSpec
+    from medimb.explain.inputs import resolve_items, validation_items
+    from medimb.explain.outputs import check_destination
+    from medimb.explain.pipeline import run_explain
+    from medimb.networks import load_checkpoint
+    from medimb.runtime import resolve_device
+
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(args.checkpoint, map_location=device, needs_preprocessing=True)
+    num_classes = int(model.config.get("num_classes", 0))
+    if settings.target_class is not None and not 0 <= settings.target_class < num_classes:
+        raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {settings.target_class}")
+    check_destination(out, args.overwrite)
+    channels = ChannelSpec.from_preprocessing(meta["preprocessing"])
+    created = not out.exists()
+    work_dir = out / CONVERTED
+    try:
+        key = deid.key_from_arguments(args)
+    except PrepError as exc:  # a key file that cannot be read
+        raise UserError(str(exc)) from None
+    try:
+        items = resolve_items(data, splits, channels=channels, work_dir=work_dir, deid_key=key,
+                              progress=not args.no_progress)
+        calibration = (validation_items(data, channels=channels, work_dir=work_dir)
+                       if settings.map_scale != "per-case" else None)
+        note = channels.note if any(item.get(ASSUMED) for item in items) else None
+        if note:
+            logger.warning("note: %s", note)
+        wrote_inputs = work_dir.exists()
+        summary = run_explain(model, meta, items, out, settings, overwrite=args.overwrite or wrote_inputs,
+                              progress=not args.no_progress, checkpoint_name=Path(args.checkpoint).name,
+                              calibration_items=calibration, decision_threshold=decision_threshold,
+                              keep=(CONVERTED,) if wrote_inputs else ())
+    except UserError:
+        if created:  # nothing half-written is left behind (a resumed DICOM conversion starts over)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    summary["channels"] = {"names": list(channels.names), "recorded": channels.recorded, "note": note}
+    return summary
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,27 +133,11 @@ def run(args: argparse.Namespace) -> int:
         background = parse_background(args.background)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    for name in ("threshold", "display_threshold", "decision_threshold"):
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    from medimb.explain.inputs import resolve_items, validation_items
-    from medimb.explain.pipeline import run_explain
-    from medimb.networks import load_checkpoint
-    from medimb.runtime import resolve_device
-
-    device = resolve_device(args.device)
-    items = resolve_items(args.data, args.splits)
-    model, meta = load_checkpoint(args.checkpoint, map_location=device, needs_preprocessing=True)
-    num_classes = int(model.config.get("num_classes", 0))
-    if args.target_class is not None and not 0 <= args.target_class < num_classes:
-        raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {args.target_class}")
+    check_thresholds(args, ("threshold", "display_threshold", "decision_threshold"))
     settings = ExplainSettings(methods=methods, threshold=args.threshold,
                                display_threshold=args.display_threshold, target_class=args.target_class,
                                previews=not args.no_previews, background=background, map_scale=args.map_scale)
-    calibration = validation_items(args.data) if args.map_scale != "per-case" else None
-    summary = run_explain(model, meta, items, args.out, settings, overwrite=args.overwrite,
-                          progress=not args.no_progress, checkpoint_name=args.checkpoint.name,
-                          calibration_items=calibration, decision_threshold=args.decision_threshold)
+    summary = explain_inputs(args, args.data, settings, args.splits, args.decision_threshold)
     n = len(summary["cases"])
     print(f"explained {n} case(s) with {', '.join(methods)} -> {args.out}")
     print(f"  overlays:    {summary['files']['heatmap']} (background {summary['background']['name']}, "

@@ -83,6 +83,10 @@ class Preprocessing:
     moved to the first spatial axis, (C, X, Y, K) -> (C, K, X, Y), the layout the 2.5D networks of
     :mod:`medimb.networks` take (``slice_channels`` stacks the K slices as channels, ``slice_pool`` runs a
     2D encoder per slice).
+    channels: what each input channel is, as the datalist names them (its ``"channels"``, e.g.
+    ``("phase-00", ..., "phase-03")``; ``medimb.training.config.preprocessing_for`` records them), so that
+    ``medimb predict`` can assemble the same channels from a new study; None when unknown (hand-written
+    datalists without ``"channels"``, checkpoints written before this field).
     """
 
     source: str = "nifti"
@@ -97,6 +101,7 @@ class Preprocessing:
     percentiles: tuple[float, float] = (0.5, 99.5)
     slices: int | None = None
     augmentation: Augmentation = field(default_factory=Augmentation)
+    channels: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +110,7 @@ class Preprocessing:
     def from_dict(cls, d: Mapping) -> Preprocessing:
         d = dict(d)
         aug = Augmentation(**d.pop("augmentation", {}) or {})
-        for key in ("spatial_size", "pixdim", "percentiles"):
+        for key in ("spatial_size", "pixdim", "percentiles", "channels"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d, augmentation=aug)

@@ -246,6 +246,10 @@ def preprocessing_for(network: str, train_items: Sequence[dict], spatial_size: S
     in-plane size. ``slices`` with a 3D network feeds it the ``(C, K, X, Y)`` slab as a volume.
     ``overrides``: other :class:`~medimb.data.Preprocessing` fields, e.g. ``channel_wise=True`` (bundles:
     ``--preprocessing#channel_wise true``).
+
+    The channel names of the items (``"channel_names"``: the datalist's ``"channels"``, e.g. ``phase-00`` ...
+    ``phase-03``, as :func:`medimb.data.datalist.read_datalist` attaches them) are recorded as
+    ``channels``, so that the checkpoint says which phases/kinds its network takes (``medimb predict``).
     """
     from dataclasses import replace
 
@@ -255,4 +259,7 @@ def preprocessing_for(network: str, train_items: Sequence[dict], spatial_size: S
     defaults = backbone_defaults(network)
     size = tuple(spatial_size) if spatial_size else defaults.default_size
     pre = default_nifti_preprocessing(train_items, size, slices or defaults.slices, orientation=defaults.orientation)
+    names = train_items[0].get("channel_names") if train_items else None
+    if names and len(names) == pre.in_channels and "channels" not in overrides:
+        overrides["channels"] = tuple(str(n) for n in names)
     return replace(pre, **overrides) if overrides else pre
