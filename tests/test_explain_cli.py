@@ -158,10 +158,16 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
     two.write_text(json.dumps({"test": [{"image": [f"scans/{scans[0].name}", f"scans/{scans[0].name}"]}]}))
     assert "channel" in _run_error([*base, "--data", str(two)], capsys)
 
-    # a 4D (two-volume) NIfTI: two channels after loading
+    # a 4D (two-volume) NIfTI for a model trained on one 3D image series: the error says what it takes
+    payload = read_checkpoint_file(ckpt)
+    payload["preprocessing"]["channels"] = ["image"]
+    write_checkpoint_file(tmp_path / "image.pt", payload)
     four_d = tmp_path / "four_d.nii.gz"
     write_nifti(four_d, np.zeros((8, 8, 8, 2)))
-    assert "channel" in _run_error([*base, "--data", str(four_d)], capsys)
+    assert _run_error(["explain", "--checkpoint", str(tmp_path / "image.pt"), "--out", str(out), "--data",
+                       str(four_d)], capsys).strip() == (
+        "medimb explain: error: case four_d: the model takes 1 image (a 3D series); found a 4D file of 2 volumes "
+        "(phase-00..phase-01)")
 
     assert "gradcan" in _run_error([*base, "--data", str(scans[0]), "--methods", "gradcan"], capsys)
     assert not out.exists()
