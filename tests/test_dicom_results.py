@@ -244,4 +244,4 @@ def test_link_table_finds_the_instances_in_any_archive_layout(tmp_path, dicom_se
     write_link_table(tmp_path / "other.csv", [dict(r, output="sub-x/ses-1/other.nii.gz")
                                                for r in _link_rows(scan, tmp_path / "converted", source_dir)])
     assert main([*base[:4], str(tmp_path / "other.csv"), "--archive", str(pulled), "--out", str(tmp_path / "o4")]) == 2
-    assert f"case {case} is not in the link table" in capsys.readouterr().err
+    assert f"case {case}: its scan {scan.name} is not in the link table" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 A 2-case synthetic DCE archive (case 0: every phase in one series, not oblique; case 1: one series per phase,
 oblique, seed 4) is uploaded to Orthanc, pulled with ``medimb-prep pull`` (DICOMweb), converted with
-``--link-table``, explained by a tiny untrained 3-channel network (the plumbing is under test, not the model),
+``--link-table``, predicted and explained (``medimb predict``) by a tiny untrained 3-channel network (the plumbing is under test, not the model),
 exported with ``medimb export-dicom --push`` (STOW-RS) and pushed again by C-STORE. What Orthanc then holds
 is read back by WADO-RS and checked against the *source series as Orthanc holds it*.
 """
@@ -10,6 +10,7 @@ is read back by WADO-RS and checked against the *source series as Orthanc holds 
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import nibabel as nib
@@ -73,10 +74,8 @@ def roundtrip(orthanc, tmp_path_factory):
     links = root / "private" / "links.csv"
     assert prep_main(["convert", str(root / "archive"), str(root / "converted"), "--link-table", str(links),
                       "--no-progress"]) == 0
-    assert prep_main(["datalist", str(root / "converted"), "-o", str(root / "converted" / "datalist.json")]) == 0
-    assert main(["explain", "--checkpoint", str(_checkpoint(root / "model.pt")), "--data",
-                 str(root / "converted" / "datalist.json"), "--out", str(root / "overlays"), "--methods", "coam",
-                 "--no-previews", "--no-progress"]) == 0
+    assert main(["predict", "--checkpoint", str(_checkpoint(root / "model.pt")), "--input", str(root / "converted"),
+                 "--out", str(root / "overlays"), "--methods", "coam", "--no-previews", "--no-progress"]) == 0
     assert main(["export-dicom", "--overlays", str(root / "overlays"), "--archive", str(root / "archive"),
                  "--link-table", str(links), "--out", str(root / "results"), "--push", orthanc.dicomweb_server,
                  "--credentials-file", str(creds), "--no-progress"]) == 0
@@ -87,11 +86,14 @@ def roundtrip(orthanc, tmp_path_factory):
     return root, studies, links
 
 
-def _linked_cases(links) -> dict:
-    """``{case: data_prep.pacs.links.LinkedOutput}``: the link table by converted file name (the case id)."""
+def _linked_cases(links, overlays) -> dict:
+    """``{case: data_prep.pacs.links.LinkedOutput}``: each case's first input (explain.json ``source``, the
+    pre-contrast phase) in the link table."""
     from data_prep.pacs.links import read_link_table
 
-    return {os.path.basename(out).removesuffix(".nii.gz"): item for out, item in read_link_table(links).items()}
+    by_name = {os.path.basename(out): item for out, item in read_link_table(links).items()}
+    summary = json.loads((overlays / "explain.json").read_text())
+    return {c["case"]: by_name[c["source"]] for c in summary["cases"]}
 
 
 def _results_on_server(orthanc, study_uid):
@@ -111,7 +113,7 @@ def test_results_come_back_from_the_server_on_the_source_series(roundtrip, ortha
     with open(overlays / "predictions.csv", newline="") as fh:
         rows = {row["case"]: row for row in csv.DictReader(fh)}
     cases = sorted(rows)
-    linked = _linked_cases(links)
+    linked = _linked_cases(links, overlays)
     assert sorted(linked[c].study_uid for c in cases) == studies
     for case in cases:
         study, link = linked[case].study_uid, linked[case]

@@ -409,7 +409,9 @@ def write_folder_files(staging: Path, out_dir: Path, items: list[dict], cases: l
         "display_threshold": settings.display_threshold,
         "target_class": settings.target_class,
         "operating_point": point,
-        "cases": [{"case": c.case, "predicted": c.predicted, "label": c.label,
+        # "source": the file name of the case's first input, whose grid the overlays share (medimb export-dicom
+        # finds the case's original DICOM instances by it in the link table)
+        "cases": [{"case": c.case, "source": Path(c.sources[0]).name, "predicted": c.predicted, "label": c.label,
                    "seconds": {k: round(v, 4) for k, v in c.seconds.items()},
                    **({"localization": c.localization} if c.localization else {})} for c in cases],
         # maps against the items' lesion masks (datalist "mask"): computed on each map before any clipping

@@ -3,7 +3,7 @@
 The folder (:mod:`medimb.explain.pipeline`): ``explain.json`` (methods, the region threshold, the file name
 patterns ``<case>_<method>_on-<bg>.nii.gz`` / ``..._label.nii.gz``), ``predictions.csv``
 (:mod:`medimb.evaluation.predictions_csv`) and per case and method the float32 heatmap and uint8 region on
-the case's source scan grid (its first channel's converted NIfTI, whose file name is the case id).
+the case's source scan grid (its first channel's converted NIfTI, named in explain.json's per-case ``source``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from .objects import Prediction
 
 @dataclass
 class OverlayCase:
-    """One case of an explain folder: ``maps`` ``{method: (heatmap path, region path)}`` and its prediction."""
+    """One case of an explain folder: ``maps`` ``{method: (heatmap path, region path)}``, its prediction and
+    ``source``, the file name of its first input (the overlays' grid; explain.json's ``source``, else the case id
+    plus ``.nii.gz`` for folders written before medimb recorded it)."""
 
     case: str
     prediction: Prediction
+    source: str
     maps: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
 
@@ -71,12 +74,13 @@ def read_overlay_folder(folder: str | Path, methods: list[str] | None = None) ->
         rows = read_predictions(csv_path)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{csv_path}: not a readable predictions.csv ({exc})") from None
+    sources = {c.get("case"): c.get("source") for c in summary.get("cases", []) if isinstance(c, dict)}
     cases, seen = [], set()
     for row in rows:
         if row["case"] in seen:  # a case listed under two splits: one result
             continue
         seen.add(row["case"])
-        item = OverlayCase(row["case"], _prediction(row))
+        item = OverlayCase(row["case"], _prediction(row), sources.get(row["case"]) or f"{row['case']}.nii.gz")
         for method in methods:
             heat = folder / heat_pattern.replace("<case>", row["case"]).replace("<method>", method)
             label = folder / label_pattern.replace("<case>", row["case"]).replace("<method>", method)

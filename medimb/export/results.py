@@ -25,7 +25,7 @@ from medimb.errors import UserError
 
 from .geometry import volume_to_frames
 from .objects import (build_parametric_map, build_segmentation, parametric_map_uids, segmentation_uids)
-from .overlays import OverlayFolder
+from .overlays import OverlayCase, OverlayFolder
 from .sources import SourceSeries, read_source_series
 
 PHI_FILE_MODE, PHI_DIR_MODE = 0o600, 0o700
@@ -99,10 +99,10 @@ def export_case(case, source: SourceSeries, region_threshold: float, out_dir: Pa
     return written
 
 
-def export_results(overlays: OverlayFolder, locate: Callable[[str], list[Path]], out_dir: str | Path,
+def export_results(overlays: OverlayFolder, locate: Callable[[OverlayCase], list[Path]], out_dir: str | Path,
                    progress: bool = False) -> list[WrittenResult]:
     """Export every case of ``overlays`` (:func:`medimb.export.overlays.read_overlay_folder`) into ``out_dir``;
-    ``locate(case)`` returns the case's source instance files. Returns what was written (or skipped)."""
+    ``locate(case)`` returns the :class:`OverlayCase`'s source instance files. Returns what was written (or skipped)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -113,8 +113,8 @@ def export_results(overlays: OverlayFolder, locate: Callable[[str], list[Path]],
     start = time.perf_counter()
     written: list[WrittenResult] = []
     for case in tqdm(overlays.cases, desc="export", unit="case", disable=not progress):
-        source = read_source_series(locate(case.case))
         try:
+            source = read_source_series(locate(case))
             written += export_case(case, source, overlays.region_threshold, out_dir)
         except UserError as exc:
             raise UserError(f"case {case.case}: {exc}") from None
@@ -128,7 +128,7 @@ def export_results(overlays: OverlayFolder, locate: Callable[[str], list[Path]],
     return written
 
 
-def folder_locator(folder: str | Path) -> Callable[[str], list[Path]]:
+def folder_locator(folder: str | Path) -> Callable[[OverlayCase], list[Path]]:
     """``locate`` for one case whose source instances are the DICOM files of ``folder`` (recursively)."""
     from .sources import _read_header
 

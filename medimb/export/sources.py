@@ -114,11 +114,11 @@ def read_source_series(paths: Iterable[str | os.PathLike]) -> SourceSeries:
 
 
 def link_table_locator(link_table: str | os.PathLike, archive: str | os.PathLike):
-    """``locate(case) -> [source file]`` from the link table of ``medimb-prep convert --link-table`` and the
-    archive the scans were converted from.
+    """``locate(case) -> [source file]`` (``case``: a :class:`medimb.export.overlays.OverlayCase`) from the link
+    table of ``medimb-prep convert --link-table`` and the archive the scans were converted from.
 
-    A case is named after its converted file (``<file name>`` without ``.nii.gz``); its source instances are the
-    link table's rows of that file's first volume. Each is looked up at its ``medimb-prep pull`` path
+    The case's source instances are the link table's rows of the first volume of its converted file
+    (``case.source``, a file name). Each is looked up at its ``medimb-prep pull`` path
     (``ARCHIVE/<study>/<series>/<instance>.dcm``, hashes of the UIDs) first, else by reading the headers of
     every file of the archive once. :class:`UserError` for an unknown case, multi-frame sources, or instances the
     archive does not hold.
@@ -134,23 +134,18 @@ def link_table_locator(link_table: str | os.PathLike, archive: str | os.PathLike
         outputs = read_link_table(link_table)
     except LinkTableError as exc:
         raise UserError(str(exc)) from None
-    by_case = {}
-    for output in outputs.values():
-        name = Path(output.output).name
-        for suffix in (".nii.gz", ".nii"):
-            name = name.removesuffix(suffix)
-        by_case[name] = output
+    by_name = {Path(output.output).name: output for output in outputs.values()}
     walked: dict[str, Path] = {}  # filled on first need: SOP Instance UID -> file, for archives not laid out by pull
 
-    def locate(case: str) -> list[Path]:
-        output = by_case.get(case)
+    def locate(case) -> list[Path]:
+        output = by_name.get(case.source)
         if output is None:
-            raise UserError(f"case {case} is not in the link table {link_table} (converted by another run, or "
-                            "without --link-table?)")
+            raise UserError(f"its scan {case.source} is not in the link table {link_table} (converted by another "
+                            "run, or without --link-table?)")
         instances = [i for i in output.instances if i.volume == 0]
         if any(i.frame is not None for i in instances):
-            raise UserError(f"case {case}: its source is a multi-frame instance; results for multi-frame sources "
-                            "are not supported")
+            raise UserError("its source is a multi-frame instance; results for multi-frame sources are not "
+                            "supported")
         files, missing = [], []
         for inst in instances:
             path = instance_path(archive, InstanceRef(inst.study_uid, inst.series_uid, inst.sop_uid))
@@ -159,11 +154,10 @@ def link_table_locator(link_table: str | os.PathLike, archive: str | os.PathLike
             else:
                 missing.append(inst.sop_uid)
         if missing and not walked:  # not laid out by medimb-prep pull: read the archive's headers once
-            walked.update(index_archive(archive, {i.sop_uid for o in by_case.values() for i in o.instances}))
+            walked.update(index_archive(archive, {i.sop_uid for o in by_name.values() for i in o.instances}))
         lost = [uid for uid in missing if uid not in walked]
         if lost:
-            raise UserError(f"case {case}: {len(lost)} of its {len(instances)} source instances are not in "
-                            f"--archive {archive}")
+            raise UserError(f"{len(lost)} of its {len(instances)} source instances are not in --archive {archive}")
         return files + [walked[uid] for uid in missing]
 
     return locate
