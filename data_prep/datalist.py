@@ -292,7 +292,8 @@ def read_sessions(folder: str | os.PathLike) -> dict[tuple[str, str], list[dict]
         else:
             kind = "4d" if match["four"] else ("dwi" if (path.parent / f"{stem}.bval").is_file() else "image")
         rows.append({"subject": match["subject"], "session": match["session"], "series": match["series"],
-                     "description": "", "phase": match["phase"] or "", "kind": kind, "path": str(path)})
+                     "description": "", "phase": str(int(match["phase"])) if match["phase"] else "", "kind": kind,
+                     "path": str(path)})
     return _group(rows)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.cli import main
-from data_prep.datalist import DatalistError, SplitSpec, build_datalist, collect_items, read_manifest
+from data_prep.datalist import (DatalistError, SplitSpec, build_datalist, collect_items, pick_named_channels,
+                                read_manifest, read_sessions)
 from data_prep.deid import pseudonymize
 
 COLUMNS = ["subject", "session", "series", "series_number", "description", "modality", "phase", "phase_time_s",
@@ -275,6 +276,58 @@ def test_class_names_are_written_and_checked(cohort, tmp_path, capsys):
         assert main([*args, "--class-names", bad]) == 2
         assert "give 2 distinct, non-empty names" in capsys.readouterr().err
     assert json.loads(out.read_text())["class_names"] == ["benign", "malignant"]  # a refused run writes nothing
+
+
+def test_without_labels_every_session_goes_unlabelled_to_test(cohort, tmp_path, capsys):
+    converted, _, labels = cohort
+    out = tmp_path / "new.json"
+    assert main(["datalist", str(converted), "-o", str(out), "--masks", str(tmp_path / "none")]) == 2
+    assert "no <subject>_lesion.nii.gz" in capsys.readouterr().err
+    assert main(["datalist", str(converted), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "unlabelled: 40 items, 30 subjects (split test)"
+    data = json.loads(out.read_text())
+    assert set(data) == {"test", "channels", "labelled"} and data["labelled"] is False
+    assert data["channels"] == ["phase-00", "phase-01", "phase-02", "phase-03"]
+    assert len(data["test"]) == 40 and {e["subject"] for e in data["test"]} == set(labels)
+    assert all("label" not in e and len(e["image"]) == 4 for e in data["test"])
+    for flags in (["--key", "case"], ["--folds", "3"], ["--val", "0.1"], ["--hash-keys"]):
+        assert main(["datalist", str(converted), "-o", str(tmp_path / "x.json"), *flags]) == 2
+        assert "only work with --labels" in capsys.readouterr().err
+    with pytest.raises(DatalistError, match="--class-names needs --labels"):
+        build_datalist(converted, None, None, tmp_path / "x.json", class_names=["a", "b"])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_named_channels_are_picked_from_a_session_or_named_as_missing(tmp_path):
+    rows = _dce("sub-a", phases=3, subtraction=True) + [_row("sub-a", "ses-1", "s002-t2", "image")]
+    _write(tmp_path / "conv", rows)
+    (session,) = read_sessions(tmp_path / "conv" / "sub-a" / "ses-1").values()  # rows of the manifest up there
+    assert [Path(r["path"]).is_absolute() for r in session] == [True] * len(rows)
+    names = lambda picked: [Path(r["path"]).name.split("s003-dce_")[-1] for r in picked]  # noqa: E731
+    assert names(pick_named_channels(session, ["phase-00", "phase-02"], "sub-a/ses-1")) == [
+        "phase-00.nii.gz", "phase-02.nii.gz"]
+    assert names(pick_named_channels(session, ["phase[0]", "phase[-1]"], "x")) == ["phase-00.nii.gz", "phase-02.nii.gz"]
+    assert names(pick_named_channels(session, ["sub-01", "sub-02"], "x")) == ["sub-01.nii.gz", "sub-02.nii.gz"]
+    assert pick_named_channels(session, ["image"], "x")[0]["path"].endswith("s002-t2.nii.gz")
+    with pytest.raises(DatalistError) as info:
+        pick_named_channels(session, ["phase-00", "phase-01", "phase-02", "phase-03"], "case sub-a/ses-1")
+    assert str(info.value) == ("case sub-a/ses-1: the model takes 4 DCE phases (phase-00..phase-03); found "
+                               "phase-00, phase-01, phase-02")
+    with pytest.raises(DatalistError, match=r"the model takes a dwi series; found no dwi volume; its series: "
+                                            r"s002-t2 \(image\), s003-dce \(dce_phase\), s003-dce \(subtraction\)"):
+        pick_named_channels(session, ["dwi"], "x")
+    with pytest.raises(DatalistError, match="not named as medimb-prep names them"):
+        pick_named_channels(session, ["t1", "t2"], "x")
+    # files named as the converter names them, without a manifest: the kinds come from the names
+    loose = tmp_path / "loose"
+    for r in rows:
+        target = loose / Path(r["path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
+    (key, found), = read_sessions(loose).items()
+    assert key == ("sub-a", "ses-1")
+    assert sorted((r["kind"], r["phase"]) for r in found) == sorted((r["kind"], str(r["phase"])) for r in rows)
+    assert read_sessions(tmp_path / "nothing_here") == {}
 
 
 @pytest.mark.slow  # importing monai (torch) alone takes 5-20 s on the shared 2-core machine
