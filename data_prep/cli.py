@@ -16,6 +16,7 @@ import sys
 #: subcommand modules, in the order `--help` lists them
 COMMAND_MODULES = (
     "data_prep.synth.command",
+    "data_prep.pull_command",
     "data_prep.scan_command",
     "data_prep.convert_command",
     "data_prep.datalist_command",

@@ -308,18 +308,23 @@ def output_lock(out: str):
 
 def convert_archive(root: str, out: str, workers: int = 1, key: str | None = None,
                     options: ConvertOptions = ConvertOptions(), progress: bool = True,
-                    scan: ScanResult | None = None) -> ConvertResult:
+                    scan: ScanResult | None = None, link_table: str | None = None) -> ConvertResult:
     """Scan ``root`` and convert every planned series into ``out``; writes manifest and report.
 
     One bad file or series never stops the archive: it becomes a report entry. ``report.json`` is
     written however the run ends (``"complete": false`` when interrupted). Raises ``ValueError`` for a
     usage error, :class:`OutputLocked` when another run writes into ``out`` and ``OSError`` when ``out``
-    cannot be written at all.
+    cannot be written at all. ``link_table``: also write the private link table there
+    (:mod:`data_prep.pacs.links`; PHI, refused inside ``out``), merged with the one already there.
     """
     root = os.path.abspath(root)
     out = os.path.abspath(out)
     if Path(out).resolve().is_relative_to(Path(root).resolve()):
         raise ValueError("the output folder must not be inside the archive (the archive is never modified)")
+    if link_table is not None:
+        from data_prep.pacs.links import check_location
+
+        link_table = str(check_location(link_table, out))
     Path(out).mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         removed = remove_partial_files(out)
@@ -329,10 +334,10 @@ def convert_archive(root: str, out: str, workers: int = 1, key: str | None = Non
             # the pool is forked now, while this process is small: workers then hold one series each,
             # not a copy of the whole archive's plan
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
-            return _convert(root, out, key, options, progress, scan, pool)
+            return _convert(root, out, key, options, progress, scan, pool, link_table)
 
 
-def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
+def _convert(root, out, key, options, progress, scan, pool, link_table=None) -> ConvertResult:
     resumed: list[tuple[SeriesPlan, list[dict]]] = []
     todo: list[SeriesPlan] = []
     futures: dict = {}
@@ -370,6 +375,7 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
     issues = list(scan.issues)
     outcomes: list[SeriesOutcome] = list(scan.outcomes)
     rows: list[dict] = []
+    finished: list[tuple[SeriesPlan, list[dict]]] = list(resumed)  # plans with all outputs written (link table)
     for plan, done in resumed:
         rows.extend(done)
         outcomes.append(_outcome(plan, "resumed", done))
@@ -378,6 +384,8 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
     def collect(plan, r, i):
         rows.extend(r)
         issues.extend(i)
+        if r and not i:
+            finished.append((plan, r))
         outcomes.append(_outcome(plan, "failed" if i else "converted", r))
         bar.update(1)
 
@@ -407,6 +415,10 @@ def _convert(root, out, key, options, progress, scan, pool) -> ConvertResult:
         report = _report(scan, outcomes, issues, rows, complete)
         write_manifest(out, rows)
         write_json_atomic(Path(out) / "report.json", report)
+        if link_table is not None:  # even when interrupted: the series finished so far are linked
+            from data_prep.pacs.links import plan_rows, write_link_table
+
+            write_link_table(link_table, [lr for plan, r in finished for lr in plan_rows(plan, r)])
     counts = Counter(o.status for o in outcomes)
     return ConvertResult(rows, issues, counts["converted"], counts["resumed"], counts["failed"], scan.n_files)
 

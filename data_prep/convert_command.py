@@ -20,6 +20,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dce-4d", action="store_true", help="also write a 4D file per DCE series")
     p.add_argument("--subtract", action="store_true", help="also write post-minus-pre subtraction volumes")
     deid.add_key_arguments(p)
+    p.add_argument("--link-table", metavar="PATH", default=None,
+                   help="also write the private link table (output volume/slice <-> original Study, Series and "
+                        "SOP Instance UIDs: PHI) to PATH, outside OUT, mode 0600; merged when resuming "
+                        "(docs/pacs.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -37,7 +41,7 @@ def run(args) -> int:
     key = deid.key_from_arguments(args)
     try:
         result = convert_archive(str(archive), args.out, workers=args.workers, key=key,
-                                 options=options, progress=not args.no_progress)
+                                 options=options, progress=not args.no_progress, link_table=args.link_table)
     except (ValueError, OutputLocked) as exc:
         raise UserError(str(exc)) from exc
     except OSError as exc:  # OUT itself cannot be written (read-only, no space, permissions)
@@ -48,6 +52,8 @@ def run(args) -> int:
     print(f"{result.n_files} files: {result.converted} series converted, {result.resumed} already done, "
           f"{result.failed} failed; {len(result.rows)} volumes; report: {sev['error']} errors, "
           f"{sev['warning']} warnings, {sev['info']} info -> {Path(args.out) / 'report.json'}")
+    if args.link_table:
+        print(f"link table (PHI: original UIDs; keep it private) -> {args.link_table}")
     if not result.exit_ok:
         print("nothing was converted")
         return 1

@@ -50,6 +50,7 @@ class PhasePlan:
     time_s: float | None = None  # acquisition time relative to the first phase
     series_number: int | None = None
     description: str = ""
+    series_uid: str = ""  # the source SeriesInstanceUID (for the optional link table; never in outputs)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class SeriesPlan:
     params: dict = field(default_factory=dict)
     n_files: int = 0
     split: bool = False  # one of several volumes its series was split into (echo, image part, plane)
+    study_uid: str = ""  # the source StudyInstanceUID (for the optional link table; never in outputs)
 
     @property
     def n_slices(self) -> int:
@@ -110,6 +112,10 @@ class ScanResult:
 
 
 # ----------------------------------------------------------------------------------------- walk
+#: ``medimb-prep pull``'s bookkeeping (markers, report) at the top of an archive it filled: not images
+PULL_STATE_DIR = ".medimb-pull"
+
+
 def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
     """All candidate files under ``root`` (sorted), following directory symlinks once.
 
@@ -140,6 +146,8 @@ def walk_archive(root: str) -> tuple[list[str], list[Issue]]:
         seen_dirs.add(ident)
         kept = []
         for d in sorted(dirnames):
+            if d == PULL_STATE_DIR and dirpath == root:
+                continue
             full = os.path.join(dirpath, d)
             try:
                 sd = os.stat(full)
@@ -525,10 +533,11 @@ class _Planner:
             task_id=deid.keyed_hash(f"{subject}|{session}|{uid}|{label}", self.key, digits=16),
             subject=subject, session=session, label=label, modality=h0.modality,
             description=description, series_number=number,
-            phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description)
+            phases=[PhasePlan(p, None if (t is None or t0 is None) else round(t - t0, 3), number, description, uid)
                     for p, t in zip(ordered, times)],
             affine=affine.tolist(), shape=(h0.cols, h0.rows, len(first)),
             kind=_series_kind(ordered, params, times), params=params, n_files=self._count(used), split=split,
+            study_uid=h0.study_uid.strip(),
         )
         return [plan]
 
@@ -574,7 +583,7 @@ class _Planner:
                 subject=subject, session=session, label=f"{first_num}-dce", modality=first.modality,
                 description=first.description, series_number=first.series_number, phases=phases,
                 affine=first.affine, shape=first.shape, kind="dce", params=first.params,
-                n_files=sum(p.n_files for p in members),
+                n_files=sum(p.n_files for p in members), study_uid=first.study_uid,
             ))
         return out
 

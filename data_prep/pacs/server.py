@@ -49,6 +49,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -303,6 +304,10 @@ class DicomWebServer(_Connection):
         import requests
         from dicomweb_client import DICOMwebClient
 
+        # dicomweb-client logs each request at INFO, with the UIDs: shown with --verbose only
+        logging.getLogger("dicomweb_client").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
+                                                      else logging.WARNING)
+
         session = requests.Session()
         headers = {}
         creds = spec.credentials
@@ -310,6 +315,8 @@ class DicomWebServer(_Connection):
             headers["Authorization"] = f"Bearer {creds.token}"
         elif creds is not None:
             session.auth = (creds.user, creds.password)
+        if not requests.utils.get_environ_proxies(spec.url):  # direct: say at once when nothing listens
+            _check_reachable(spec.host, spec.port, spec.timeout, self.name)  # (dicomweb-client retries for ~30 s)
         self._client = DICOMwebClient(spec.url, session=session, headers=headers or None,
                                       timeout=spec.timeout)
         self._session = session
@@ -433,18 +440,38 @@ class DimseServer(_Connection):
 
     def __init__(self, spec: ServerSpec):
         super().__init__(spec)
+        self._scp = None              # the C-MOVE storage SCP, started at the first move, stopped by close()
+        self._receiver: _Receiver | None = None
         # pynetdicom logs every association at INFO and dumps datasets at DEBUG: shown with --verbose only
         # (our own one-line errors say what went wrong)
         logging.getLogger("pynetdicom").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
                                                  else logging.CRITICAL + 1)
 
-    def _ae(self):
-        from pynetdicom import AE
+    def _ae(self, op: str, contexts=()):
+        """Our AE for one kind of operation, with its requested ``contexts`` ((abstract, [transfer syntaxes])
+        or a presentation context), built once per process (C-GET's 121 contexts take about 0.5 s)."""
+        cache_key = (op, self.spec.calling_aet, self.spec.timeout)
+        ae = _AES.get(cache_key)
+        if ae is None:
+            from pynetdicom import AE
 
-        ae = AE(ae_title=self.spec.calling_aet)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.spec.timeout
-        ae.connection_timeout = min(self.spec.timeout, 10.0)
+            ae = AE(ae_title=self.spec.calling_aet)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.spec.timeout
+            ae.connection_timeout = min(self.spec.timeout, 10.0)
+            for cx in contexts:
+                if isinstance(cx, tuple):
+                    ae.add_requested_context(*cx)
+                else:
+                    ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
+            if len(_AES) > 32:
+                _AES.clear()
+            _AES[cache_key] = ae
         return ae
+
+    def close(self) -> None:
+        if self._scp is not None:
+            self._scp.shutdown()
+            self._scp = None
 
     def _ext_neg(self) -> list:
         creds = self.spec.credentials
@@ -476,30 +503,30 @@ class DimseServer(_Connection):
                 raise PacsError(f"{self.name} aborted the association from {spec.calling_aet} (authentication or "
                                 "AE title not accepted?)", "refused")
             raise PacsError(f"cannot associate with {self.name}: no answer within {spec.timeout:g} s", "unreachable")
+        assoc._medimb_started = time.monotonic()  # for _check_status: a refusal answers fast, a timeout does not
         try:
             yield assoc
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        except BaseException:
+            if assoc.is_established:  # interrupted or failed mid-operation: do not wait for the server
+                assoc.abort()
+            raise
+        if assoc.is_established:
+            assoc.release()
 
     def echo(self) -> None:
         from pynetdicom.sop_class import Verification
 
-        ae = self._ae()
-        ae.add_requested_context(Verification)
-        with self._association(ae) as assoc:
+        with self._association(self._ae("echo", [(Verification,)])) as assoc:
             status = assoc.send_c_echo()
-            _check_status(status, self.name, "C-ECHO")
+            _check_status(status, self.name, "C-ECHO", assoc)
 
     def _find(self, query, level_name: str, study_uid: str | None = None) -> list:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FindModel
 
-        ae = self._ae()
-        ae.add_requested_context(FindModel)
         out = []
-        with self._association(ae) as assoc:
+        with self._association(self._ae("find", [(FindModel,)])) as assoc:
             for status, identifier in assoc.send_c_find(query, FindModel):
-                code = _check_status(status, self.name, f"C-FIND ({level_name})")
+                code = _check_status(status, self.name, f"C-FIND ({level_name})", assoc)
                 if code in (0xFF00, 0xFF01) and identifier is not None:
                     out.append(identifier)
         return out
@@ -566,43 +593,45 @@ class DimseServer(_Connection):
         from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GetModel
 
-        ae = self._ae()
-        ae.add_requested_context(GetModel)
-        roles = []
-        for cx in _storage_contexts()[:127]:  # an association holds at most 128 presentation contexts
-            ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
-            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+        storage = _storage_contexts()[:127]  # an association holds at most 128 presentation contexts
+        ae = self._ae("get", [(GetModel,)] + storage)
+        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in storage]
         with self._association(ae, roles, [(evt.EVT_C_STORE, received.handle)]) as assoc:
-            self._run_retrieve(assoc.send_c_get(query, GetModel), "C-GET", query)
+            self._run_retrieve(assoc.send_c_get(query, GetModel), "C-GET", query, assoc)
 
     def _move(self, query, received: "_Receiver") -> None:
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MoveModel
 
         spec = self.spec
-        scp = AE(ae_title=spec.move_dest)
-        scp.network_timeout = scp.dimse_timeout = scp.acse_timeout = spec.timeout
-        for cx in _storage_contexts():
-            scp.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        if self._scp is None:
+            scp = AE(ae_title=spec.move_dest)
+            scp.network_timeout = scp.dimse_timeout = scp.acse_timeout = spec.timeout
+            for cx in _storage_contexts():
+                scp.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            try:
+                self._scp = scp.start_server((spec.store_bind, spec.store_port), block=False,
+                                             evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+            except OSError as exc:
+                raise PacsError(f"cannot listen on port {spec.store_port} for C-MOVE: {exc.strerror or exc}",
+                                "usage") from None
+        self._receiver = received
         try:
-            server = scp.start_server((spec.store_bind, spec.store_port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, received.handle)])
-        except OSError as exc:
-            raise PacsError(f"cannot listen on port {spec.store_port} for C-MOVE: {exc.strerror or exc}",
-                            "usage") from None
-        try:
-            ae = self._ae()
-            ae.add_requested_context(MoveModel)
-            with self._association(ae) as assoc:
-                self._run_retrieve(assoc.send_c_move(query, spec.move_dest, MoveModel), "C-MOVE", query)
+            with self._association(self._ae("move", [(MoveModel,)])) as assoc:
+                self._run_retrieve(assoc.send_c_move(query, spec.move_dest, MoveModel), "C-MOVE", query, assoc)
         finally:
-            server.shutdown()
+            self._receiver = None
 
-    def _run_retrieve(self, responses, op: str, query) -> None:
+    def _on_store(self, event) -> int:
+        """C-STORE requests on our SCP go to the retrieve in progress; between retrieves they are refused."""
+        receiver = self._receiver
+        return receiver.handle(event) if receiver is not None else 0xA700
+
+    def _run_retrieve(self, responses, op: str, query, assoc) -> None:
         last = None
         for status, _identifier in responses:
             if not status:  # no answer within the timeout, or the association was aborted
-                raise PacsError(f"{op} from {self.name}: the association was aborted or timed out", "failed")
+                _check_status(status, self.name, op, assoc)
             last = int(status.Status)
             if last in (0xA701, 0xA702) and op == "C-MOVE":
                 raise PacsError(f"{self.name} cannot send to {self.spec.move_dest}: not a known move destination "
@@ -624,7 +653,6 @@ class DimseServer(_Connection):
         datasets = list(datasets)
         if not datasets:
             return 0
-        ae = self._ae()
         wanted: dict[str, set] = {}
         for ds in datasets:
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ExplicitVRLittleEndian
@@ -632,15 +660,19 @@ class DimseServer(_Connection):
                                                                   ImplicitVRLittleEndian})
         if len(wanted) > 128:
             raise PacsError("more than 128 SOP classes in one push", "usage")
-        for sop_class, syntaxes in wanted.items():
-            ae.add_requested_context(sop_class, sorted(syntaxes))
+        contexts = [(sop_class, sorted(syntaxes)) for sop_class, syntaxes in sorted(wanted.items())]
+        ae = self._ae(f"store {contexts}", contexts)
         n = 0
         with self._association(ae) as assoc:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
-                _check_status(status, self.name, "C-STORE")
+                _check_status(status, self.name, "C-STORE", assoc)
                 n += 1
         return n
+
+
+#: our AEs by (operation, calling AE title, timeout): an AE is configuration only, reusable across associations
+_AES: dict = {}
 
 
 class _Receiver:
@@ -694,10 +726,17 @@ def _value_str(value) -> str:
     return str(value)
 
 
-def _check_status(status, name: str, op: str) -> int:
+def _check_status(status, name: str, op: str, assoc=None) -> int:
     """The status code of a response; :class:`PacsError` when there was none or it is a failure."""
     if not status:
-        raise PacsError(f"{op} to {name}: no answer (the association was aborted or timed out)", "failed")
+        # pynetdicom gives an empty status when the server did not answer in time (it then aborts) or
+        # answered with something it could not read: Orthanc's reply when our calling AE title may not do this
+        timed_out = assoc is not None and time.monotonic() - getattr(assoc, "_medimb_started", 0) >= \
+            assoc.dimse_timeout - 0.5
+        if assoc is None or timed_out:
+            raise PacsError(f"{op} to {name}: no answer within the timeout", "failed")
+        raise PacsError(f"{name} refused {op} from {assoc.ae.ae_title} (is our calling AE title allowed to query and "
+                        "retrieve? ask the PACS administrator)", "refused")
     code = int(status.Status)
     if code in (0x0000, 0xFF00, 0xFF01) or (code & 0xF000) == 0xB000:
         return code
