@@ -93,7 +93,7 @@ def test_results_sit_on_the_source_slices(tmp_path, dicom_series, plane):
     case, _ = _explain_folder(tmp_path / "overlays", scan)
     written = export_results(read_overlay_folder(tmp_path / "overlays"), folder_locator(source_dir),
                              tmp_path / "out")
-    assert [(w.kind, w.frames) for w in written] == [("map", 4), ("region", 4)]
+    assert [(w.kind, w.frames) for w in written] == [("map", 4), ("region", 4), ("report", 0)]
     sources = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in source_dir.iterdir())}
     peak = max(p.max() for p in pixels.values())
 
@@ -129,6 +129,18 @@ def test_results_sit_on_the_source_slices(tmp_path, dicom_series, plane):
     for obj in (pm, seg):
         assert "malignant p=0.83 thr 0.146" in obj.SeriesDescription and len(obj.SeriesDescription) <= 64
         assert "malignant" in obj.ContentDescription
+    # the prediction, machine-readable: a TID 1500 Structured Report referencing the region and the map
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / "out" / case / f"{case}_report.dcm"))
+    assert sr.PatientID == first.PatientID and sr.StudyInstanceUID == first.StudyInstanceUID
+    [classification] = sr.content.get_image_measurement_groups()
+    assert classification.finding_type.meaning == "malignant"
+    assert {m.name.meaning: m.value for m in classification.get_measurements()} == {
+        "Probability": 0.83, "Threshold Value": 0.146}
+    [region] = sr.content.get_volumetric_roi_measurement_groups()
+    assert region.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    voxels = sum(int(((p / peak).astype(np.float32) >= 0.5).sum()) for p in pixels.values())
+    volumes = {m.name.meaning: m.value for m in region.get_measurements()}
+    assert volumes["Volume"] == pytest.approx(voxels * 0.8 * 0.7 * 1.5, rel=1e-6) and volumes["Threshold Value"] == 0.5
 
 
 def test_rerun_keeps_uids_and_skips_new_content_gets_new_ones(tmp_path, dicom_series):
@@ -148,7 +160,7 @@ def test_rerun_keeps_uids_and_skips_new_content_gets_new_ones(tmp_path, dicom_se
                              tmp_path / "out")
     assert not any(w.skipped for w in changed)
     new = {w.kind: pydicom.dcmread(tmp_path / "out" / w.path).SOPInstanceUID for w in changed}
-    assert new["map"] != uids["map"] and new["region"] != uids["region"]
+    assert all(new[kind] != uids[kind] for kind in ("map", "region", "report"))
     # PHI: owner-only files and folders
     for w in changed:
         assert stat.S_IMODE((tmp_path / "out" / w.path).stat().st_mode) == 0o600
@@ -191,9 +203,10 @@ def test_cli_writes_the_results_of_one_case(tmp_path, dicom_series, capsys):
     case, _ = _explain_folder(tmp_path / "overlays", scan)
     assert main(["export-dicom", "--overlays", str(tmp_path / "overlays"), "--source-series", str(source_dir),
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "2 DICOM file(s) written" in capsys.readouterr().out
+    assert "3 DICOM file(s) written" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "export.json").read_text())
-    assert [r["path"] for r in summary["results"]] == [f"{case}/{case}_coam_map.dcm", f"{case}/{case}_coam_region.dcm"]
+    assert [r["path"] for r in summary["results"]] == [f"{case}/{case}_coam_map.dcm", f"{case}/{case}_coam_region.dcm",
+                                                       f"{case}/{case}_report.dcm"]
     assert stat.S_IMODE((tmp_path / "out" / "export.json").stat().st_mode) == 0o600
 
 

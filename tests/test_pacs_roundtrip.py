@@ -3,7 +3,7 @@
 A 2-case synthetic DCE archive (case 0: every phase in one series, not oblique; case 1: one series per phase,
 oblique, seed 4) is uploaded to Orthanc, pulled with ``medimb-prep pull`` (DICOMweb), converted with
 ``--link-table``, predicted and explained (``medimb predict``) by a tiny untrained 3-channel network (the plumbing is under test, not the model),
-exported with ``medimb export-dicom --push`` (STOW-RS) and pushed again by C-STORE. What Orthanc then holds
+exported (map, region, report) with ``medimb export-dicom --push`` (STOW-RS) and pushed again by C-STORE. What Orthanc then holds
 is read back by WADO-RS and checked against the *source series as Orthanc holds it*.
 """
 
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # about 40 s on the 2-core VM (synth, pull, conve
 
 PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 def _checkpoint(path):
@@ -101,7 +102,7 @@ def _results_on_server(orthanc, study_uid):
     with _server(orthanc) as server:
         refs = server.find_instances(study_uid)
     out: dict[str, list] = {}
-    for series in sorted({r.series_uid for r in refs if r.sop_class_uid in (PM_CLASS, SEG_CLASS)}):
+    for series in sorted({r.series_uid for r in refs if r.sop_class_uid in (PM_CLASS, SEG_CLASS, SR_CLASS)}):
         for ds in _fetch(orthanc, study_uid, series):
             out.setdefault(str(ds.SOPClassUID), []).append(ds)
     return out
@@ -118,8 +119,8 @@ def test_results_come_back_from_the_server_on_the_source_series(roundtrip, ortha
     for case in cases:
         study, link = linked[case].study_uid, linked[case]
         results = _results_on_server(orthanc, study)
-        # one map and one region per study (one case each), however often they were pushed
-        assert {k: len(v) for k, v in results.items()} == {PM_CLASS: 1, SEG_CLASS: 1}
+        # one map, one region and one report per study (one case each), however often they were pushed
+        assert {k: len(v) for k, v in results.items()} == {PM_CLASS: 1, SEG_CLASS: 1, SR_CLASS: 1}
         pm = hd.pm.ParametricMap.from_dataset(results[PM_CLASS][0])
         seg = hd.seg.Segmentation.from_dataset(results[SEG_CLASS][0])
         source_series = pm.ReferencedSeriesSequence[0].SeriesInstanceUID
@@ -138,6 +139,13 @@ def test_results_come_back_from_the_server_on_the_source_series(roundtrip, ortha
         row = rows[case]
         said = f"{row['predicted_name']} p={float(row['prob_' + row['predicted_name']]):.2f} thr {float(row['threshold']):.3g}"
         assert said in pm.SeriesDescription and said in seg.SeriesDescription, (said, pm.SeriesDescription)
+        sr = hd.sr.Comprehensive3DSR.from_dataset(results[SR_CLASS][0])
+        [classification] = sr.content.get_image_measurement_groups()
+        assert classification.finding_type.meaning == row["predicted_name"]
+        assert {m.name.meaning: m.value for m in classification.get_measurements()} == {
+            "Probability": float(row["prob_" + row["predicted_name"]]), "Threshold Value": float(row["threshold"])}
+        [region_group] = sr.content.get_volumetric_roi_measurement_groups()
+        assert region_group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
 
 
 def _check_frames(obj, source, volume, affine):

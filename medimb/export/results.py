@@ -3,7 +3,8 @@
 ``export_results(overlays, locate, out_dir)``: per case, ``locate(case)`` gives the files of the case's source
 instances (the link table and the local archive, or a folder); per method the heatmap becomes
 ``OUT/<case>/<case>_<method>_map.dcm`` and the region ``OUT/<case>/<case>_<method>_region.dcm``
-(:mod:`medimb.export.objects`), plus ``OUT/export.json`` (what was written; no identifiers).
+(:mod:`medimb.export.objects`); per case the prediction as a Structured Report ``OUT/<case>/<case>_report.dcm``
+(:mod:`medimb.export.report`); plus ``OUT/export.json`` (what was written; no identifiers).
 
 The objects carry the source patient's identity (PHI): files are written atomically with mode 0600 in
 folders of mode 0700. A re-run skips a file that already holds the same SOP Instance UID (same content).
@@ -33,7 +34,8 @@ PHI_FILE_MODE, PHI_DIR_MODE = 0o600, 0o700
 
 @dataclass
 class WrittenResult:
-    """One DICOM result object on disk (``kind``: ``"map"`` Parametric Map, ``"region"`` Segmentation)."""
+    """One DICOM result object on disk (``kind``: ``"map"`` Parametric Map, ``"region"`` Segmentation,
+    ``"report"`` the case's Structured Report, whose ``method`` lists the methods it covers; ``frames`` 0)."""
 
     case: str
     method: str
@@ -76,26 +78,47 @@ def _write_phi(path: Path, dataset) -> None:
     os.chmod(path, PHI_FILE_MODE)  # atomic_output gives the umask's mode on rename
 
 
+def _write_or_keep(path: Path, uid: str, build) -> tuple[object, bool]:
+    """``(dataset, skipped)``: the file's header when it already holds ``uid`` (same content), else ``build()``
+    written atomically."""
+    if _existing_uid(path) == uid:
+        import pydicom
+
+        return pydicom.dcmread(path, stop_before_pixels=True), True
+    dataset = build()
+    _write_phi(path, dataset)
+    return dataset, False
+
+
 def export_case(case, source: SourceSeries, region_threshold: float, out_dir: Path) -> list[WrittenResult]:
-    """Write one :class:`medimb.export.overlays.OverlayCase`'s methods next to ``source``."""
-    written = []
+    """Write one :class:`medimb.export.overlays.OverlayCase`'s methods next to ``source``, then the case's
+    Structured Report (:mod:`medimb.export.report`)."""
+    from .report import MethodResult, build_report, report_uids
+
+    written, results = [], []
+    folder = out_dir / case.case
     for method, (heat_path, label_path) in case.maps.items():
         heat, heat_affine = _load_3d(heat_path)
         label, label_affine = _load_3d(label_path)
         frames = volume_to_frames(heat.astype(np.float32), heat_affine, source.datasets)
         mask = volume_to_frames(label, label_affine, source.datasets) > 0
-        folder = out_dir / case.case
         jobs = (("map", parametric_map_uids(source, frames, method, case.prediction),
                  lambda: build_parametric_map(source, frames, method, case.prediction)),
                 ("region", segmentation_uids(source, mask, method, case.prediction, region_threshold),
                  lambda: build_segmentation(source, mask, method, case.prediction, region_threshold)))
+        objects = {}
         for kind, uids, build in jobs:
             path = folder / f"{case.case}_{method}_{kind}.dcm"
-            skipped = _existing_uid(path) == uids.instance
-            if not skipped:
-                _write_phi(path, build())
+            objects[kind], skipped = _write_or_keep(path, uids.instance, build)
             written.append(WrittenResult(case.case, method, kind, str(path.relative_to(out_dir)), len(frames),
                                          skipped))
+        results.append(MethodResult(method, objects["map"], objects["region"],
+                                    float(mask.sum()) * source.voxel_mm3, region_threshold))
+    path = folder / f"{case.case}_report.dcm"
+    _, sop_uid = report_uids(source, case.prediction, results)
+    _, skipped = _write_or_keep(path, sop_uid, lambda: build_report(source, case.prediction, results))
+    written.append(WrittenResult(case.case, ",".join(case.maps), "report", str(path.relative_to(out_dir)), 0,
+                                 skipped))
     return written
 
 

@@ -37,6 +37,21 @@ class SourceSeries:
     def sop_uids(self) -> list[str]:
         return [str(ds.SOPInstanceUID) for ds in self.datasets]
 
+    @property
+    def voxel_mm3(self) -> float:
+        """Volume of one voxel: pixel spacing times the step between slices along the normal (one slice: its
+        SpacingBetweenSlices, else SliceThickness, else 1 mm)."""
+        first = self.datasets[0]
+        row, col = (float(v) for v in first.PixelSpacing)
+        if len(self.datasets) > 1:
+            o = np.asarray([float(v) for v in first.ImageOrientationPatient])
+            normal = np.cross(o[:3], o[3:])
+            positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in self.datasets]) @ normal
+            step = float(np.median(np.diff(positions)))
+        else:
+            step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        return row * col * abs(step)
+
 
 #: type 2 patient/study attributes highdicom copies from the source: a source without one gets it empty (in
 #: memory only; the files are never changed)
