@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers.explain import BrightSpotNet, bright_cube_input
 
 from medimb.explain.cam import CAMExplainer, FeatureMapClassifier, cam_classifier
-from medimb.explain.coam import COAM, coam_from_features
+from medimb.explain.coam import COAM, MultiScaleCOAM, coam_from_features, multiscale_coam_from_stages, upsample_to
 from medimb.explain.methods import EXPLAINERS, create_explainer
 from medimb.explain.settings import parse_explainers
 from medimb.explain.normalize import minmax_per_volume
@@ -24,6 +24,46 @@ def test_coam_equals_explicit_mean_correlation(cosine):
     gram = torch.einsum("bci,bcj->bij", f, f)  # the N x N matrix COAM must avoid
     expected = gram.mean(dim=2).reshape(2, 1, 3, 4, 2)
     torch.testing.assert_close(coam_from_features(fmap, cosine=cosine), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_multiscale_coam_is_the_geometric_mean_of_the_last_levels_coams():
+    gen = torch.Generator().manual_seed(2)
+    stages = [torch.relu(torch.randn(1, c, n, n, n, generator=gen)) for c, n in ((3, 16), (4, 8), (5, 4))]
+    fused = multiscale_coam_from_stages(stages, (16, 16, 16), levels=2)
+    levels = [upsample_to(coam_from_features(f), (16, 16, 16)) for f in stages[1:]]
+    torch.testing.assert_close(fused, (levels[0] * levels[1]).sqrt(), rtol=1e-4, atol=1e-6)
+    # one level: COAM of the last feature map, upsampled; more levels than the network has: all of them
+    torch.testing.assert_close(multiscale_coam_from_stages(stages, (16,) * 3, levels=1), levels[1], rtol=1e-4,
+                               atol=1e-6)
+    assert multiscale_coam_from_stages(stages, (16,) * 3, levels=9).shape == (1, 1, 16, 16, 16)
+
+
+@pytest.mark.parametrize("stem_width", [0, 4])
+def test_cpunet_levels_end_with_the_feature_map_and_feed_coam_ms(stem_width):
+    from medimb.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cpunet", in_channels=2, num_classes=2, widths=[8, 16], depths=[1, 1],
+                         stem_width=stem_width).eval()
+    x = torch.randn(1, 2, 16, 16, 8)
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        torch.testing.assert_close(stages[-1], model.forward_features(x))
+    sizes = [tuple(s.shape[1:]) for s in stages]
+    assert sizes == ([(4, 16, 16, 8)] if stem_width else []) + [(8, 8, 8, 4), (16, 4, 4, 2)]
+    heat = MultiScaleCOAM(model)(x)
+    assert heat.shape == (1, 1, 16, 16, 8) and float(heat.max()) == pytest.approx(1.0)
+
+
+def test_coam_ms_names_what_a_network_without_levels_lacks():
+    model = BrightSpotNet()
+
+    def no_levels(x):
+        raise NotImplementedError("this backbone does not expose its feature maps per resolution level")
+
+    model.forward_stages = no_levels  # e.g. densenet121, slice_pool
+    with pytest.raises(ValueError, match="coam_ms needs a network"):
+        MultiScaleCOAM(model)(bright_cube_input())
 
 
 def test_minmax_is_per_volume_and_keeps_polarity():

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .cam import CAMExplainer, GradCAMExplainer
-from .coam import COAM
+from .coam import COAM, MultiScaleCOAM
 from .settings import EXPLAINER_NAMES
 
 
@@ -26,6 +26,7 @@ EXPLAINERS: dict[str, Callable[[nn.Module], Explainer]] = {
     "cam": CAMExplainer,
     "gradcam": GradCAMExplainer,
     "gradcampp": lambda model: GradCAMExplainer(model, plus=True),
+    "coam_ms": MultiScaleCOAM,  # last: EXPLAINER_NAMES' order numbers the DICOM result series (medimb.export)
 }
 assert tuple(EXPLAINERS) == EXPLAINER_NAMES, "register every explainer name in settings.EXPLAINER_NAMES"
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: every attention method, by the name the CLI, the bundles and the benchmark use
-EXPLAINER_NAMES = ("coam", "coam_cosine", "cam", "gradcam", "gradcampp")
+#: every attention method, by the name the CLI, the bundles and the benchmark use (append new ones: the order
+#: numbers the DICOM result series, medimb.export.objects.series_number)
+EXPLAINER_NAMES = ("coam", "coam_cosine", "cam", "gradcam", "gradcampp", "coam_ms")
 DEFAULT_EXPLAINERS = ("coam", "gradcam", "cam")
 #: methods that need no class weights or gradients
-CLASS_FREE_EXPLAINERS = ("coam", "coam_cosine")
+CLASS_FREE_EXPLAINERS = ("coam", "coam_cosine", "coam_ms")
 #: label map / region: map >= this (maps are scaled to [0, 1])
 DEFAULT_THRESHOLD = 0.5
 #: heatmap values below this are transparent in Slicer and the PNGs

@@ -1,7 +1,8 @@
 """Convolutional backbones: a CPU-aware default network, a plain CNN baseline, MONAI ResNet/DenseNet.
 
 Every backbone returns its last feature map ``(B, F, *S')`` with ReLU applied (what COAM and CAM
-read) and pools it with ``pool(feature_map) -> (B, F)``: global average pooling by default, or global max
+read); ``cpunet``, ``plain_cnn`` and the ResNets also give the feature map at the end of each resolution level
+(``forward_stages``, what multi-scale COAM reads). Each pools its last map with ``pool(feature_map) -> (B, F)``: global average pooling by default, or global max
 or avg+max (see :data:`GLOBAL_POOLS`), chosen with ``create_model(..., global_pool=...)``. All are
 ``spatial_dims``-generic: one code path for 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` input.
 """
@@ -59,6 +60,22 @@ class Backbone(nn.Module):
         """``(B, F, *S') -> (B, F)`` global pooling (average unless ``global_pool`` says otherwise)."""
         return GLOBAL_POOLS[self.global_pool](feature_map)
 
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> the feature map at the end of each resolution level, finest first, each
+        ``(B, F_l, *S_l)`` with ReLU applied; the last one is ``forward(x)``. Backbones that do not expose their
+        levels raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its feature maps per resolution level")
+
+
+def _sequential_stages(layers: nn.Sequential, ends: Sequence[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``layers`` on ``x`` and keep the outputs of the layers whose index is in ``ends``."""
+    outs = []
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i in ends:
+            outs.append(x)
+    return outs
+
 
 def _conv_bn_relu(spatial_dims: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -112,13 +129,16 @@ class CPUNet(Backbone):
         self.spatial_dims = spatial_dims
         layers: list[nn.Module] = []
         cin = in_channels
+        self.stage_ends: list[int] = []  # index in ``features`` of the last layer of each resolution level
         if stem_width:
             layers.append(_conv_bn_relu(spatial_dims, cin, stem_width))
+            self.stage_ends.append(len(layers) - 1)  # the full-resolution stem, before its max-pool
             layers.append(Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True))
             cin = stem_width
         for i, (width, depth) in enumerate(zip(widths, depths)):
             layers.append(_conv_bn_relu(spatial_dims, cin, width, stride=1 if (i == 0 and stem_width) else 2))
             layers.extend(_ResidualConv(spatial_dims, width) for _ in range(depth))
+            self.stage_ends.append(len(layers) - 1)
             cin = width
         self.features = nn.Sequential(*layers)
         self.num_features = int(widths[-1])
@@ -129,6 +149,10 @@ class CPUNet(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, F, *S')``."""
         return self.features(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> ``[(B, stem_width, *S)]`` (with a stem) ``+ [(B, widths[i], *S_i)]``, finest first."""
+        return _sequential_stages(self.features, self.stage_ends, x)
 
 
 class PlainCNN(Backbone):
@@ -143,10 +167,12 @@ class PlainCNN(Backbone):
         self.spatial_dims = spatial_dims
         layers: list[nn.Module] = []
         cin = in_channels
+        self.stage_ends: list[int] = []
         for i, width in enumerate(widths):
             if i > 0:
                 layers.append(Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True))
             layers.append(_conv_bn_relu(spatial_dims, cin, width))
+            self.stage_ends.append(len(layers) - 1)
             cin = width
         self.features = nn.Sequential(*layers)
         self.num_features = int(widths[-1])
@@ -154,6 +180,10 @@ class PlainCNN(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, F, *S')``."""
         return self.features(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> ``[(B, widths[i], *S/2**i)]``, finest first."""
+        return _sequential_stages(self.features, self.stage_ends, x)
 
 
 class MonaiResNet(Backbone):
@@ -192,11 +222,19 @@ class MonaiResNet(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, F, *S')``."""
+        return self.forward_stages(x)[-1]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> the outputs of ``layer1`` .. ``layer4``, finest first."""
         net = self.net
         x = net.act(net.bn1(net.conv1(x)))
         if not net.no_max_pool:
             x = net.maxpool(x)
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        outs = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
 
 
 class MonaiDenseNet(Backbone):

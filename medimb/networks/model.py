@@ -64,6 +64,15 @@ class ImbalanceClassifier(nn.Module):
             x = x.contiguous(memory_format=self._memory_format)
         return self.backbone(x)
 
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> the backbone's feature map at the end of each resolution level, finest first
+        (``(B, F_l, *S_l)``, ReLU applied; the last is :meth:`forward_features`); ``NotImplementedError`` for
+        backbones that do not expose them (``Backbone.forward_stages``)."""
+        self._check_input(x)
+        if self._config["channels_last"]:
+            x = x.contiguous(memory_format=self._memory_format)
+        return self.backbone.forward_stages(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, K)`` logits (``s * cos`` for cosine/CMSL heads)."""
         return self.classifier(self.backbone.pool(self.forward_features(x)))

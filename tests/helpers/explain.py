@@ -54,6 +54,11 @@ class BrightSpotNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.conv(self.pool_in(x)))
 
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Two resolution levels, finest first (multi-scale COAM): the same features at full and at half
+        resolution."""
+        return [F.relu(self.conv(x)), self.forward_features(x)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x).flatten(2).mean(dim=2))
 
