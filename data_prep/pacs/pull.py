@@ -9,8 +9,8 @@ Layout (no UID, name or date in any file or folder name)::
 ``medimb-prep convert`` reads OUT like any archive (it skips ``.medimb-pull``). Every instance file is
 written atomically (a temporary name, then a rename), so a file under its final name is complete. A
 study's marker is written only after the server's whole instance list is on disk; a re-run skips marked
-studies, and for the others retrieves only what is missing (a whole series when none of it arrived,
-else the missing instances). A killed run (Ctrl-C, SIGTERM, SIGKILL) therefore never leaves a partial
+studies, and for the others retrieves only what is missing (the whole study when nothing of it is there,
+else a whole series when none of it arrived, else the missing instances). A killed run (Ctrl-C, SIGTERM, SIGKILL) therefore never leaves a partial
 study marked complete, and the next run completes it. The archive folder is created ``0700``: it holds
 the PACS' images with all their identifying headers.
 """
@@ -183,10 +183,13 @@ def _pull_study(server, out: Path, study_uid: str, refs: list[InstanceRef], outc
     writer = _Writer(out, study_uid, bar)
     all_series = {r.series_uid for r in refs}
     try:
-        for series_uid, wanted in missing.items():
-            whole = len(wanted) == sum(r.series_uid == series_uid for r in refs)
-            server.retrieve(study_uid, series_uid, None if whole else [r.sop_uid for r in wanted],
-                            on_instance=writer)
+        if not present:  # nothing here yet: the whole study in one request (one association for DIMSE)
+            server.retrieve(study_uid, on_instance=writer)
+        else:  # a resumed study: whole series where none arrived, else only the missing instances
+            for series_uid, wanted in missing.items():
+                whole = len(wanted) == sum(r.series_uid == series_uid for r in refs)
+                server.retrieve(study_uid, series_uid, None if whole else [r.sop_uid for r in wanted],
+                                on_instance=writer)
     finally:
         outcome.received, outcome.bytes = writer.received, writer.bytes
     if writer.foreign:

@@ -705,17 +705,38 @@ _STORAGE_CONTEXTS = None
 
 def _storage_contexts() -> list:
     """pynetdicom's storage presentation contexts (MR, CT, enhanced, segmentation, parametric map, ...),
-    each offering every transfer syntax, so images arrive as the PACS stores them (no transcoding)."""
+    each offering the uncompressed and the common lossless and lossy transfer syntaxes
+    (:data:`STORAGE_TRANSFER_SYNTAXES`), so images arrive as the PACS stores them (no transcoding). Not
+    all 45 syntaxes pynetdicom knows: 121 contexts x 45 syntaxes make association negotiation take ~1 s."""
     global _STORAGE_CONTEXTS
     if _STORAGE_CONTEXTS is None:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
+        from pynetdicom import StoragePresentationContexts, build_context
 
-        # uncompressed first: a server choosing the first offered syntax it has needs no codec on our side
-        first = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        syntaxes = first + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in first]
-        _STORAGE_CONTEXTS = [build_context(cx.abstract_syntax, syntaxes) for cx in StoragePresentationContexts]
+        _STORAGE_CONTEXTS = [build_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
+                             for cx in StoragePresentationContexts]
     return _STORAGE_CONTEXTS
+
+
+#: transfer syntaxes offered for images we receive; uncompressed first (a server that picks the first one
+#: it has then sends what needs no codec on our side), then what PACS store compressed
+STORAGE_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
+    "1.2.840.10008.1.2",       # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired, still in old archives)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+)
 
 
 def _value_str(value) -> str:
