@@ -109,14 +109,21 @@ def export_case(case, source: SourceSeries, region_threshold: float, out_dir: Pa
         objects = {}
         for kind, uids, build in jobs:
             path = folder / f"{case.case}_{method}_{kind}.dcm"
-            objects[kind], skipped = _write_or_keep(path, uids.instance, build)
+            try:
+                objects[kind], skipped = _write_or_keep(path, uids.instance, build)
+            except (ValueError, AttributeError, TypeError) as exc:  # highdicom's checks of the source headers
+                raise UserError(f"{method} {kind}: highdicom could not build it from the source headers: "
+                                f"{exc}") from exc
             written.append(WrittenResult(case.case, method, kind, str(path.relative_to(out_dir)), len(frames),
                                          skipped))
         results.append(MethodResult(method, objects["map"], objects["region"],
                                     float(mask.sum()) * source.voxel_mm3, region_threshold))
     path = folder / f"{case.case}_report.dcm"
     _, sop_uid = report_uids(source, case.prediction, results)
-    _, skipped = _write_or_keep(path, sop_uid, lambda: build_report(source, case.prediction, results))
+    try:
+        _, skipped = _write_or_keep(path, sop_uid, lambda: build_report(source, case.prediction, results))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UserError(f"report: highdicom could not build it: {exc}") from exc
     written.append(WrittenResult(case.case, ",".join(case.maps), "report", str(path.relative_to(out_dir)), 0,
                                  skipped))
     return written
@@ -131,8 +138,9 @@ def export_results(overlays: OverlayFolder, locate: Callable[[OverlayCase], list
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.chmod(PHI_DIR_MODE)
+    if not out_dir.exists():  # ours: owner-only; an existing folder keeps the permissions its owner gave it
+        out_dir.mkdir(parents=True)
+        out_dir.chmod(PHI_DIR_MODE)
     start = time.perf_counter()
     written: list[WrittenResult] = []
     for case in tqdm(overlays.cases, desc="export", unit="case", disable=not progress):
