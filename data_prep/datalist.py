@@ -248,7 +248,8 @@ def pick_named_channels(rows: list[dict], names: list[str], where: str) -> list[
         raise DatalistError(f"{where}: the model takes {wanted}; found {_found(rows, kind)}{hint}")
     if len(candidates) > 1:
         raise DatalistError(f"{where}: the model takes {wanted}; found {len(candidates)} {kind} series "
-                            f"{candidates}; choose one with --series PATTERN")
+                            f"{candidates}; choose one: medimb-prep datalist --series PATTERN, then predict on "
+                            "that datalist")
     chosen = [r for r in rows if r["series"] == candidates[0]]
     if kind in _SINGLE_FILE_KINDS:
         return [r for r in chosen if r["kind"] == kind][:1]

@@ -78,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if summary["channels"]["note"]:
         print(f"  note: {summary['channels']['note']}")
     print(f"  predictions: {out / 'predictions.csv'}")
-    if (out / "converted").is_dir():
-        print(f"  inputs:      {out / 'converted'} (de-identified NIfTI)")
+    if (out / "converted" / "manifest.csv").is_file():
+        print(f"  inputs:      {out / 'converted'} (the DICOM input converted, de-identified)")
+    elif (out / "converted").is_dir():
+        print(f"  inputs:      {out / 'converted'} (the phases split out of the 4D input)")
     if settings.previews:
         print(f"  previews:    {out / 'index.html'}")
     print(f"  3D Slicer:   Slicer --python-script {out / 'load_in_slicer.py'}")

@@ -104,14 +104,22 @@ def _volume_indices(spec: ChannelSpec, volumes: int, case: str) -> list[int]:
 
 def split_volumes(path: str | Path, indices: list[int], names: list[str], out_dir: Path, case: str) -> list[str]:
     """Write volumes ``indices`` of the 4D NIfTI ``path`` as 3D files ``out_dir/<case>/<case>_<name>.nii.gz`` (the
-    3D affine and header of the source, atomically); returns their paths. The source is only read."""
+    source's affine, sform/qform codes and voxel values, scaling applied; its free-text header fields are not
+    copied: they may hold acquisition details), atomically; returns their paths. The source is only read."""
     img = nib.load(str(path))
     folder = Path(out_dir) / case
     paths = []
     for index, name in zip(indices, names):
-        data = np.asanyarray(img.dataobj[..., index])
+        data = np.asanyarray(img.dataobj[..., index])  # scaled values: int when the source is unscaled
+        if data.dtype == np.float64:
+            data = data.astype(np.float32)
         header = img.header.copy()
         header.set_data_shape(data.shape)
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(None, None)
+        for text in ("descrip", "aux_file", "intent_name", "db_name"):
+            if text in header:
+                header[text] = b""
         target = folder / f"{case}_{re.sub(r'[^A-Za-z0-9-]+', '', name) or index}.nii.gz"
         with atomic_output(target, suffix=".nii.gz") as tmp:
             nib.save(nib.Nifti1Image(data, img.affine, header), str(tmp))
