@@ -51,15 +51,19 @@ def _series(folder, dicom_series, orientation, frame_of_reference=True, phases=1
 
 def _explain_folder(folder, scan, probability=0.83, threshold=0.146, heat_fn=None):
     """An explain output folder for the converted ``scan``: heatmap = scan / max (or ``heat_fn``), region
-    heat >= 0.5, written with explain's own writers; returns ``(case, heat (I, J, K))``."""
-    from medimb.explain.export import threshold_region, write_heatmap, write_label
-
+    heat >= 0.5, both with the scan's header as explain writes them (explain's own writers and folder are in
+    the round trip, tests/test_pacs_roundtrip.py; here no torch is loaded); returns ``(case, heat (I, J, K))``."""
     case = scan.name.removesuffix(".nii.gz")
-    volume = np.asarray(nib.load(scan).dataobj, dtype=np.float64)
+    image = nib.load(scan)
+    volume = np.asarray(image.dataobj, dtype=np.float64)
     heat = (volume / volume.max() if heat_fn is None else heat_fn(volume)).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
-    write_heatmap(folder / f"{case}_coam_on-t1.nii.gz", heat, scan)
-    write_label(folder / f"{case}_coam_on-t1_label.nii.gz", threshold_region(heat, 0.5), scan)
+    for name, array in ((f"{case}_coam_on-t1.nii.gz", heat),
+                        (f"{case}_coam_on-t1_label.nii.gz", (heat >= 0.5).astype(np.uint8))):
+        header = image.header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        nib.save(nib.Nifti1Image(array, image.affine, header), folder / name)
     (folder / "predictions.csv").write_text(format_predictions(
         [SplitPredictions("test", [case], None, [[1 - probability, probability]], threshold)],
         ["benign", "malignant"]))
