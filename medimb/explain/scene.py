@@ -7,17 +7,18 @@ scene file. Each case's bundle holds
 - the **background** (the image explain drew the maps on: the chosen input channel, e.g. the first
   post-contrast phase, or the subtraction image), grey, window from its 0.5th-99.5th percentiles;
 - every **heatmap** as a scalar volume with a colour table (Inferno), a fixed 0..1 window and a lower
-  threshold (values below the display threshold are not drawn); the first method's map is the slice views'
+  threshold (values below the display threshold are not drawn), stored in 1/255 steps (uint8 with a scale
+  factor: the float32 maps are the NIfTI files beside the bundle); the first method's map is the slice views'
   foreground at the chosen opacity;
 - the **regions** (each method's ``map >= threshold``) and, when the datalist has one, the **truth** mask as
   one segmentation (``.seg.nrrd``, :mod:`medimb.explain.seg_nrrd`) drawn as outlines in the slice views and as
   closed surfaces in the 3D view;
 - the Red/Yellow/Green slice views' layers (background, foreground, opacity).
 
-Every NIfTI is rewritten from its voxels and geometry with the header's free-text fields (``descrip``,
-``aux_file``, ``db_name``, ``intent_name``) emptied and header extensions dropped, so nothing a converter
-put there (acquisition times, names) travels in the bundle; voxel values are kept (scaled to float32 when
-the file has a scale factor). Node and folder names use the case id only. The bundle is deterministic
+A NIfTI whose header has free text (``descrip``, ``aux_file``, ``db_name``, ``intent_name``) or extensions
+is rewritten from its voxels and geometry without them, so nothing a converter put there (acquisition
+times, names) travels in the bundle; voxel values are kept (scaled to float32 when the file has a scale
+factor). A clean ``.nii.gz`` (``medimb-prep`` writes them so) is copied as written. Node and folder names use the case id only. The bundle is deterministic
 (fixed zip timestamps, gzip without time stamps) and written atomically.
 
 The MRML follows what Slicer writes (``vtkMRMLScalarVolumeNode``, ``vtkMRMLVolumeArchetypeStorageNode``,
@@ -63,11 +64,16 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "case"
 
 
-def clean_nifti(path: str | Path) -> tuple[bytes, np.ndarray]:
-    """``(.nii.gz bytes, (i, j, k) voxels)`` of a 3D NIfTI without its free-text header fields and extensions.
+def clean_nifti(path: str | Path, unit_map: bool = False) -> tuple[bytes, np.ndarray]:
+    """``(.nii.gz bytes, (i, j, k) voxels as read)`` of a 3D NIfTI without its free-text header fields and
+    extensions.
 
     Geometry (qform/sform and their codes, pixdim), data type and units are kept; a file with a scale factor
-    is written as float32 scaled values (what a viewer shows). gzip without a time stamp: same input, same bytes.
+    is written as float32 scaled values (what a viewer shows). ``unit_map``: a map in [0, 1] (a heatmap) is
+    stored as uint8 with the scale factor 1/255, which readers (ITK, so Slicer; nibabel) apply: values to
+    within 1/510, a file a tenth the size of float32 (a colour table has 256 entries anyway). gzip without a
+    time stamp: same input, same bytes. A ``.nii.gz`` with nothing to drop or convert (no free text, no
+    extensions, no scale factor, no file name in its gzip header) is returned as written.
     """
     image = nib.load(str(path))
     shape = source_shape(path)
@@ -75,21 +81,33 @@ def clean_nifti(path: str | Path) -> tuple[bytes, np.ndarray]:
     # nibabel keeps a file's scale factor on the array proxy (the loaded header says NaN)
     slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
     scaled = slope != 1.0 or inter != 0.0
-    if scaled:
+    if unit_map:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
+        stored = np.round(np.clip(data, 0.0, 1.0) * 255.0).astype(np.uint8)
+        header.set_data_dtype(np.uint8)
+    elif scaled:
+        data = stored = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
         header.set_data_dtype(np.float32)
     else:
-        data = np.asarray(image.dataobj.get_unscaled()).reshape(shape)
+        data = stored = np.asarray(image.dataobj.get_unscaled()).reshape(shape)
+    clean = not header.extensions and not any(field in header and header[field].item() for field in TEXT_FIELDS)
+    if clean and not scaled and not unit_map and str(path).endswith(".nii.gz") and header.sizeof_hdr == 348:
+        written = Path(path).read_bytes()
+        if written[3] & 0x1C == 0:  # no gzip FEXTRA/FNAME/FCOMMENT (`gzip` keeps the original file name)
+            return written, data  # nothing to drop: the file as written (medimb-prep's are)
     header.set_slope_inter(1.0, 0.0)
     header.set_data_shape(shape)
     for field in TEXT_FIELDS:
         if field in header:
             header[field] = b""
     header.extensions.clear()
-    out = type(image)(data, None, header=header)
+    out = type(image)(stored, None, header=header)
     out.set_qform(image.get_qform(), code=int(image.header["qform_code"]))
     out.set_sform(image.get_sform(), code=int(image.header["sform_code"]))
-    return gzip.compress(out.to_bytes(), compresslevel=6, mtime=0), data
+    if unit_map:
+        out.header.set_slope_inter(1.0 / 255.0, 0.0)
+    # level 1: a third of level 6's time on scans, a few percent larger
+    return gzip.compress(out.to_bytes(), compresslevel=1, mtime=0), data
 
 
 def _window(data: np.ndarray) -> tuple[float, float]:
@@ -211,7 +229,7 @@ def build_case_scene(folder: str | Path, row: dict, display_threshold: float, op
     grid = Grid.of_file(row["source"])
     heat_ids, peak = [], None
     for method, heat_file in row["heatmaps"].items():
-        files[f"{top}/Data/heatmap_{method}.nii.gz"], heat = clean_nifti(folder / heat_file)
+        files[f"{top}/Data/heatmap_{method}.nii.gz"], heat = clean_nifti(folder / heat_file, unit_map=True)
         if peak is None:
             peak = grid.index_to_ras(np.unravel_index(int(np.argmax(heat)), heat.shape))
         heat_ids.append(scene.volume(f"{case} {method}", f"Data/heatmap_{method}.nii.gz", Grid.of_file(

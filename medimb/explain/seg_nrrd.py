@@ -94,7 +94,7 @@ def _field(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def seg_nrrd_bytes(segments: list[Segment], grid: Grid, compresslevel: int = 6) -> bytes:
+def seg_nrrd_bytes(segments: list[Segment], grid: Grid, compresslevel: int = 1) -> bytes:
     """The ``.seg.nrrd`` file content for ``segments`` (each ``(i, j, k)`` = ``grid.size``) on ``grid``."""
     if not segments:
         raise ValueError("a segmentation file needs at least one segment")
