@@ -156,6 +156,10 @@ def test_rerun_keeps_uids_and_skips_new_content_gets_new_ones(tmp_path, dicom_se
     again = export_results(overlays, folder_locator(source_dir), tmp_path / "out")
     assert all(w.skipped for w in again) and not any(w.skipped for w in first)
     # same result into a fresh folder: the same UIDs (the server keeps one copy)
+    # a run killed after the map: the next one writes only what is missing
+    (tmp_path / "out" / case / f"{case}_coam_region.dcm").unlink()
+    resumed = export_results(overlays, folder_locator(source_dir), tmp_path / "out")
+    assert [w.kind for w in resumed if not w.skipped] == ["region"]
     fresh = export_results(overlays, folder_locator(source_dir), tmp_path / "out2")
     assert {w.kind: pydicom.dcmread(tmp_path / "out2" / w.path).SOPInstanceUID for w in fresh} == uids
     # another map: new UIDs, written over the old files

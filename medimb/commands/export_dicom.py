@@ -11,12 +11,13 @@ from medimb.errors import UserError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export-dicom",
-        help="explain's maps as DICOM Parametric Maps and Segmentations next to the source series (PHI)",
+        help="explain's maps as DICOM Parametric Maps, Segmentations and a report next to the source series (PHI)",
         description="Write each case's attention map as a DICOM Parametric Map and its region as a DICOM "
         "Segmentation that reference the case's source series (same patient, study and frame of reference; one "
-        "frame per source slice), the prediction and threshold in the descriptions: "
-        "OUT/<case>/<case>_<method>_map.dcm and ..._region.dcm. The files carry the patient's identity (PHI) and "
-        "are written with mode 0600; --push sends them to the hospital's server. See docs/pacs.md.",
+        "frame per source slice), and its prediction as a Structured Report (TID 1500; also in the series "
+        "descriptions): OUT/<case>/<case>_<method>_map.dcm, ..._region.dcm and <case>_report.dcm. The files carry "
+        "the patient's identity (PHI) and are written with mode 0600; a re-run skips unchanged results; --push "
+        "sends them to the hospital's server. See docs/pacs.md.",
     )
     parser.add_argument("--overlays", required=True, type=Path, help="output folder of medimb explain")
     parser.add_argument("--out", required=True, type=Path,
