@@ -199,3 +199,15 @@ def test_push_errors_are_one_line(roundtrip, orthanc, tmp_path, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("medimb export-dicom: error:") and message in err and "\n" not in err, err
+
+
+def test_push_files_refuses_what_is_not_dicom_and_sends_nothing_for_nothing(orthanc, tmp_path):
+    from data_prep.pacs.push import push_files
+    from data_prep.pacs.server import PacsError
+
+    assert push_files("dimse://ORTHANC@127.0.0.1:1", []).stored == 0  # nothing to send: no connection at all
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not DICOM")
+    with pytest.raises(PacsError, match="not a readable DICOM file") as info:
+        push_files(orthanc.dimse_server(), [junk])
+    assert info.value.kind == "usage"
