@@ -112,7 +112,8 @@ def read_source_series(paths: Iterable[str | os.PathLike]) -> SourceSeries:
     if len(series) != 1:
         raise UserError(f"the source files belong to {len(series)} series; give one volume's instances")
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise UserError("multi-frame source instances are not supported (one file per slice expected)")
+        raise UserError("a multi-frame (enhanced) source instance: results for multi-frame sources are not "
+                        "supported (one file per slice expected)")
     if any("FrameOfReferenceUID" not in ds for ds in datasets):
         raise UserError("the source series has no FrameOfReferenceUID: results could not be placed in the patient")
     orientations = {tuple(np.round([float(v) for v in ds.get("ImageOrientationPatient", [])], 4)) for ds in datasets}
