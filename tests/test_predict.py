@@ -254,3 +254,24 @@ def test_training_records_the_datalist_channels(tmp_path):
     unlabelled.write_text(json.dumps({"test": [{"image": ["s0_c0.nii.gz", "s0_c1.nii.gz"]}], "labelled": False}))
     with pytest.raises(DataError, match="an unlabelled datalist: predict on it with medimb predict"):
         read_datalist(unlabelled)
+
+
+def test_positional_channels_pick_the_last_phase_of_each_study(tmp_path):
+    """A model trained on --channels 0,1,-1 (phase[0], phase[1], phase[-1]) takes the last phase of whatever
+    number of phases a study has: from a 4D file, and from a datalist that names its phases."""
+    from medimb.data.channels import ChannelSpec
+    from medimb.explain.inputs import resolve_items
+
+    spec = ChannelSpec(("phase[0]", "phase[1]", "phase[-1]"))
+    data = np.random.default_rng(3).random((6, 6, 4, 5)).astype(np.float32)
+    four_d = write_nifti(tmp_path / "s.nii.gz", data)
+    (item,) = resolve_items(four_d, channels=spec, work_dir=tmp_path / "converted")
+    assert item["channel_names"] == ["phase-00", "phase-01", "phase-04"]
+    assert [Path(p).name for p in item["image"]] == ["s_phase-00.nii.gz", "s_phase-01.nii.gz", "s_phase-04.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(item["image"][2]).dataobj), data[..., 4])
+    phases = [str(write_nifti(tmp_path / "d" / f"p{i}.nii.gz", data[..., i])) for i in range(5)]
+    datalist = tmp_path / "d" / "d.json"
+    datalist.write_text(json.dumps({"test": [{"image": phases}], "channels": [f"phase-0{i}" for i in range(5)]}))
+    (item,) = resolve_items(datalist, channels=spec)
+    assert item["channel_names"] == ["phase-00", "phase-01", "phase-04"]
+    assert item["image"] == [phases[0], phases[1], phases[4]]

@@ -141,8 +141,9 @@ def file_item(path: str | Path, spec: ChannelSpec, case: str, work_dir: Path | N
     if work_dir is None:
         raise UserError(f"{_where(case)}: a 4D file must be split into its volumes, but no folder was given to "
                         "write them to")
-    return {"image": split_volumes(path, indices, list(spec.names), work_dir, case), "case": case,
-            "channel_names": list(spec.names), ASSUMED: not spec.recorded}
+    names = [f"phase-{i:02d}" for i in indices]  # the volumes are the phases: named by their number
+    return {"image": split_volumes(path, indices, names, work_dir, case), "case": case, "channel_names": names,
+            ASSUMED: not spec.recorded}
 
 
 def session_item(subject: str, session: str, rows: list[dict], spec: ChannelSpec, work_dir: Path | None) -> dict:
@@ -167,7 +168,9 @@ def session_item(subject: str, session: str, rows: list[dict], spec: ChannelSpec
     if len(paths) != spec.count:
         raise UserError(f"{_where(where)}: the model takes {spec.describe()}; found {len(paths)} volume(s) "
                         f"({', '.join(Path(p).name for p in paths)})")
-    return {"image": paths, "case": case, "channel_names": names, "subject": subject, "session": session,
+    prefix = {"dce_phase": "phase", "subtraction": "sub"}
+    shown = [f"{prefix[r['kind']]}-{int(r['phase']):02d}" if r["kind"] in prefix else n for r, n in zip(picked, names)]
+    return {"image": paths, "case": case, "channel_names": shown, "subject": subject, "session": session,
             ASSUMED: not spec.recorded}
 
 
@@ -181,6 +184,11 @@ def fit_item(item: dict, spec: ChannelSpec, case: str, work_dir: Path | None) ->
         return item
     if named and set(spec.names) <= set(given):
         return {**item, "image": [images[given.index(n)] for n in spec.names], "channel_names": list(spec.names)}
+    positions = [_POSITION.match(n) for n in spec.names]
+    if named and all(positions) and all(_PHASE.match(n) for n in given):  # phase[-1] of the datalist's phases
+        picked = [int(m.group(1)) for m in positions]
+        if all(-len(given) <= i < len(given) for i in picked):
+            return {**item, "image": [images[i] for i in picked], "channel_names": [given[i] for i in picked]}
     if len(images) == 1 and _volumes(images[0]) > 1:
         return {**item, **file_item(images[0], spec, case, work_dir)}
     if named:
