@@ -192,8 +192,14 @@ def test_bad_sources_are_one_line_errors(tmp_path, dicom_series, capsys):
     _series(no_for, dicom_series, ORIENTATIONS["axial"], frame_of_reference=False)
     phases = tmp_path / "phases"
     _series(phases, dicom_series, ORIENTATIONS["axial"], phases=2)
+    multiframe = tmp_path / "multiframe"
+    multiframe.mkdir()
+    ds = pydicom.dcmread(next(source_dir.iterdir()))
+    ds.NumberOfFrames = 2
+    ds.save_as(multiframe / "enhanced.dcm")
     base = ["export-dicom", "--overlays", str(tmp_path / "overlays"), "--out", str(tmp_path / "out"), "--no-progress"]
     cases = [(["--source-series", str(no_for)], "no FrameOfReferenceUID"),
+             (["--source-series", str(multiframe)], "results for multi-frame sources are not supported"),
              (["--source-series", str(phases)], "share a slice position"),
              (["--source-series", str(source_dir), "--methods", "gradcam"], "--methods gradcam: not in"),
              (["--link-table", str(tmp_path / "x.csv")], "give --link-table and --archive")]
