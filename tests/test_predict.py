@@ -275,3 +275,17 @@ def test_positional_channels_pick_the_last_phase_of_each_study(tmp_path):
     (item,) = resolve_items(datalist, channels=spec)
     assert item["channel_names"] == ["phase-00", "phase-01", "phase-04"]
     assert item["image"] == [phases[0], phases[1], phases[4]]
+
+
+def test_overwrite_keeps_and_resumes_the_conversion(dicom_run, tmp_path):
+    """--overwrite replaces the results but resumes the DICOM conversion in OUT/converted (a killed run's too):
+    converted series are not written again."""
+    root, ckpt, _ = dicom_run
+    out = tmp_path / "out"
+    assert _predict(ckpt, root / "DOE_JANE_study", out) == 0
+    phase = next((out / "converted").rglob("*_phase-00.nii.gz"))
+    stamp = phase.stat().st_mtime_ns
+    (out / "predictions.csv").unlink()  # as if the run had been killed after converting
+    assert _predict(ckpt, root / "DOE_JANE_study", out, "--overwrite") == 0
+    assert phase.stat().st_mtime_ns == stamp and len(_rows(out)) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
