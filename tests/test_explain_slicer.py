@@ -228,6 +228,7 @@ def test_bundle_is_a_zip_whose_scene_references_only_its_own_files_and_nodes(sce
         assert display.tag == "VolumeDisplay" and display.get("colorNodeID") == HEATMAP_COLOR_NODE
         assert (display.get("window"), display.get("level")) == ("1", "0.5")
         assert display.get("lowerThreshold") == "0.3" and display.get("applyThreshold") == "1"
+        assert float(display.get("upperThreshold")) > 1.0 + 1e-6  # the peak shows however 255 x 1/255 is rounded
         assert display.get("autoWindowLevel") == "0" and by_id[refs["storage"]].tag == "VolumeArchetypeStorage"
     # slice views: the scan under the first method's map at opacity 0.4
     views = list(root_el.iter("SliceComposite"))

@@ -234,7 +234,8 @@ def build_case_scene(folder: str | Path, row: dict, display_threshold: float, op
             peak = grid.index_to_ras(np.unravel_index(int(np.argmax(heat)), heat.shape))
         heat_ids.append(scene.volume(f"{case} {method}", f"Data/heatmap_{method}.nii.gz", Grid.of_file(
             folder / heat_file), {
-            "colorNodeID": HEATMAP_COLOR_NODE, "window": "1", "level": "0.5", "upperThreshold": "1",
+            # upper threshold a little above 1: the peak (255 x 1/255) shows however a reader rounds it
+            "colorNodeID": HEATMAP_COLOR_NODE, "window": "1", "level": "0.5", "upperThreshold": "1.01",
             "lowerThreshold": _fmt(display_threshold), "autoWindowLevel": "0", "applyThreshold": "1",
             "autoThreshold": "0"}))
 
