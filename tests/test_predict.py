@@ -289,3 +289,16 @@ def test_overwrite_keeps_and_resumes_the_conversion(dicom_run, tmp_path):
     assert _predict(ckpt, root / "DOE_JANE_study", out, "--overwrite") == 0
     assert phase.stat().st_mtime_ns == stamp and len(_rows(out)) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_archive_with_two_patients_gives_one_case_per_study(dicom_run, tmp_path):
+    _, ckpt, _ = dicom_run
+    archive = tmp_path / "archive"
+    write_study(archive / "A")
+    write_dicom_series(archive / "B" / "DYN", phases=4, shape=(16, 16, 8), spacing=(1.5, 1.5, 2.0),
+                       patient_id="ZQX-PID-0002", patient_name="ZQXROE^ZQXRICHARD", description="dyn", seed=7)
+    out = tmp_path / "out"
+    assert _predict(ckpt, archive, out) == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and len({r["case"].split("_")[0] for r in rows}) == 2
+    assert all(r["case"].startswith("sub-") and (out / f"{r['case']}_coam_on-phase-01.nii.gz").is_file() for r in rows)
