@@ -211,3 +211,14 @@ def test_push_files_refuses_what_is_not_dicom_and_sends_nothing_for_nothing(orth
     with pytest.raises(PacsError, match="not a readable DICOM file") as info:
         push_files(orthanc.dimse_server(), [junk])
     assert info.value.kind == "usage"
+
+
+def test_push_sends_batches_and_a_repeat_adds_nothing(roundtrip, orthanc):
+    from data_prep.pacs.push import BATCH, push_files
+
+    root, _, _ = roundtrip
+    files = sorted((root / "results").rglob("*.dcm"))
+    before = len(orthanc.rest("GET", "/instances").json())
+    repeated = (files * BATCH)[: 2 * BATCH + 1]  # three batches, every object several times
+    assert push_files(orthanc.dimse_server(), repeated).stored == len(repeated)
+    assert len(orthanc.rest("GET", "/instances").json()) == before
