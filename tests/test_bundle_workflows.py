@@ -59,6 +59,9 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     assert backbone and all(torch.equal(stage1["model"][k], stage2["model"][k]) for k in backbone)
     assert not torch.equal(stage1["model"]["classifier.weight"], stage2["model"]["classifier.weight"])
     assert stage2["method"] == "cmsl-stage2-crt"
+    # TensorBoard events of the two stages in their own folders under the run folder
+    for stage in ("stage1", "stage2"):
+        assert list((evals / stage).glob("events.out.tfevents.*")), stage
 
     # evaluation: the evaluation output of medimb train/evaluate (metrics.json, predictions.csv, plots/test/)
     run_inprocess(BREAST, ["train.json", "evaluate.json"], **inproc)
@@ -129,8 +132,9 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
     metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
     assert len(metrics["test"]["per_class_recall"]) == 3 and metrics["class_names"] == ["0", "1", "2"]
     infer = tmp_path / "inference"
+    # inference runs network_def: the LWS head and the 2.5D network of the checkpoint, named by overrides
     run_inprocess(METRIC, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer),
-                  num_classes=3, explain_methods=["coam"], previews=False)
+                  num_classes=3, input_mode="2.5d", head="lws", explain_methods=["coam"], previews=False)
     rows = list(csv.DictReader((infer / "predictions.csv").open()))
     assert len(rows) == 4 and {"prob_0", "prob_1", "prob_2"} <= set(rows[0])
     assert len(list(infer.glob("*_coam_on-ch0.nii.gz"))) == 4  # a one-channel model: its only channel
