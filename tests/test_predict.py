@@ -205,6 +205,9 @@ def test_missing_channels_are_named_in_one_line(dicom_run, tmp_path, capsys):
     assert _predict(ckpt, three_d, out) == 2
     assert "case t2: the model takes 4 DCE phases (phase-00..phase-03); found one 3D volume" in capsys.readouterr().err
     assert not out.exists()
+    out.mkdir()  # an empty folder given as --out stays empty
+    assert _predict(ckpt, two, out) == 2
+    assert list(out.iterdir()) == []
 
 
 def test_refuses_a_non_empty_out_without_overwrite(dicom_run, tmp_path, capsys):

@@ -100,8 +100,8 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
         raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {settings.target_class}")
     check_destination(out, args.overwrite)
     channels = ChannelSpec.from_preprocessing(meta["preprocessing"])
-    created = not out.exists()
     work_dir = out / CONVERTED
+    created, had_inputs = not out.exists(), work_dir.exists()
     try:
         key = deid.key_from_arguments(args)
     except PrepError as exc:  # a key file that cannot be read
@@ -119,9 +119,11 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
                               progress=not args.no_progress, checkpoint_name=Path(args.checkpoint).name,
                               calibration_items=calibration, decision_threshold=decision_threshold,
                               keep=(CONVERTED,) if wrote_inputs else ())
-    except UserError:
-        if created:  # nothing half-written is left behind (a resumed DICOM conversion starts over)
+    except UserError:  # leave nothing behind but what was there (an interrupted conversion stays to resume)
+        if created:
             shutil.rmtree(out, ignore_errors=True)
+        elif not had_inputs:
+            shutil.rmtree(work_dir, ignore_errors=True)
         raise
     summary["channels"] = {"names": list(channels.names), "recorded": channels.recorded, "note": note}
     return summary
