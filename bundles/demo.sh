@@ -72,7 +72,7 @@ step operating_point bundle "['$CONFIGS/train.json','$CONFIGS/evaluate.json']" -
 step evaluate bundle "['$CONFIGS/train.json','$CONFIGS/evaluate.json']" --eval_dir "$OUT/evaluation"
 # 8. inference on the test split: COAM and Grad-CAM overlays in the source geometry, scored against the masks
 step inference "$PY" -m monai.bundle run --config_file "$CONFIGS/inference.json" --dataset_dir "$OUT/converted" \
-  --ckpt_dir "$OUT/models" --output_dir "$OUT/overlays" --explain_methods "['coam','gradcam']"
+  --ckpt_dir "$OUT/models" --output_dir "$OUT/overlays" --overwrite true --explain_methods "['coam','gradcam']"
 
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" <<'EOF'
 import json
