@@ -284,6 +284,13 @@ def test_server_errors_are_one_line(orthanc, source, creds_env, tmp_path, capsys
         assert len(err.splitlines()) == 1
     err = _one_line_error(capsys, run(orthanc.dimse_server(called_aet="WRONGAET")), 2, "refused the association")
     assert len(err.splitlines()) == 1
+    import socket
+
+    with socket.socket() as blocker:  # our C-MOVE port taken by another program
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier C-MOVE's port may be in TIME_WAIT
+        blocker.bind(("127.0.0.1", orthanc.move_port))
+        blocker.listen()
+        _one_line_error(capsys, run(orthanc.dimse_server("move")), 2, "cannot listen on port", "for C-MOVE")
     not_allowed = orthanc.dimse_server().replace("calling=MEDIMB", "calling=STRANGER")
     assert len(_one_line_error(capsys, run(not_allowed), 2, "refused C-FIND", "STRANGER").splitlines()) == 1
     monkeypatch.setenv("MEDIMB_PACS_PASSWORD", "wrong-password-123")
@@ -318,6 +325,16 @@ def test_unknown_study_fails_alone(orthanc, source, tmp_path, capsys):
         assert statuses[study_label(unknown)] == "unknown_study"
         assert statuses[study_label(source.uids[0])] in ("complete", "already_complete")
         assert not (archive / PULL_STATE_DIR / "studies" / f"{study_label(unknown)}.json").exists()
+
+
+def test_unregistered_move_destination(orthanc, source, tmp_path, capsys):
+    """C-MOVE to an AE title the server does not know: the study fails with a hint, nothing is marked."""
+    server = orthanc.dimse_server("move").replace("move_dest=MEDIMB", "move_dest=NOBODY")
+    code = cli.main(["pull", server, str(tmp_path / "a"), "--study", source.uids[0], "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "failed" in err and "is NOBODY registered at the PACS as a move destination" in err
+    assert not (tmp_path / "a" / PULL_STATE_DIR / "studies").exists()
 
 
 def test_bad_arguments(tmp_path, capsys):

@@ -302,7 +302,7 @@ def _pull_all(server, out: Path, study_uids: list[str], outcomes: list[StudyOutc
             try:
                 _pull_study(server, out, uid, refs, outcome, bar)
             except PacsError as exc:
-                if exc.kind in ("unreachable", "auth"):
+                if exc.kind in ("unreachable", "auth", "refused", "usage"):  # server-wide: stop here
                     outcome.status, outcome.detail = "interrupted", str(exc)
                     raise
                 outcome.status, outcome.detail = "failed", str(exc)

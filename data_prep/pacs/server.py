@@ -643,7 +643,9 @@ class DimseServer(_Connection):
             raise PacsError(f"{op} from {self.name}: no answer", "failed")
         if last not in (0x0000, 0xB000):  # success, or warning (some sub-operations failed: counted by the caller)
             study = study_label(str(query.StudyInstanceUID))
-            raise PacsError(f"{op} of study {study} from {self.name} failed with status 0x{last:04X}", "failed")
+            hint = (f" (is {self.spec.move_dest} registered at the PACS as a move destination with our host and port "
+                    f"{self.spec.store_port}?)" if op == "C-MOVE" else "")
+            raise PacsError(f"{op} of study {study} from {self.name} failed with status 0x{last:04X}{hint}", "failed")
 
     def store(self, datasets: Iterable) -> int:
         """C-STORE each dataset (one association per call, contexts from the datasets' SOP classes and
@@ -712,9 +714,23 @@ def _storage_contexts() -> list:
     if _STORAGE_CONTEXTS is None:
         from pynetdicom import StoragePresentationContexts, build_context
 
-        _STORAGE_CONTEXTS = [build_context(cx.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
-                             for cx in StoragePresentationContexts]
+        classes = [cx.abstract_syntax for cx in StoragePresentationContexts]
+        classes += [uid for uid in EXTRA_STORAGE_CLASSES if uid not in classes]
+        _STORAGE_CONTEXTS = [build_context(uid, list(STORAGE_TRANSFER_SYNTAXES)) for uid in classes[:127]]
     return _STORAGE_CONTEXTS
+
+
+#: storage SOP classes pynetdicom's default list (120, cut to fit one association) leaves out but a breast
+#: imaging study can hold, among them medimb's own results (C-GET can carry 127 besides the GET context)
+EXTRA_STORAGE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.30",        # Parametric Map (medimb export-dicom's maps)
+    "1.2.840.10008.5.1.4.1.1.66.7",      # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.8",      # Height Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.13.1.4",    # Breast Projection X-Ray Image, For Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5",    # Breast Projection X-Ray Image, For Processing
+    "1.2.840.10008.5.1.4.1.1.88.35",     # Extensible SR
+    "1.2.840.10008.5.1.4.1.1.90.1",      # Content Assessment Results
+)
 
 
 #: transfer syntaxes offered for images we receive; uncompressed first (a server that picks the first one
