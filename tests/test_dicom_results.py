@@ -199,7 +199,7 @@ def test_bad_sources_are_one_line_errors(tmp_path, dicom_series, capsys):
     ds.save_as(multiframe / "enhanced.dcm")
     base = ["export-dicom", "--overlays", str(tmp_path / "overlays"), "--out", str(tmp_path / "out"), "--no-progress"]
     cases = [(["--source-series", str(no_for)], "no FrameOfReferenceUID"),
-             (["--source-series", str(multiframe)], "results for multi-frame sources are not supported"),
+             (["--source-series", str(multiframe)], "has no plane position, orientation or pixel spacing for frame 1"),
              (["--source-series", str(phases)], "share a slice position"),
              (["--source-series", str(source_dir), "--methods", "gradcam"], "--methods gradcam: not in"),
              (["--link-table", str(tmp_path / "x.csv")], "give --link-table and --archive")]
@@ -272,3 +272,72 @@ def test_link_table_finds_the_instances_in_any_archive_layout(tmp_path, dicom_se
                                                for r in _link_rows(scan, tmp_path / "converted", source_dir)])
     assert main([*base[:4], str(tmp_path / "other.csv"), "--archive", str(pulled), "--out", str(tmp_path / "o4")]) == 2
     assert f"case {case}: its scan {scan.name} is not in the link table" in capsys.readouterr().err
+
+
+def _enhanced(folder, slots):
+    """pydicom's enhanced MR test file (10 frames of 64 x 64) made a placeable volume: an oblique plane, pixel
+    measures, frame ``f`` at slice slot ``slots[f]``, a frame of reference and a patient (as in
+    tests/test_prep_dcm2niix.py); returns ``{frame number: pixels}``."""
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    ori = [np.cos(0.2), np.sin(0.2), 0.0, 0.0, 0.0, -1.0]
+    normal = np.cross(ori[:3], ori[3:])
+    shared, plane, measures = Dataset(), Dataset(), Dataset()
+    plane.ImageOrientationPatient = ori
+    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.9, 0.8], 1.2, 1.2
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([plane]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for slot in slots:
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in np.array([-20.0, 10.0, 30.0]) + slot * 1.2 * normal]
+        item.PlanePositionSequence = Sequence([position])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.FrameOfReferenceUID, ds.PatientID, ds.PatientName = FOR_UID, "PID-ENH", "DOE^ENH"
+    folder.mkdir(parents=True)
+    ds.save_as(folder / "enhanced.dcm")
+    return {n + 1: frame.astype(np.float64) for n, frame in enumerate(ds.pixel_array)}, ds
+
+
+def test_multiframe_sources_frame_by_frame(tmp_path, capsys):
+    from data_prep.pacs.links import write_link_table
+
+    pixels, source = _enhanced(tmp_path / "archive" / "enh", [3, 1, 4, 0, 9, 2, 8, 5, 7, 6])
+    convert_archive(str(tmp_path / "archive"), str(tmp_path / "converted"), progress=False)
+    [scan] = sorted((tmp_path / "converted").rglob("*.nii.gz"))
+    case, _ = _explain_folder(tmp_path / "overlays", scan)
+    rows = [{"subject": "sub-x", "session": "ses-1", "series": "s", "kind": "image", "volume": 0, "slice": k,
+             "output": scan.relative_to(tmp_path / "converted").as_posix(), "study_uid": source.StudyInstanceUID,
+             "series_uid": source.SeriesInstanceUID, "sop_uid": source.SOPInstanceUID, "frame": k + 1}
+            for k in range(10)]
+    write_link_table(tmp_path / "links.csv", rows)
+    assert main(["export-dicom", "--overlays", str(tmp_path / "overlays"), "--link-table", str(tmp_path / "links.csv"),
+                 "--archive", str(tmp_path / "archive"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    peak = max(p.max() for p in pixels.values())
+    positions = {n: [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+                 for n, item in enumerate(source.PerFrameFunctionalGroupsSequence, start=1)}
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(tmp_path / "out" / case / f"{case}_coam_map.dcm"))
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / case / f"{case}_coam_region.dcm"))
+    for obj in (pm, seg):
+        assert obj.FrameOfReferenceUID == FOR_UID and obj.PatientID == "PID-ENH"
+        assert obj.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
+        seen = set()
+        for n, group in enumerate(obj.PerFrameFunctionalGroupsSequence):
+            ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+            number = int(ref.ReferencedFrameNumber)
+            seen.add(number)
+            np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+                                       positions[number], atol=1e-4)
+            expected = (pixels[number] / peak).astype(np.float32)
+            got = obj.pixel_array[n]
+            np.testing.assert_array_equal(got, expected if obj is pm else (expected >= 0.5).astype(np.uint8))
+        assert seen == set(range(1, 11))
+    # the same frames found without a link table
+    assert main(["export-dicom", "--overlays", str(tmp_path / "overlays"), "--source-series",
+                 str(tmp_path / "archive" / "enh"), "--out", str(tmp_path / "out2"), "--no-progress"]) == 0
+    assert pydicom.dcmread(tmp_path / "out2" / case / f"{case}_coam_map.dcm").SOPInstanceUID == pm.SOPInstanceUID

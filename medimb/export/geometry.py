@@ -23,20 +23,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GRID_TOLERANCE = 0.05
 
 
-def frame_geometry(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
-    """``(position (3,), row_dir r (3,), col_dir c (3,), (row spacing, col spacing), (rows, cols))`` of a
-    single-frame instance, LPS mm; :class:`UserError` when a geometry attribute is missing."""
-    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-               if k not in ds]
-    if missing:
-        raise UserError(f"source instance {ds.get('SOPInstanceUID', '?')} has no {', '.join(missing)}: "
-                        "not a cross-sectional image a map can be placed on")
-    o = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    spacing = tuple(float(v) for v in ds.PixelSpacing)
-    return (np.asarray([float(v) for v in ds.ImagePositionPatient]), o[:3], o[3:], spacing,
-            (int(ds.Rows), int(ds.Columns)))
-
-
 def _integral(values: np.ndarray, what: str, tol: float) -> np.ndarray:
     rounded = np.round(values)
     off = float(np.max(np.abs(values - rounded)))
@@ -46,10 +32,13 @@ def _integral(values: np.ndarray, what: str, tol: float) -> np.ndarray:
     return rounded.astype(np.int64)
 
 
-def voxel_indices(ds, affine_ras: np.ndarray, shape: Sequence[int], tol: float = GRID_TOLERANCE) -> np.ndarray:
-    """``(3, rows, cols)`` int voxel indices ``(i, j, k)`` of an instance's pixel centres in a volume of
-    ``shape`` with ``affine_ras`` (4, 4); :class:`UserError` when they are off voxel centres or outside."""
-    position, r, c, (row_sp, col_sp), (rows, cols) = frame_geometry(ds)
+def voxel_indices(frame, affine_ras: np.ndarray, shape: Sequence[int], tol: float = GRID_TOLERANCE) -> np.ndarray:
+    """``(3, rows, cols)`` int voxel indices ``(i, j, k)`` of a source frame's pixel centres
+    (:class:`medimb.export.sources.SourceFrame`) in a volume of ``shape`` with ``affine_ras`` (4, 4);
+    :class:`UserError` when they are off voxel centres or outside."""
+    position, (rows, cols) = frame.position, frame.shape
+    r, c = frame.orientation[:3], frame.orientation[3:]
+    row_sp, col_sp = frame.spacing
     to_voxel = np.linalg.inv(np.asarray(affine_ras, dtype=float)) @ LPS_TO_RAS
     base = _integral(to_voxel[:3, :3] @ position + to_voxel[:3, 3], "the first pixel", tol)
     step_col = _integral(to_voxel[:3, :3] @ (r * col_sp), "the column step", tol)
@@ -58,18 +47,19 @@ def voxel_indices(ds, affine_ras: np.ndarray, shape: Sequence[int], tol: float =
     ijk = base[:, None, None] + step_col[:, None, None] * x + step_row[:, None, None] * y
     upper = np.asarray(shape[:3])[:, None, None]
     if (ijk < 0).any() or (ijk >= upper).any():
-        raise UserError(f"source instance {ds.get('SOPInstanceUID', '?')} lies (partly) outside the map's grid "
+        raise UserError(f"source frame {frame.key} lies (partly) outside the map's grid "
                         f"{tuple(shape[:3])}: was the overlay made from this series?")
     return ijk
 
 
-def volume_to_frames(volume: np.ndarray, affine_ras: np.ndarray, datasets: Sequence,
+def volume_to_frames(volume: np.ndarray, affine_ras: np.ndarray, frames: Sequence,
                      tol: float = GRID_TOLERANCE) -> np.ndarray:
     """The ``(N, rows, cols)`` frames of a ``(I, J, K)`` volume (NIfTI voxel order, RAS ``affine_ras``) at the
-    pixel centres of the N single-frame ``datasets`` (pydicom headers), frame n for ``datasets[n]``."""
+    pixel centres of the N source ``frames`` (:class:`medimb.export.sources.SourceFrame`), frame n for
+    ``frames[n]``."""
     volume = np.asarray(volume)
-    frames = []
-    for ds in datasets:
-        i, j, k = voxel_indices(ds, affine_ras, volume.shape, tol)
-        frames.append(volume[i, j, k])
-    return np.stack(frames)
+    out = []
+    for frame in frames:
+        i, j, k = voxel_indices(frame, affine_ras, volume.shape, tol)
+        out.append(volume[i, j, k])
+    return np.stack(out)

@@ -6,7 +6,7 @@
   "Spatial and Relational Concept", type DCM 130488 "Region in Space", automatic, algorithm medimb + version
   + method),
 
-each with one frame per source instance, in the source order (highdicom takes the frames' positions,
+each with one frame per source frame (instance, or frame of a multi-frame instance), in the source order (highdicom takes the frames' positions,
 orientation and pixel spacing from the source instances, and copies the patient, study and frame of
 reference). Both carry the source patient's identity: they go back to the PACS next to the original.
 
@@ -110,7 +110,7 @@ def series_number(kind: str, method: str) -> int:
 
 def build_parametric_map(source: SourceSeries, frames: np.ndarray, method: str, prediction: Prediction):
     """``highdicom.pm.ParametricMap`` of ``frames`` ``(N, rows, cols)`` float32 (frame n on
-    ``source.datasets[n]``), values as given (maps are in [0, 1])."""
+    ``source.frames[n]``), values as given (maps are in [0, 1])."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -131,6 +131,7 @@ def build_parametric_map(source: SourceSeries, frames: np.ndarray, method: str, 
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label=method.upper()[:16],
         content_description=_lo(f"{method} attention 0-1; predicted {prediction.short()}"),
+        **_plane_geometry(source),
     )
     pm.SeriesDescription = _lo(f"medimb {method} map: {prediction.short()}")
     return pm
@@ -139,7 +140,7 @@ def build_parametric_map(source: SourceSeries, frames: np.ndarray, method: str, 
 def build_segmentation(source: SourceSeries, mask: np.ndarray, method: str, prediction: Prediction,
                        region_threshold: float):
     """``highdicom.seg.Segmentation`` (BINARY, one segment, every frame kept) of ``mask`` ``(N, rows, cols)``
-    (frame n on ``source.datasets[n]``): the map's region ``map >= region_threshold``."""
+    (frame n on ``source.frames[n]``): the map's region ``map >= region_threshold``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -163,12 +164,31 @@ def build_segmentation(source: SourceSeries, mask: np.ndarray, method: str, pred
         device_serial_number="none", omit_empty_frames=False,
         content_label=f"{method.upper()}_REGION"[:16],
         content_description=_lo(f"{method} map >= {region_threshold:g}; predicted {prediction.short()}"),
+        **_plane_geometry(source),
     )
     seg.SeriesDescription = _lo(f"medimb {method} region: {prediction.short()}")
     return seg
 
 
 def _check_frames(source: SourceSeries, frames: np.ndarray) -> None:
-    rows, cols = int(source.datasets[0].Rows), int(source.datasets[0].Columns)
-    if frames.shape != (len(source.datasets), rows, cols):
-        raise ValueError(f"frames {frames.shape} for {len(source.datasets)} source instances of {rows}x{cols}")
+    rows, cols = source.frames[0].shape
+    if frames.shape != (len(source.frames), rows, cols):
+        raise ValueError(f"frames {frames.shape} for {len(source.frames)} source frames of {rows}x{cols}")
+
+
+def _plane_geometry(source: SourceSeries) -> dict:
+    """highdicom's explicit plane arguments for frames of multi-frame sources (it takes single-frame sources'
+    geometry from the instances themselves, one frame per instance); it matches each result frame to its
+    source frame by position (per-frame ReferencedFrameNumber)."""
+    if not source.multiframe:
+        return {}
+    import highdicom as hd
+
+    patient, first = hd.CoordinateSystemNames.PATIENT, source.frames[0]
+    return {
+        "plane_positions": [hd.PlanePositionSequence(patient, [float(v) for v in f.position]) for f in source.frames],
+        "plane_orientation": hd.PlaneOrientationSequence(patient, [float(v) for v in first.orientation]),
+        "pixel_measures": hd.PixelMeasuresSequence(pixel_spacing=list(first.spacing),
+                                                   slice_thickness=first.thickness or source.step,
+                                                   spacing_between_slices=source.step),
+    }

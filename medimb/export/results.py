@@ -100,8 +100,8 @@ def export_case(case, source: SourceSeries, region_threshold: float, out_dir: Pa
     for method, (heat_path, label_path) in case.maps.items():
         heat, heat_affine = _load_3d(heat_path)
         label, label_affine = _load_3d(label_path)
-        frames = volume_to_frames(heat.astype(np.float32), heat_affine, source.datasets)
-        mask = volume_to_frames(label, label_affine, source.datasets) > 0
+        frames = volume_to_frames(heat.astype(np.float32), heat_affine, source.frames)
+        mask = volume_to_frames(label, label_affine, source.frames) > 0
         jobs = (("map", parametric_map_uids(source, frames, method, case.prediction),
                  lambda: build_parametric_map(source, frames, method, case.prediction)),
                 ("region", segmentation_uids(source, mask, method, case.prediction, region_threshold),
@@ -129,10 +129,11 @@ def export_case(case, source: SourceSeries, region_threshold: float, out_dir: Pa
     return written
 
 
-def export_results(overlays: OverlayFolder, locate: Callable[[OverlayCase], list[Path]], out_dir: str | Path,
+def export_results(overlays: OverlayFolder, locate: Callable[[OverlayCase], list], out_dir: str | Path,
                    progress: bool = False) -> list[WrittenResult]:
     """Export every case of ``overlays`` (:func:`medimb.export.overlays.read_overlay_folder`) into ``out_dir``;
-    ``locate(case)`` returns the :class:`OverlayCase`'s source instance files. Returns what was written (or skipped)."""
+    ``locate(case)`` returns the :class:`OverlayCase`'s source files, or ``(file, frame number)`` pairs
+    (:func:`medimb.export.sources.read_source_series`). Returns what was written (or skipped)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -160,15 +161,18 @@ def export_results(overlays: OverlayFolder, locate: Callable[[OverlayCase], list
 
 
 def folder_locator(folder: str | Path) -> Callable[[OverlayCase], list[Path]]:
-    """``locate`` for one case whose source instances are the DICOM files of ``folder`` (recursively)."""
+    """``locate`` for one case whose source instances are the DICOM files of ``folder`` (recursively; every
+    frame of a multi-frame instance)."""
     from .sources import _read_header
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--source-series {folder} is not a folder")
-    files = [p for p in sorted(folder.rglob("*"))  # DICOMDIR, README and other non-images are left out
-             if p.is_file() and (ds := _read_header(p, tags=["SOPInstanceUID", "ImagePositionPatient"])) is not None
-             and "ImagePositionPatient" in ds]
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # DICOMDIR, README, other non-images: left out
+        ds = _read_header(path, tags=["SOPInstanceUID", "ImagePositionPatient", "NumberOfFrames"])
+        if ds is not None and ("ImagePositionPatient" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1):
+            files.append(path)
     if not files:
         raise UserError(f"--source-series {folder} holds no DICOM images")
     return lambda case: files
