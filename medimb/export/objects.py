@@ -6,13 +6,13 @@
   "Spatial and Relational Concept", type DCM 130488 "Region in Space", automatic, algorithm medimb + version
   + method),
 
-each with one frame per source frame (instance, or frame of a multi-frame instance), in the source order (highdicom takes the frames' positions,
-orientation and pixel spacing from the source instances, and copies the patient, study and frame of
-reference). Both carry the source patient's identity: they go back to the PACS next to the original.
+each with one frame per source frame (a single-frame instance, or a frame of a multi-frame one), in the
+source order: highdicom takes the frames' positions, orientation and pixel spacing from the source instances
+(given explicitly for multi-frame sources) and copies the patient, study and frame of reference. Both carry
+the source patient's identity: they go back to the PACS next to the original.
 
 UIDs are derived from the content (``2.25.<name-based UUID>``: a UUID version 5 of the source series, method,
-the frames' SHA-256 and the prediction, ISO/IEC 9834-8), so writing or pushing
-the same result twice gives the same SOP Instance UIDs (a server keeps one copy) and a different result
+the frames' SHA-256 and the prediction, ISO/IEC 9834-8), so writing or pushing the same result twice gives the same SOP Instance UIDs (a server keeps one copy) and a different result
 (another model, threshold, map) gets new ones instead of silently overwriting a stored instance.
 """
 
