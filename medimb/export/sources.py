@@ -217,11 +217,11 @@ def read_source_series(items: Iterable[str | os.PathLike | tuple]) -> SourceSeri
 
 
 def link_table_locator(link_table: str | os.PathLike, archive: str | os.PathLike):
-    """``locate(case) -> [source file]`` (``case``: a :class:`medimb.export.overlays.OverlayCase`) from the link
-    table of ``medimb-prep convert --link-table`` and the archive the scans were converted from.
+    """``locate(case) -> [(file, frame number or None)]`` (``case``: an :class:`~medimb.export.overlays.OverlayCase`)
+    from the link table of ``medimb-prep convert --link-table`` and the archive the scans were converted from.
 
     The case's source frames are the link table's rows of the first volume of its converted file (``case.source``,
-    a file name): ``[(file, frame number or None)]``. Each instance is looked up at its ``medimb-prep pull`` path
+    a file name). Each instance is looked up at its ``medimb-prep pull`` path
     (``ARCHIVE/<study>/<series>/<instance>.dcm``, hashes of the UIDs) first, else by reading the headers of
     every file of the archive once. :class:`UserError` for an unknown case or instances the archive does not hold.
     """
