@@ -54,9 +54,13 @@ INSTALL_HINT = ("install the Debian packages orthanc and orthanc-dicomweb "
 
 def find_orthanc() -> tuple[str | None, str | None, str]:
     """(binary, DICOMweb plugin path, why-not): the paths, or Nones and a reason to skip."""
-    binary = os.environ.get("MEDIMB_ORTHANC") or shutil.which("Orthanc") or (
-        "/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None)
-    if not binary or not os.access(binary, os.X_OK):
+    if os.environ.get("MEDIMB_ORTHANC"):
+        binary = os.environ["MEDIMB_ORTHANC"]
+        if not os.access(binary, os.X_OK):
+            return None, None, f"$MEDIMB_ORTHANC={binary} is not an executable file"
+    else:
+        binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None)
+    if not binary:
         return None, None, f"Orthanc not found (no Orthanc on PATH or /usr/sbin/Orthanc): {INSTALL_HINT}"
     dirs = [os.environ["MEDIMB_ORTHANC_PLUGINS"]] if os.environ.get("MEDIMB_ORTHANC_PLUGINS") else list(PLUGIN_DIRS)
     for d in dirs:
