@@ -7,13 +7,17 @@ Steps (each skipped when its output already exists in --work, so a run can be re
    labels.csv: DCE phases as channels, stratified 60/15/25 split);
 4. train with ``medimb.training.train`` (default method ``cmsl``);
 5. for every positive (malignant) test case, on the same model and the same preprocessed input:
-   COAM, CAM and Grad-CAM (class "malignant"), each inverted to the source NIfTI grid with
+   COAM, multi-scale COAM (``coam_ms``: the last two resolution levels fused), CAM and Grad-CAM (class
+   "malignant"), each inverted to the source NIfTI grid with
    ``medimb.explain.invert_to_source``; the truth mask is resampled onto that grid in world space
    (SimpleITK, nearest neighbour). Scores: pointing game, centre-of-mass distance (mm; map voxels
    >= 0.5), Dice of ``map >= 0.5``; and, as a diagnostic, how often the map peaks on the scan's outer
    faces (against the faces' share of the voxels: more means the map follows the field-of-view edge);
-6. time per volume of a plain forward pass, COAM and Grad-CAM (network grid, batch 1, interleaved,
-   median of --repeats), all in this one process.
+6. time per volume of a plain forward pass, COAM, multi-scale COAM, CAM and Grad-CAM (network grid, batch 1,
+   interleaved, median of --repeats), all in this one process.
+
+Paired comparisons on the same cases (exact McNemar test on the pointing-game hits, :func:`paired_hits`):
+COAM and multi-scale COAM each against Grad-CAM, and multi-scale COAM against COAM.
 
 Sanity rows scored through the very same path (``ORACLES``): ``oracle_mask``, the truth mask pushed
 through the checkpoint's geometric preprocessing onto the network grid (must score pointing game ~1,
@@ -64,7 +68,9 @@ from medimb.explain import (
 from medimb.explain.pipeline import preprocess
 from medimb.networks import load_checkpoint, predict_proba
 
-METHODS = ("coam", "cam", "gradcam")
+METHODS = ("coam", "coam_ms", "cam", "gradcam")
+#: (a, b) pairs compared case by case (McNemar)
+PAIRS = (("coam", "gradcam"), ("coam_ms", "gradcam"), ("coam_ms", "coam"))
 EXTRA_METHODS = ("coam_cosine", "gradcampp")  # reported for information, not part of the targets
 # sanity rows: known maps through the same preprocess -> network grid -> invert -> score path
 ORACLES = ("oracle_mask", "oracle_featuregrid")
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             heat = heat / float(heat.max())  # resampling can shave the peak below 1
             row[name] = {**localization_scores(heat, mask, affine, THRESHOLD), "empty": 0.0}
-        timed = {m: explainers[m] for m in ("coam", "gradcam", "cam")}
+        timed = {m: explainers[m] for m in ("coam", "coam_ms", "gradcam", "cam")}
         timings.append(time_methods(model, x, timed, args.repeats))
         per_case.append(row)
         print(f"{case}: " + ", ".join(
@@ -310,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "time_ms_per_volume": time_ms,
         "coam_over_forward": time_ms["coam"] / time_ms["forward"],
         "coam_over_gradcam": time_ms["coam"] / time_ms["gradcam"],
-        "coam_vs_gradcam": paired_hits(per_case),
+        "coam_ms_over_forward": time_ms["coam_ms"] / time_ms["forward"],
+        **{f"{a}_vs_{b}": paired_hits(per_case, a, b) for a, b in PAIRS},
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
                     "explain": round(time.perf_counter() - t0 - t_data - t_train, 1)},
         "per_case": per_case,
@@ -322,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         s = summary["scores"][m]
         print(f"| {m} | {s['pointing_game']:.3f} | {s['com_distance_mm']:.1f} | {s['dice']:.3f} "
               f"| {s['peak_on_border']:.3f} | {s['empty'] * len(per_case):.0f} |")
+    print("\n| pair (a vs b) | only a hits | only b hits | McNemar p |\n|---|---|---|---|")
+    for a, b in PAIRS:
+        pair = summary[f"{a}_vs_{b}"]
+        print(f"| {a} vs {b} | {pair[f'only_{a}']} | {pair[f'only_{b}']} | {pair['mcnemar_p']:.3g} |")
     print("\n| per volume (batch 1) | ms |\n|---|---|")
     for k, v in time_ms.items():
         print(f"| {k} | {v:.1f} |")

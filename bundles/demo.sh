@@ -70,9 +70,10 @@ step operating_point bundle "['$CONFIGS/train.json','$CONFIGS/evaluate.json']" -
   --choose_operating_point balanced_accuracy --eval_dir "$OUT/evaluation_validation"
 # 7. evaluation on the test split at that threshold: metrics.json (95 % intervals), predictions.csv, plots/test/
 step evaluate bundle "['$CONFIGS/train.json','$CONFIGS/evaluate.json']" --eval_dir "$OUT/evaluation"
-# 8. inference on the test split: COAM and Grad-CAM overlays in the source geometry, scored against the masks
+# 8. inference on the test split: COAM, multi-scale COAM and Grad-CAM overlays in the source geometry, scored
+# against the masks
 step inference "$PY" -m monai.bundle run --config_file "$CONFIGS/inference.json" --dataset_dir "$OUT/converted" \
-  --ckpt_dir "$OUT/models" --output_dir "$OUT/overlays" --overwrite true --explain_methods "['coam','gradcam']"
+  --ckpt_dir "$OUT/models" --output_dir "$OUT/overlays" --overwrite true --explain_methods "['coam','coam_ms','gradcam']"
 
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" <<'EOF'
 import json
@@ -95,9 +96,15 @@ print(f"  data:        {counts} cases, {malignant} malignant in test, {out / 'co
 print(f"  test ({m['num_samples']} cases, 95 % intervals):")
 print(f"               {format_ci_summary(m)}")
 print(f"  confusion matrix at threshold {m['threshold']:.3f} (rows true benign/malignant): {m['confusion_matrix']}")
+# the maps explain malignancy: scored on the malignant lesions (label 1); the benign masses (label 0) beside them
+print("  maps vs the truth masks (pointing game: the map's peak inside the lesion):")
 for method, loc in explained.get("localization", {}).items():
-    print(f"  {method + ':':<12} pointing game {loc['pointing_game']:.2f} over {loc['cases']} lesion cases; map centre "
-          f"{loc['com_distance_mm_median']:.1f} mm from the lesion's (median)")
+    by_label = loc.get("by_label", {})
+    mal, ben = by_label.get("1"), by_label.get("0")
+    if mal:
+        print(f"  {method + ':':<12} pointing game {mal['pointing_game']:.2f} ({mal['hits']}/{mal['cases']} malignant "
+              f"lesions), map centre {mal['com_distance_mm_median']:.1f} mm from the lesion's (median)"
+              + (f"; benign masses {ben['hits']}/{ben['cases']}" if ben else ""))
 print(f"  evaluation:  {out / 'evaluation'} (metrics.json, predictions.csv, plots/test/)")
 print(f"  checkpoints: {out / 'models' / 'model.pt'} (stage 2, with its operating point), model_stage1.pt")
 print(f"  overlays:    {len(overlays)} COAM heatmaps (+ Grad-CAM, label maps) in {out / 'overlays'}")

@@ -12,6 +12,8 @@ from medimb.evaluation.localization import (
     localization_scores,
     peak_on_border,
     pointing_game,
+    summarize_by_label,
+    summarize_scores,
 )
 
 
@@ -78,6 +80,23 @@ def test_perfect_map_scores_perfectly_and_mismatched_or_empty_masks_are_errors()
         pointing_game(heat[:-1], mask)
     with pytest.raises(ValueError, match="empty"):
         dice_of_threshold(heat, np.zeros_like(mask))
+
+
+def test_summaries_count_hits_over_all_cases_and_per_true_class():
+    scores = [{"pointing_game": hit, "com_distance_mm": d, "dice": 0.5} for hit, d in
+              ((1.0, 1.0), (1.0, 3.0), (0.0, 20.0), (0.0, 30.0), (1.0, 2.0))]
+    labels = [1, 1, 0, 0, None]
+    overall = summarize_scores(scores)
+    assert (overall["cases"], overall["hits"], overall["pointing_game"]) == (5, 3, 0.6)
+    assert overall["com_distance_mm_median"] == 3.0
+    by_label = summarize_by_label(scores, labels)
+    assert sorted(by_label) == ["0", "1"]  # the unlabelled case is in neither class
+    assert (by_label["1"]["hits"], by_label["1"]["pointing_game"], by_label["1"]["com_distance_mm_median"]) == (2, 1.0, 2.0)
+    assert (by_label["0"]["hits"], by_label["0"]["cases"]) == (0, 2)
+    with pytest.raises(ValueError):
+        summarize_by_label(scores, labels[:2])
+    with pytest.raises(ValueError):
+        summarize_scores([])
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["oblique", "oblique_lps"])

@@ -11,6 +11,9 @@ voxel spacing or orientation.
 - :func:`peak_on_border`: does the map peak on the scan's outer faces? A diagnostic, not a score: a
   map that peaks there more often than the faces' share of the volume responds to the field-of-view
   edge (e.g. padding) rather than anatomy.
+- :func:`summarize_scores` / :func:`summarize_by_label`: those scores over many cases, and per true class. The
+  pointing game of a classifier's maps means most over the lesions of the class the maps explain (the
+  malignant ones): a benign mass is not what a malignancy detector's evidence should sit on.
 """
 
 from __future__ import annotations
@@ -100,3 +103,25 @@ def localization_scores(heat: np.ndarray, mask: np.ndarray, affine: np.ndarray,
         "com_distance_mm": centre_of_mass_distance_mm(heat, mask, affine, threshold),
         "dice": dice_of_threshold(heat, mask, threshold),
     }
+
+
+def summarize_scores(scores: list[dict]) -> dict:
+    """Per-case :func:`localization_scores` -> ``{"cases", "hits", "pointing_game", "com_distance_mm_median",
+    "dice_median"}`` (``hits``: maps whose peak lies in the lesion)."""
+    if not scores:
+        raise ValueError("no scores to summarise")
+    hits = int(sum(s["pointing_game"] for s in scores))
+    return {"cases": len(scores), "hits": hits, "pointing_game": hits / len(scores),
+            "com_distance_mm_median": float(np.median([s["com_distance_mm"] for s in scores])),
+            "dice_median": float(np.median([s["dice"] for s in scores]))}
+
+
+def summarize_by_label(scores: list[dict], labels: list[int | None]) -> dict[str, dict]:
+    """:func:`summarize_scores` per true class label (keys ``"0"``, ``"1"``, ...; cases without a label left out)."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    groups: dict[int, list[dict]] = {}
+    for score, label in zip(scores, labels):
+        if label is not None:
+            groups.setdefault(int(label), []).append(score)
+    return {str(label): summarize_scores(groups[label]) for label in sorted(groups)}

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medimb.errors import UserError
-from medimb.evaluation.localization import localization_scores
+from medimb.evaluation.localization import localization_scores, summarize_by_label, summarize_scores
 from medimb.evaluation.operating_point import predict_classes, resolve_operating_point
 from medimb.evaluation.predictions_csv import SplitPredictions, format_predictions
 from medimb.networks import predict_proba
@@ -168,16 +168,16 @@ def lesion_mask(item: dict) -> tuple[np.ndarray, np.ndarray] | None:
 
 def summarize_localization(cases: list[CaseExplanation], methods: list[str]) -> dict:
     """Per method, over the cases with a lesion mask: how many, the pointing game (share of maps whose peak lies
-    in the lesion) and the distance (mm) between the map's and the lesion's centres of mass (median)."""
+    in the lesion), the distance (mm) between the map's and the lesion's centres of mass (median), and the same
+    per true class under ``by_label`` (for a malignancy classifier the malignant lesions are the ones its maps
+    should find; :func:`medimb.evaluation.localization.summarize_by_label`)."""
     out = {}
     for method in methods:
-        scores = [c.localization[method] for c in cases if c.localization and method in c.localization]
-        if scores:
-            distances = [s["com_distance_mm"] for s in scores]
-            out[method] = {"cases": len(scores),
-                           "pointing_game": float(np.mean([s["pointing_game"] for s in scores])),
-                           "com_distance_mm_median": float(np.median(distances)),
-                           "dice_median": float(np.median([s["dice"] for s in scores]))}
+        scored = [c for c in cases if c.localization and method in c.localization]
+        if scored:
+            scores = [c.localization[method] for c in scored]
+            out[method] = {**summarize_scores(scores),
+                           "by_label": summarize_by_label(scores, [c.label for c in scored])}
     return out
 
 
