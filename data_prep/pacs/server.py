@@ -500,12 +500,20 @@ class DimseServer(_Connection):
                 raise PacsError(f"{self.name} refused the association from {spec.calling_aet} (check the called AE "
                                 "title, and that the PACS knows our calling AE title and host)", "refused")
             if assoc.is_aborted:
-                raise PacsError(f"{self.name} aborted the association from {spec.calling_aet} (authentication or "
-                                "AE title not accepted?)", "refused")
+                raise PacsError(f"{self.name} aborted the association from {spec.calling_aet} (none of the services "
+                                "offered accepted, or authentication or AE title not accepted)", "refused")
             raise PacsError(f"cannot associate with {self.name}: no answer within {spec.timeout:g} s", "unreachable")
         assoc._medimb_started = time.monotonic()  # for _check_status: a refusal answers fast, a timeout does not
         try:
             yield assoc
+        except ValueError as exc:  # pynetdicom: the server accepted no presentation context for what we send
+            if assoc.is_established:
+                assoc.abort()
+            if "No presentation context" not in str(exc):
+                raise
+            what = str(exc).split("'")[1] if "'" in str(exc) else "this service"
+            hint = " (try retrieve=move, or DICOMweb)" if "Get" in what else ""
+            raise PacsError(f"{self.name} does not accept {what} from {spec.calling_aet}{hint}", "refused") from None
         except BaseException:
             if assoc.is_established:  # interrupted or failed mid-operation: do not wait for the server
                 assoc.abort()
