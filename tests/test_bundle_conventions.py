@@ -10,6 +10,7 @@ Tiny data (20x18x12 volumes, 16^3 network input) and checkpoints written without
 from __future__ import annotations
 
 import csv
+import json
 import os
 import warnings
 
@@ -183,3 +184,28 @@ def test_outputs_default_to_a_run_folder_under_the_working_directory(bundle, tmp
     assert parsed(["train.json", "evaluate.json"], ["eval_dir"]) == [str(run_dir / "evaluation")]
     assert parsed(["inference.json"], ["output_dir", "overwrite"]) == [str(run_dir / "inference"), False]
     assert parsed(["inference.json"], ["ckpt_path"]) == [str(BUNDLES.resolve() / bundle / "models" / "model.pt")]
+
+
+def test_inference_takes_a_4d_dce_file_and_keeps_its_split_phases(tmp_path):
+    """--datalist may name a 4D DCE NIfTI (as medimb predict takes it): its volumes become the phases the
+    checkpoint takes, split into OUTPUT/converted (kept in the output folder), same prediction as the case."""
+    from monai.bundle import run
+
+    common = _setup(BREAST, tmp_path)
+    ids = _infer_ids(common)
+    run(config_file=_configs(BREAST, "inference.json"), logging_file=False, output_dir=str(tmp_path / "list"),
+        explain_methods=[], previews=False, **ids)
+    first = next(csv.DictReader((tmp_path / "list" / "predictions.csv").open()))
+    item = json.loads((tmp_path / "data" / "datalist.json").read_text())["test"][0]
+    phases = [nib.load(str(tmp_path / "data" / p)) for p in item["image"]]
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(p.dataobj) for p in phases], -1), phases[0].affine),
+             str(tmp_path / "dce4d.nii.gz"))
+    out = tmp_path / "four"
+    run(config_file=_configs(BREAST, "inference.json"), logging_file=False, output_dir=str(out),
+        datalist=str(tmp_path / "dce4d.nii.gz"), explain_methods=["coam"], previews=False, **ids)
+    row = next(csv.DictReader((out / "predictions.csv").open()))
+    assert row["case"] == "dce4d" and row["predicted"] == first["predicted"]
+    np.testing.assert_allclose(float(row["prob_malignant"]), float(first["prob_malignant"]), atol=1e-5)
+    assert len(list((out / "converted").rglob("*.nii.gz"))) == 4  # the split phases the overlays refer to
+    heat = [p for p in out.glob("dce4d_coam_on-*.nii.gz") if "_label" not in p.name]
+    assert len(heat) == 1 and nib.load(str(heat[0])).shape == phases[0].shape

@@ -68,12 +68,16 @@ class ExplainWriter:
         overwrite: replace a non-empty ``output_dir``.
         checkpoint_name: the checkpoint's file name, recorded in explain.json.
         network: the model to explain; default the evaluator's network.
+        keep: entries of ``output_dir`` this run wrote before the evaluator started (``converted``: a DICOM
+            study converted or a 4D DCE file split by :func:`medimb.explain.inputs.resolve_items`), moved into
+            the final folder, which the overlays and the Slicer scenes point at.
     """
 
     def __init__(self, output_dir: str | Path, items: Sequence[dict], checkpoint: dict, settings: ExplainSettings,
                  transform, calibration_items: Sequence[dict] | None = None,
                  decision_threshold: float | None = None, overwrite: bool = False, checkpoint_name: str = "",
-                 network: torch.nn.Module | None = None, image_key: str = "image", pred_key: str = "pred"):
+                 network: torch.nn.Module | None = None, image_key: str = "image", pred_key: str = "pred",
+                 keep: Sequence[str] = ()):
         self.output_dir = Path(output_dir)
         self.items = list(items)
         self.meta = checkpoint
@@ -86,6 +90,7 @@ class ExplainWriter:
         self.checkpoint_name = checkpoint_name
         self.network = network
         self.image_key, self.pred_key = image_key, pred_key
+        self.keep = tuple(keep)
         self._stack: contextlib.ExitStack | None = None
         self.summary: dict = {}
 
@@ -129,7 +134,10 @@ class ExplainWriter:
         self.decision = None if self.point is None else self.point["threshold"]
         self.explainers = {m: create_explainer(m, model) for m in methods}
         self._stack = contextlib.ExitStack()
-        self.staging = self._stack.enter_context(staged_folder(self.output_dir, overwrite=self.overwrite))
+        # the bundle checked that output_dir was empty (or --overwrite true) before the inputs were converted
+        present = tuple(name for name in self.keep if (self.output_dir / name).exists())
+        self.staging = self._stack.enter_context(
+            staged_folder(self.output_dir, overwrite=self.overwrite or bool(present), keep=present))
         self.rows: dict[int, dict] = {}
         self.cases: dict[int, Any] = {}
         self.scales = None
