@@ -280,7 +280,9 @@ def _one_line_error(capsys, code: int, expected_code: int, *needles: str, secret
 
 def test_server_errors_are_one_line(orthanc, source, creds_env, tmp_path, capsys, monkeypatch):
     uid = source.uids[0]
-    run = lambda server, *more: cli.main(["pull", server, str(tmp_path / "a"), "--study", uid, "--no-progress", *more])  # noqa: E731
+    def run(server, *more):
+        return cli.main(["pull", server, str(tmp_path / "a"), "--study", uid, "--no-progress", *more])
+
     port = free_port()
     for server in (f"dimse://ORTHANC@127.0.0.1:{port}", f"dicomweb+http://127.0.0.1:{port}/dicom-web"):
         err = _one_line_error(capsys, run(server), 2, "cannot reach", f"127.0.0.1:{port}")

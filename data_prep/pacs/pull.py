@@ -10,9 +10,9 @@ Layout (no UID, name or date in any file or folder name)::
 written atomically (a temporary name, then a rename), so a file under its final name is complete. A
 study's marker is written only after the server's whole instance list is on disk; a re-run skips marked
 studies, and for the others retrieves only what is missing (the whole study when nothing of it is there,
-else a whole series when none of it arrived, else the missing instances). A killed run (Ctrl-C, SIGTERM, SIGKILL) therefore never leaves a partial
-study marked complete, and the next run completes it. The archive folder is created ``0700``: it holds
-the PACS' images with all their identifying headers.
+else a whole series when none of it arrived, else the missing instances). A killed run (Ctrl-C, SIGTERM,
+SIGKILL) therefore never leaves a partial study marked complete, and the next run completes it. The
+archive folder is created ``0700``: it holds the PACS' images with all their identifying headers.
 """
 
 from __future__ import annotations
