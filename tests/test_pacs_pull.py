@@ -115,6 +115,12 @@ def test_pull_dicomweb_by_uid_then_convert_with_link_table(orthanc, source, cred
     text = capsys.readouterr()
     assert "2 studies: 2 complete" in text.out and not any(u in text.out + text.err for u in source.uids)
 
+    # a dry run by UID lists each study's folder name and instance count
+    assert cli.main(["pull", orthanc.dicomweb_server, str(archive), "--study", source.uids[0], "--dry-run"]) == 0
+    n_first = sum(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == source.uids[0]
+                  for p in source.by_sop.values())
+    assert f"{study_label(source.uids[0])}  -        {n_first:>6} instances" in capsys.readouterr().out
+
     # a re-run retrieves nothing
     assert cli.main(["pull", orthanc.dicomweb_server, str(archive), "--study", *source.uids, "--no-progress"]) == 0
     assert _report(archive)["by_status"] == {"already_complete": 2} and _report(archive)["received_instances"] == 0
@@ -318,10 +324,14 @@ def test_unknown_study_fails_alone(orthanc, source, tmp_path, capsys):
     unknown = "1.2.826.0.1.3680043.8.498.1"
     archive = tmp_path / "a"
     for server in (orthanc.dimse_server(), orthanc.dicomweb_server):
+        studies = tmp_path / "studies.txt"  # the same two studies, once as a file
+        studies.write_text(f"# to pull\n{unknown}\n\n{source.uids[0]}  # the known one\n")
+        selection = ["--studies-file", str(studies)] if server.startswith("dicomweb") else \
+            ["--study", unknown, source.uids[0]]
         with pytest.MonkeyPatch.context() as mp:
             for k, v in orthanc.credentials_env().items():
                 mp.setenv(k, v)
-            code = cli.main(["pull", server, str(archive), "--study", unknown, source.uids[0], "--no-progress"])
+            code = cli.main(["pull", server, str(archive), *selection, "--no-progress"])
         cap = capsys.readouterr()
         assert code == 1
         assert cap.err.strip().splitlines() == [f"medimb-prep pull: study {study_label(unknown)}: unknown_study: "
