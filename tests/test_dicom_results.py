@@ -49,7 +49,7 @@ def _series(folder, dicom_series, orientation, frame_of_reference=True, phases=1
     return pixels
 
 
-def _explain_folder(folder, scan, probability=0.83, threshold=0.146, heat_fn=None):
+def _explain_folder(folder, scan, probability=0.83, threshold=0.146, heat_fn=None, proba=None, classes=None):
     """An explain output folder for the converted ``scan``: heatmap = scan / max (or ``heat_fn``), region
     heat >= 0.5, both with the scan's header as explain writes them (explain's own writers and folder are in
     the round trip, tests/test_pacs_roundtrip.py; here no torch is loaded); returns ``(case, heat (I, J, K))``."""
@@ -64,9 +64,9 @@ def _explain_folder(folder, scan, probability=0.83, threshold=0.146, heat_fn=Non
         header.set_data_dtype(array.dtype)
         header.set_slope_inter(1.0, 0.0)
         nib.save(nib.Nifti1Image(array, image.affine, header), folder / name)
+    proba = proba or [1 - probability, probability]
     (folder / "predictions.csv").write_text(format_predictions(
-        [SplitPredictions("test", [case], None, [[1 - probability, probability]], threshold)],
-        ["benign", "malignant"]))
+        [SplitPredictions("test", [case], None, [proba], threshold)], classes or ["benign", "malignant"]))
     (folder / "explain.json").write_text(json.dumps({
         "methods": ["coam"], "threshold": 0.5,
         "files": {"heatmap": "<case>_<method>_on-t1.nii.gz", "label": "<case>_<method>_on-t1_label.nii.gz"}}))
@@ -341,3 +341,16 @@ def test_multiframe_sources_frame_by_frame(tmp_path, capsys):
     assert main(["export-dicom", "--overlays", str(tmp_path / "overlays"), "--source-series",
                  str(tmp_path / "archive" / "enh"), "--out", str(tmp_path / "out2"), "--no-progress"]) == 0
     assert pydicom.dcmread(tmp_path / "out2" / case / f"{case}_coam_map.dcm").SOPInstanceUID == pm.SOPInstanceUID
+
+
+def test_multiclass_prediction_has_no_threshold(tmp_path, dicom_series):
+    source_dir, scan, _ = _converted(tmp_path, dicom_series, ORIENTATIONS["axial"])
+    case, _ = _explain_folder(tmp_path / "overlays", scan, threshold=None, proba=[0.2, 0.5, 0.3],
+                              classes=["normal", "benign", "malignant"])
+    export_results(read_overlay_folder(tmp_path / "overlays"), folder_locator(source_dir), tmp_path / "out")
+    pm = pydicom.dcmread(tmp_path / "out" / case / f"{case}_coam_map.dcm")
+    assert pm.SeriesDescription == "medimb coam map: benign p=0.50"  # the argmax, no decision threshold
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / "out" / case / f"{case}_report.dcm"))
+    [classification] = sr.content.get_image_measurement_groups()
+    assert classification.finding_type.meaning == "benign"
+    assert {m.name.meaning: m.value for m in classification.get_measurements()} == {"Probability": 0.5}
