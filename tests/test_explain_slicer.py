@@ -426,3 +426,68 @@ def test_loader_finds_its_folder_without_trusting_a_stale_file(scenes, monkeypat
     calls.clear()  # the folder written into the script wins over a stale __file__
     run_loader(root / "out" / "load_in_slicer.py", monkeypatch, calls, __file__=str(other / "load_in_slicer.py"))
     assert calls[0] == ("loadScene", str((root / "out" / "sub-01.mrb").resolve()))
+
+
+def _fake_qt(widgets: list) -> types.ModuleType:
+    """A ``qt`` (PythonQt) module just big enough for the loader's dock: widgets record what is done to them."""
+
+    class Widget:
+        def __init__(self, *args):
+            self.args, self.items, self.slots, self.children, self.current = args, [], {}, [], None
+            widgets.append(self)
+
+        def connect(self, signal, slot):
+            self.slots[signal] = slot
+
+        def addItem(self, text):
+            self.items.append(text)
+
+        def addWidget(self, widget):
+            self.children.append(widget)
+
+        def setWidget(self, widget):
+            self.children.append(widget)
+
+        def setCurrentIndex(self, index):
+            self.current = index
+
+        def deleteLater(self):
+            self.deleted = True
+
+    qt = types.ModuleType("qt")
+    for name in ("QDockWidget", "QWidget", "QHBoxLayout", "QPushButton", "QComboBox"):
+        setattr(qt, name, type(name, (Widget,), {}))
+    qt.Qt = types.SimpleNamespace(TopDockWidgetArea=4)
+    return qt
+
+
+def test_loader_dock_steps_like_the_functions(scenes, monkeypatch):
+    root, rows = scenes
+    widgets: list = []
+    docks: list = []
+
+    def remove_dock(dock):
+        docks[:] = [d for d in docks if d[1] is not dock]
+
+    window = types.SimpleNamespace(addDockWidget=lambda area, dock: docks.append((area, dock)),
+                                   removeDockWidget=remove_dock)
+    monkeypatch.setitem(__import__("sys").modules, "qt", _fake_qt(widgets))
+    calls: list = []
+    slicer = fake_slicer(calls)
+    slicer.util.mainWindow = lambda: window
+    slicer.util.findChildren = lambda widget, name="": [d for _, d in docks if d.objectName == name]
+    monkeypatch.setitem(__import__("sys").modules, "slicer", slicer)
+    ns = runpy.run_path(str(root / "out" / "load_in_slicer.py"), run_name="__main__")
+    (area, dock), = docks
+    assert dock.objectName == "medimbCases" and dock.args == ("medimb cases",)
+    buttons = {w.args[0]: w for w in widgets if type(w).__name__ == "QPushButton"}
+    combo = next(w for w in widgets if type(w).__name__ == "QComboBox")
+    assert combo.items == ["sub-01  (malignant (0.91))", "sub-02  (malignant (0.91))"] and combo.current == 0
+    buttons["Next >"].slots["clicked()"]()
+    assert composite(ns)["backgroundVolume"] == "sub-02 ch0" and combo.current == 1
+    buttons["< Previous"].slots["clicked()"]()
+    combo.slots["activated(int)"](1)
+    assert composite(ns)["backgroundVolume"] == "sub-02 ch0"
+    # running the script again replaces the dock instead of adding a second one
+    runpy.run_path(str(root / "out" / "load_in_slicer.py"), run_name="__main__")
+    assert len(docks) == 1 and docks[0][1] is not dock
