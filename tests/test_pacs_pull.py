@@ -203,7 +203,17 @@ def test_pull_dimse(orthanc, source, tmp_path, retrieve):
     assert spec.retrieve == retrieve
     result = pull(spec, tmp_path / "a", study_uids=source.uids, progress=False)
     assert result.ok and result.counts() == {"complete": 2}
-    _same_instances(_pulled(tmp_path / "a"), source)
+    pulled = _pulled(tmp_path / "a")
+    _same_instances(pulled, source)
+    for sop, p in pulled.items():  # DIMSE files are the data set exactly as stored (after each file's meta)
+        assert _dataset_bytes(p) == _dataset_bytes(source.by_sop[sop])
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """A DICOM file's bytes after its preamble and file meta group (128 + 4 bytes, the 12-byte group length
+    element, then the group length's worth)."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
 def test_pull_by_query(orthanc, source, creds_env, tmp_path, capsys):

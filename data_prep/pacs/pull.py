@@ -30,7 +30,8 @@ from typing import Iterable
 from tqdm import tqdm
 
 from data_prep.io import atomic_path, remove_partial_files, write_json_atomic
-from data_prep.pacs.server import InstanceRef, PacsError, ServerSpec, open_server, study_label, uid_hash
+from data_prep.pacs.server import (ENCODED_ATTR, InstanceRef, PacsError, ServerSpec, open_server, study_label,
+                                   uid_hash)
 from data_prep.scan import PULL_STATE_DIR
 
 log = logging.getLogger("data_prep.pacs.pull")
@@ -152,8 +153,12 @@ class _Writer:
             return
         ref = InstanceRef(study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         path = instance_path(self.out, ref)
+        raw = getattr(ds, ENCODED_ATTR, None)
         with atomic_path(path, keep_suffix=False) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+            if raw is not None:  # DIMSE: the instance byte for byte as the server sent it
+                tmp.write_bytes(raw)
+            else:  # DICOMweb: dicomweb-client decoded it; pydicom writes it back in its transfer syntax
+                ds.save_as(tmp, enforce_file_format=True)
             size = tmp.stat().st_size
         self.received += 1
         self.bytes += size

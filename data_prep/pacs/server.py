@@ -586,7 +586,8 @@ class DimseServer(_Connection):
                  on_instance: Callable = None) -> int:
         """C-GET (or C-MOVE to our storage SCP, per the server string) of a study, a series or the given
         instances; ``on_instance(ds)`` is called with each dataset (file meta included; from the storage
-        thread under C-MOVE, one at a time). Returns how many arrived."""
+        thread under C-MOVE, one at a time; the bytes as received in ``getattr(ds, ENCODED_ATTR)``).
+        Returns how many arrived."""
         query = self._retrieve_query(study_uid, series_uid, list(sop_uids) if sop_uids is not None else None)
         received = _Receiver(on_instance)
         if self.spec.retrieve == "move":
@@ -681,6 +682,11 @@ class DimseServer(_Connection):
         return n
 
 
+#: DIMSE retrieves set this attribute of each dataset they hand out: the instance as received, in the DICOM
+#: file format (bytes); DICOMweb datasets do not have it (dicomweb-client hands out decoded datasets only)
+ENCODED_ATTR = "_medimb_file_bytes"
+
+
 #: our AEs by (operation, calling AE title, timeout): an AE is configuration only, reusable across associations
 _AES: dict = {}
 
@@ -702,6 +708,9 @@ class _Receiver:
             try:
                 ds = event.dataset
                 ds.file_meta = event.file_meta
+                # the instance exactly as sent (preamble, file meta, the peer's encoding): writers keep these
+                # bytes instead of re-encoding the decoded dataset (lossless and faster)
+                setattr(ds, ENCODED_ATTR, event.encoded_dataset(include_meta=True))
                 self.on_instance(ds)
                 self.count += 1
                 return 0x0000
