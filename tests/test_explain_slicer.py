@@ -322,6 +322,9 @@ def test_bundle_carries_nothing_identifying_and_is_deterministic(scenes, tmp_pat
     text = b"".join(gzip.decompress(data) if name.endswith(".gz") else data for name, data in files.items())
     for secret in (b"JANE DOE", b"Time=101530", b"ACC-12345", str(root).encode(), b"scans"):
         assert secret not in text, secret
+    for name in (*rows[0]["heatmaps"].values(), *rows[0]["labels"].values()):  # the NIfTI files beside it too
+        header = nib.load(str(root / "out" / name)).header
+        assert header["descrip"].item() == b"" and len(header.extensions) == 0
     for name, data in files.items():
         if name.endswith(".nii.gz"):
             header = nib.Nifti1Image.from_bytes(gzip.decompress(data)).header

@@ -3,8 +3,8 @@
 The evaluation transforms (``medimb.data.transforms.build_eval_transforms``) record every spatial
 operation (orientation, spacing, crop/pad) on the image's MetaTensor; ``monai.transforms.Invertd``
 replays them backwards on the map, so the map lands voxel for voxel on the source file's grid. The
-file is then written with the *source file's own header* (qform and sform copied), so any reader,
-3D Slicer included, places it exactly where it places the source.
+file is then written with the *source file's own header* (qform and sform copied; free-text fields and
+extensions left out), so any reader, 3D Slicer included, places it exactly where it places the source.
 """
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ from medimb.atomic import atomic_output
 from medimb.explain.settings import DEFAULT_THRESHOLD
 
 #: maps are in [0, 1]; the label map / Dice region is ``map >= DEFAULT_THRESHOLD``
+
+#: NIfTI header fields where converters put free text (acquisition times, names): never copied into outputs
+FREE_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type")
+
+
+def strip_free_text(header) -> None:
+    """Empty a NIfTI header's free-text fields and drop its extensions, in place (geometry untouched)."""
+    for field in FREE_TEXT_FIELDS:
+        if field in header:
+            header[field] = b""
+    header.extensions.clear()
 
 
 def invert_to_source(heat: torch.Tensor, data: dict, transform, key: str = "image") -> np.ndarray:
@@ -74,6 +85,7 @@ def _write_like(path: Path, array: np.ndarray, source_path, dtype, display_range
     if tuple(array.shape) != expected:
         raise ValueError(f"map shape {tuple(array.shape)} does not match the source grid {expected}")
     header = source.header.copy()
+    strip_free_text(header)  # a converter's free text (e.g. an acquisition time) stays in the source
     header.set_data_dtype(dtype)
     header.set_slope_inter(1.0, 0.0)
     header.set_data_shape(expected)

@@ -18,8 +18,9 @@ scene file. Each case's bundle holds
 A NIfTI whose header has free text (``descrip``, ``aux_file``, ``db_name``, ``intent_name``) or extensions
 is rewritten from its voxels and geometry without them, so nothing a converter put there (acquisition
 times, names) travels in the bundle; voxel values are kept (scaled to float32 when the file has a scale
-factor). A clean ``.nii.gz`` (``medimb-prep`` writes them so) is copied as written. Node and folder names use the case id only. The bundle is deterministic
-(fixed zip timestamps, gzip without time stamps) and written atomically.
+factor). A clean ``.nii.gz`` (``medimb-prep`` writes them so) is copied as written. Node and folder names
+use the case id only. The bundle is deterministic (fixed zip timestamps, gzip without time stamps) and
+written atomically.
 
 The MRML follows what Slicer writes (``vtkMRMLScalarVolumeNode``, ``vtkMRMLVolumeArchetypeStorageNode``,
 ``vtkMRMLScalarVolumeDisplayNode``, ``vtkMRMLSegmentationNode`` and its storage/display nodes,
@@ -39,18 +40,16 @@ import numpy as np
 
 from medimb.atomic import atomic_output
 
-from .export import load_on_grid, source_shape
+from .export import FREE_TEXT_FIELDS, load_on_grid, source_shape, strip_free_text
 from .seg_nrrd import Grid, Segment, seg_nrrd_bytes
 
 #: Slicer's built-in colour table for the heatmaps (Slicer >= 4.11)
 HEATMAP_COLOR_NODE = "vtkMRMLColorTableNodeFileInferno.txt"
 GREY_COLOR_NODE = "vtkMRMLColorTableNodeGrey"
-#: segment colours: the regions by method (outlined in cyan in the previews for the first method), the truth green
+#: segment colours: the regions by method (the first method's cyan, as in the previews), the truth green
 REGION_COLORS = {"coam": (0.0, 0.9, 0.9), "coam_cosine": (0.3, 0.6, 1.0), "gradcam": (1.0, 0.55, 0.0),
                  "gradcampp": (1.0, 0.85, 0.2), "cam": (0.9, 0.3, 0.9)}
 TRUTH_COLOR = (0.2, 1.0, 0.2)
-#: header fields where converters put free text (never carried into a bundle)
-TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 SLICE_VIEWS = ("Red", "Yellow", "Green")
 
@@ -90,17 +89,15 @@ def clean_nifti(path: str | Path, unit_map: bool = False) -> tuple[bytes, np.nda
         header.set_data_dtype(np.float32)
     else:
         data = stored = np.asarray(image.dataobj.get_unscaled()).reshape(shape)
-    clean = not header.extensions and not any(field in header and header[field].item() for field in TEXT_FIELDS)
+    free_text = any(field in header and header[field].item() for field in FREE_TEXT_FIELDS)
+    clean = not header.extensions and not free_text
     if clean and not scaled and not unit_map and str(path).endswith(".nii.gz") and header.sizeof_hdr == 348:
         written = Path(path).read_bytes()
         if written[3] & 0x1C == 0:  # no gzip FEXTRA/FNAME/FCOMMENT (`gzip` keeps the original file name)
             return written, data  # nothing to drop: the file as written (medimb-prep's are)
     header.set_slope_inter(1.0, 0.0)
     header.set_data_shape(shape)
-    for field in TEXT_FIELDS:
-        if field in header:
-            header[field] = b""
-    header.extensions.clear()
+    strip_free_text(header)
     out = type(image)(stored, None, header=header)
     out.set_qform(image.get_qform(), code=int(image.header["qform_code"]))
     out.set_sform(image.get_sform(), code=int(image.header["sform_code"]))
@@ -146,12 +143,12 @@ class _Scene:
             "selected": "false", "visibility": "true", "opacity": "1", "interpolate": "1",
             "windowLevelLocked": "false", **display})
         self.add("VolumeArchetypeStorage", {
-            "id": storage_id, "name": "VolumeArchetypeStorage", "hideFromEditors": "true", "selectable": "true",
-            "selected": "false", "fileName": file_name, "useCompression": "1", "readState": "0",
-            "writeState": "0", "centerImage": "0", "UseOrientationFromFile": "1"})
+            "id": storage_id, "name": "VolumeArchetypeStorage", "hideFromEditors": "true",
+            "selectable": "true", "selected": "false", "fileName": file_name, "useCompression": "1",
+            "readState": "0", "writeState": "0", "centerImage": "0", "UseOrientationFromFile": "1"})
         self.add("Volume", {
-            "id": volume_id, "name": name, "hideFromEditors": "false", "selectable": "true", "selected": "false",
-            "references": f"display:{display_id};storage:{storage_id};", "userTags": "",
+            "id": volume_id, "name": name, "hideFromEditors": "false", "selectable": "true",
+            "selected": "false", "references": f"display:{display_id};storage:{storage_id};", "userTags": "",
             "spacing": " ".join(_fmt(v) for v in grid.spacing),
             "origin": " ".join(_fmt(v) for v in grid.ras_origin()),
             # row-major; the columns are the i, j, k directions (vtkMRMLVolumeNode::IJKToRASDirections)
@@ -209,7 +206,8 @@ def build_case_scene(folder: str | Path, row: dict, display_threshold: float, op
 
     ``row``: one row of :func:`medimb.explain.pipeline.write_case` (``case``, ``source``: the overlays' grid,
     ``background``: ``{"name", "path", "in_output"}``, ``heatmaps``/``labels``: ``{method: file in folder}``,
-    ``truth``: a mask path or None). The heatmaps and regions lie on ``source``'s grid; the background on its own.
+    ``truth``: a mask path or None). The heatmaps and regions lie on ``source``'s grid; the background on
+    its own.
     """
     folder = Path(folder)
     case = row["case"]
@@ -223,8 +221,9 @@ def build_case_scene(folder: str | Path, row: dict, display_threshold: float, op
     window, level = _window(bg_data)
     bg_name = f"{case} {bg['name']}".strip()
     background_id = scene.volume(bg_name, "Data/background.nii.gz", Grid.of_file(bg_path), {
-        "colorNodeID": GREY_COLOR_NODE, "window": _fmt(window), "level": _fmt(level), "upperThreshold": "32767",
-        "lowerThreshold": "-32768", "autoWindowLevel": "0", "applyThreshold": "0", "autoThreshold": "0"})
+        "colorNodeID": GREY_COLOR_NODE, "window": _fmt(window), "level": _fmt(level),
+        "upperThreshold": "32767", "lowerThreshold": "-32768", "autoWindowLevel": "0", "applyThreshold": "0",
+        "autoThreshold": "0"})
 
     grid = Grid.of_file(row["source"])
     heat_ids, peak = [], None
@@ -270,7 +269,8 @@ def write_mrb(path: str | Path, files: dict[str, bytes]) -> None:
             for name in sorted(files):
                 info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
                 info.external_attr = 0o644 << 16
-                info.compress_type = zipfile.ZIP_STORED if name.endswith((".gz", ".nrrd")) else zipfile.ZIP_DEFLATED
+                stored = name.endswith((".gz", ".nrrd"))  # compressed already
+                info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
                 archive.writestr(info, files[name])
 
 

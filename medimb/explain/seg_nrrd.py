@@ -100,16 +100,19 @@ def seg_nrrd_bytes(segments: list[Segment], grid: Grid, compresslevel: int = 1) 
         raise ValueError("a segmentation file needs at least one segment")
     for seg in segments:
         if tuple(seg.mask.shape) != tuple(grid.size):
-            raise ValueError(f"segment {seg.id!r}: mask shape {seg.mask.shape} is not the grid size {grid.size}")
+            raise ValueError(f"segment {seg.id!r}: mask shape {seg.mask.shape} is not the grid size "
+                             f"{grid.size}")
         if any(c in seg.id for c in " |\n"):
             raise ValueError(f"segment id {seg.id!r}: no spaces, '|' or newlines")
     layers = np.stack([np.asarray(s.mask, dtype=bool) for s in segments]).astype(np.uint8)  # (N, i, j, k)
     direction = np.asarray(grid.direction, dtype=float).reshape(3, 3)
-    axes = " ".join("(" + ",".join(_number(v) for v in direction[:, a] * grid.spacing[a]) + ")" for a in range(3))
+    axes = " ".join("(" + ",".join(_number(v) for v in direction[:, a] * grid.spacing[a]) + ")"
+                    for a in range(3))
     if len(segments) == 1:
         dims, sizes, directions, kinds = 3, grid.size, axes, "domain domain domain"
     else:
-        dims, sizes, directions, kinds = 4, (len(segments), *grid.size), "none " + axes, "list domain domain domain"
+        dims, sizes, directions = 4, (len(segments), *grid.size), "none " + axes
+        kinds = "list domain domain domain"
     lines = [
         "NRRD0004",
         "# Complete NRRD file format specification at:",

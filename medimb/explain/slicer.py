@@ -153,7 +153,8 @@ def _add_dock():
     dock.objectName = "medimbCases"
     panel = qt.QWidget()
     row = qt.QHBoxLayout(panel)
-    previous_button, next_button, combo = qt.QPushButton("< Previous"), qt.QPushButton("Next >"), qt.QComboBox()
+    previous_button, next_button = qt.QPushButton("< Previous"), qt.QPushButton("Next >")
+    combo = qt.QComboBox()
     for entry in CASES:
         combo.addItem("%s  (%s)" % (entry["case"], entry["prediction"]))
     previous_button.connect("clicked()", previous_case)
@@ -189,8 +190,8 @@ def render_loader(cases: list[dict], final_dir: str | os.PathLike) -> str:
             is moved into place); its absolute path is written into the script.
     """
     folder = str(Path(final_dir).resolve())
-    entries = [{"case": c["scene"]["case"], "scene": c["scene"]["scene"], "prediction": c["scene"]["prediction"],
-                "peak_ras": c["scene"]["peak_ras"], "segments": list(c["scene"]["segments"])} for c in cases]
+    keys = ("case", "scene", "prediction", "peak_ras", "segments")
+    entries = [{key: c["scene"][key] for key in keys} for c in cases]
     text = TEMPLATE
     for key, value in {
         "__FOLDER__": repr(folder),
