@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers.explain import oblique_affine
-from helpers.nifti import write_nifti
+from helpers.nifti import SHEARED_AFFINE, write_nifti
 
 from medimb.explain.export import write_heatmap, write_label
 from medimb.explain.scene import HEATMAP_COLOR_NODE, clean_nifti, write_case_scene
@@ -351,6 +351,25 @@ def test_clean_files_are_carried_as_written_others_rewritten(tmp_path):
     assert b"Doe_John" not in data and data[3] & 0x08 == 0
     np.testing.assert_array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj), voxels)
     np.testing.assert_array_equal(voxels, np.asarray(nib.load(str(clean)).dataobj))
+
+
+def test_a_case_slicer_cannot_place_gets_no_scene_but_the_others_do(scenes, tmp_path, monkeypatch, caplog):
+    root, rows = scenes
+    # a sheared affine: ITK (so Slicer) refuses its geometry; nibabel and explain's NIfTI overlays do not
+    source = write_nifti(tmp_path / "sheared.nii.gz", np.ones(SHAPE), SHEARED_AFFINE)
+    write_heatmap(tmp_path / "sheared_coam.nii.gz", np.zeros(SHAPE, np.float32), source)
+    row = {"case": "sheared", "source": str(source), "prediction": "benign (0.80)", "truth": None,
+           "background": {"name": "ch0", "path": str(source), "in_output": False},
+           "heatmaps": {"coam": "sheared_coam.nii.gz"}, "labels": {}}
+    with caplog.at_level("WARNING", logger="medimb.explain.scene"):
+        entry = write_case_scene(tmp_path, row, 0.3, 0.4, 0.5)
+    assert entry["scene"] is None and "orthonormal" in entry["skipped"] and not list(tmp_path.glob("*.mrb"))
+    assert "case sheared: no 3D Slicer scene" in caplog.text
+    script = tmp_path / "load_in_slicer.py"  # same cases and folder as the run's loader: it finds root/out
+    script.write_text(render_loader([*rows, dict(row, scene=entry)], final_dir=root / "out"))
+    calls: list = []
+    ns = run_loader(script, monkeypatch, calls, __file__=str(script))
+    assert ns["NO_SCENE"] == ["sheared"] and [c["case"] for c in ns["CASES"]] == ["sub-01", "sub-02"]
 
 
 def test_a_failed_scene_leaves_no_file(scenes, tmp_path):

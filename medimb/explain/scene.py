@@ -30,6 +30,7 @@ The MRML follows what Slicer writes (``vtkMRMLScalarVolumeNode``, ``vtkMRMLVolum
 from __future__ import annotations
 
 import gzip
+import logging
 import re
 import xml.etree.ElementTree as ET
 import zipfile
@@ -41,7 +42,9 @@ import numpy as np
 from medimb.atomic import atomic_output
 
 from .export import FREE_TEXT_FIELDS, load_on_grid, source_shape, strip_free_text
-from .seg_nrrd import Grid, Segment, seg_nrrd_bytes
+from .seg_nrrd import Grid, Segment, UnreadableGeometry, seg_nrrd_bytes
+
+logger = logging.getLogger(__name__)
 
 #: Slicer's built-in colour table for the heatmaps (Slicer >= 4.11)
 HEATMAP_COLOR_NODE = "vtkMRMLColorTableNodeFileInferno.txt"
@@ -277,8 +280,18 @@ def write_mrb(path: str | Path, files: dict[str, bytes]) -> None:
 def write_case_scene(folder: str | Path, row: dict, display_threshold: float, opacity: float,
                      threshold: float) -> dict:
     """Write ``<case>.mrb`` into ``folder`` (:func:`build_case_scene`); returns the loader's entry for it:
-    ``{"case", "scene": file name, "prediction", "peak_ras", "segments"}``."""
-    files, info = build_case_scene(folder, row, display_threshold, opacity, threshold)
+    ``{"case", "scene": file name, "prediction", "peak_ras", "segments"}``.
+
+    A case whose images ITK, and so Slicer, cannot place (a sheared affine) gets no scene: a warning, and
+    ``"scene": None`` with the reason in ``"skipped"``; its NIfTI overlays are written all the same.
+    """
+    entry = {"case": row["case"], "scene": None, "prediction": row.get("prediction", ""), "peak_ras": None,
+             "segments": []}
+    try:
+        files, info = build_case_scene(folder, row, display_threshold, opacity, threshold)
+    except UnreadableGeometry as exc:
+        logger.warning("case %s: no 3D Slicer scene: ITK, Slicer's reader, cannot read %s", row["case"], exc)
+        return {**entry, "skipped": str(exc)}
     name = f"{row['case']}.mrb"
     write_mrb(Path(folder) / name, files)
-    return {"case": row["case"], "scene": name, "prediction": row.get("prediction", ""), **info}
+    return {**entry, "scene": name, **info}

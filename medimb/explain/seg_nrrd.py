@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+
+class UnreadableGeometry(ValueError):
+    """ITK (the reader 3D Slicer uses) cannot read an image's geometry, e.g. a sheared (non-orthonormal) affine."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,17 @@ class Grid:
 
     @classmethod
     def of_file(cls, path) -> "Grid":
-        """The grid of an image file, from its header only (SimpleITK)."""
+        """The grid of an image file, from its header only (SimpleITK); :class:`UnreadableGeometry` when ITK
+        refuses it."""
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        reader.ReadImageInformation()
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:  # ITK's message ends with the reason, e.g. non-orthonormal directions
+            reason = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+            raise UnreadableGeometry(f"{Path(path).name}: {reason}") from exc
         if reader.GetDimension() != 3:
             size = reader.GetSize()
             if reader.GetDimension() < 3 or any(s != 1 for s in size[3:]):

@@ -37,6 +37,7 @@ import slicer
 FOLDER = __FOLDER__  # the output folder when the script was written
 RUN = __RUN__  # this run's token: a moved folder is accepted only if its load_in_slicer.py has it
 CASES = __CASES__
+NO_SCENE = __NO_SCENE__  # cases without a scene: ITK, Slicer's reader, cannot read their geometry
 
 _state = {"index": None, "nodes": [], "combo": None}
 
@@ -167,6 +168,9 @@ def _add_dock():
     _state["combo"] = combo
 
 
+if NO_SCENE:
+    print("medimb: no scene for %d case(s), their geometry cannot be read: %s"
+          % (len(NO_SCENE), ", ".join(NO_SCENE)))
 _add_dock()
 if CASES:
     show_case(0)
@@ -185,18 +189,21 @@ def render_loader(cases: list[dict], final_dir: str | os.PathLike) -> str:
     Args:
         cases: rows of :func:`medimb.explain.pipeline.write_case`, each with ``"scene"`` (the entry
             :func:`medimb.explain.scene.write_case_scene` returned: ``case``, ``scene`` file name,
-            ``prediction``, ``peak_ras``, ``segments``).
+            ``prediction``, ``peak_ras``, ``segments``); a case without a scene (``"scene": None``) is
+            listed in the script's ``NO_SCENE`` instead.
         final_dir: the output folder where the script and the scenes will live (after the staging folder
             is moved into place); its absolute path is written into the script.
     """
     folder = str(Path(final_dir).resolve())
     keys = ("case", "scene", "prediction", "peak_ras", "segments")
-    entries = [{key: c["scene"][key] for key in keys} for c in cases]
+    entries = [{key: c["scene"][key] for key in keys} for c in cases if c["scene"]["scene"]]
+    skipped = [c["scene"]["case"] for c in cases if not c["scene"]["scene"]]
     text = TEMPLATE
     for key, value in {
         "__FOLDER__": repr(folder),
         "__RUN__": repr(run_token(entries, folder)),
         "__CASES__": pprint.pformat(entries, indent=1, width=110, sort_dicts=False),
+        "__NO_SCENE__": repr(skipped),
     }.items():
         text = text.replace(key, value)
     return text
