@@ -528,15 +528,17 @@ class DimseServer(_Connection):
             status = assoc.send_c_echo()
             _check_status(status, self.name, "C-ECHO", assoc)
 
-    def _find(self, query, level_name: str, study_uid: str | None = None) -> list:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FindModel
+    def _find(self, query, level_name: str) -> list:
+        """One C-FIND on its own association; the matches' identifiers."""
+        with self._association(self._ae("find", [(_FIND_MODEL,)])) as assoc:
+            return self._find_on(assoc, query, level_name)
 
+    def _find_on(self, assoc, query, level_name: str) -> list:
         out = []
-        with self._association(self._ae("find", [(FindModel,)])) as assoc:
-            for status, identifier in assoc.send_c_find(query, FindModel):
-                code = _check_status(status, self.name, f"C-FIND ({level_name})", assoc)
-                if code in (0xFF00, 0xFF01) and identifier is not None:
-                    out.append(identifier)
+        for status, identifier in assoc.send_c_find(query, _FIND_MODEL):
+            code = _check_status(status, self.name, f"C-FIND ({level_name})", assoc)
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                out.append(identifier)
         return out
 
     def find_studies(self, filters: dict[str, str]) -> list[dict]:
@@ -553,17 +555,30 @@ class DimseServer(_Connection):
         return [{kw: _value_str(ds.get(kw)) for kw in STUDY_FIELDS if kw in ds} for ds in found]
 
     def find_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRef]:
+        """The study's series (SERIES level), then each series' instances (IMAGE level), on one association:
+        strictly hierarchical servers answer an IMAGE-level query only for one given series."""
         from pydicom.dataset import Dataset
 
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = series_uid or ""
-        q.SOPInstanceUID = ""
-        q.SOPClassUID = ""
-        found = self._find(q, "instances", study_uid)
-        refs = [InstanceRef(study_uid, str(ds.get("SeriesInstanceUID", series_uid or "")),
-                            str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))) for ds in found]
+        refs = []
+        with self._association(self._ae("find", [(_FIND_MODEL,)])) as assoc:
+            if series_uid is None:
+                q = Dataset()
+                q.QueryRetrieveLevel = "SERIES"
+                q.StudyInstanceUID = study_uid
+                q.SeriesInstanceUID = ""
+                series = [str(ds.SeriesInstanceUID) for ds in self._find_on(assoc, q, "series")
+                          if ds.get("SeriesInstanceUID")]
+            else:
+                series = [series_uid]
+            for uid in dict.fromkeys(series):
+                q = Dataset()
+                q.QueryRetrieveLevel = "IMAGE"
+                q.StudyInstanceUID = study_uid
+                q.SeriesInstanceUID = uid
+                q.SOPInstanceUID = ""
+                q.SOPClassUID = ""
+                refs += [InstanceRef(study_uid, uid, str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", "")))
+                         for ds in self._find_on(assoc, q, "instances")]
         if not refs:
             raise self._unknown_study(study_uid)
         return refs
@@ -720,6 +735,8 @@ class _Receiver:
 
 
 _STORAGE_CONTEXTS = None
+#: Study Root C-FIND (every DIMSE query here is study-rooted)
+_FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 def _storage_contexts() -> list:
