@@ -10,7 +10,8 @@ installs them) with a generated JSON configuration:
   credentials" cases;
 - AE title :data:`AET`, the called AE title checked (``DicomCheckCalledAet``: a wrong one is refused);
 - one registered modality, our AE title :data:`CALLING_AET` at 127.0.0.1 :attr:`OrthancServer.move_port`:
-  the C-MOVE destination, and the only AE allowed C-FIND / C-GET / C-MOVE; any AE may C-ECHO and C-STORE.
+  the C-MOVE destination, and the only AE allowed C-FIND / C-GET / C-MOVE / C-STORE, from 127.0.0.1 only
+  (Orthanc 1.10 has no bind address: its ports listen on every interface); any AE may C-ECHO.
 
 The pytest fixture ``orthanc`` (tests/conftest.py, session scope) yields one :class:`OrthancServer`;
 it skips only when the Orthanc binary or its DICOMweb plugin cannot be found (the message says which
@@ -203,11 +204,13 @@ def orthanc_config(workdir: Path, http_port: int, dicom_port: int, move_port: in
         "DicomPort": dicom_port,
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowStore": False,
         "DicomAlwaysAllowFind": False,
         "DicomAlwaysAllowGet": False,
         "DicomAlwaysAllowMove": False,
-        "DicomCheckModalityHost": False,
+        # Orthanc 1.10 listens on every interface (no bind option): only our AE title from 127.0.0.1 may do more
+        # than echo
+        "DicomCheckModalityHost": True,
         "DicomModalities": {"medimb": {"AET": CALLING_AET, "Host": "127.0.0.1", "Port": move_port}},
         "DicomModalitiesInDatabase": False,
         "DicomScpTimeout": 30,
