@@ -427,3 +427,18 @@ def test_docs_cover_statuses_columns_and_options():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}" in text, flag
+
+
+def test_verbose_output_holds_no_phi(orthanc, source, tmp_path):
+    """--verbose shows the libraries' request logs, scrubbed: no UID, name, ID or birth date of the study."""
+    ds = pydicom.dcmread(next(iter(source.by_sop.values())), stop_before_pixels=True)
+    env = dict(os.environ, **orthanc.credentials_env(), PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "data_prep", "--verbose", "pull", orthanc.dimse_server(),
+                        str(tmp_path / "a"), "--study", ds.StudyInstanceUID, "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "DEBUG" in out, out[-2000:]
+    family = str(ds.PatientName).split("^")[0]
+    for value in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, family, ds.PatientID,
+                  ds.PatientBirthDate, orthanc.password):
+        assert value and value not in out, value

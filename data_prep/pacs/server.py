@@ -442,9 +442,9 @@ class DimseServer(_Connection):
         super().__init__(spec)
         self._scp = None              # the C-MOVE storage SCP, started at the first move, stopped by close()
         self._receiver: _Receiver | None = None
-        # pynetdicom logs every association at INFO and dumps datasets at DEBUG: shown with --verbose only
-        # (our own one-line errors say what went wrong)
-        logging.getLogger("pynetdicom").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
+        # pynetdicom logs every association and our query identifiers at INFO (shown with --verbose) and dumps
+        # whole PDUs and datasets at DEBUG (never shown: they can hold names); our one-line errors say what failed
+        logging.getLogger("pynetdicom").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG)
                                                  else logging.CRITICAL + 1)
 
     def _ae(self, op: str, contexts=()):
