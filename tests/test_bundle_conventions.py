@@ -209,3 +209,17 @@ def test_inference_takes_a_4d_dce_file_and_keeps_its_split_phases(tmp_path):
     assert len(list((out / "converted").rglob("*.nii.gz"))) == 4  # the split phases the overlays refer to
     heat = [p for p in out.glob("dce4d_coam_on-*.nii.gz") if "_label" not in p.name]
     assert len(heat) == 1 and nib.load(str(heat[0])).shape == phases[0].shape
+
+
+def test_a_failed_inference_leaves_no_output_and_no_staging_folder(tmp_path):
+    """A case that cannot be read ends the run; the overlay folder is staged, so nothing half-written stays."""
+    from monai.bundle import run
+
+    common = _setup(BREAST, tmp_path)
+    item = json.loads((tmp_path / "data" / "datalist.json").read_text())["test"][-1]
+    (tmp_path / "data" / item["image"][1]).write_bytes(b"not a NIfTI file")  # the last case, read last
+    out = tmp_path / "runs" / "inference"
+    with pytest.raises(Exception):  # noqa: B017 - MONAI wraps the reader's error; what matters is what is left
+        run(config_file=_configs(BREAST, "inference.json"), logging_file=False, output_dir=str(out),
+            explain_methods=["coam"], previews=False, **_infer_ids(common))
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
