@@ -442,3 +442,17 @@ def test_verbose_output_holds_no_phi(orthanc, source, tmp_path):
     for value in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, family, ds.PatientID,
                   ds.PatientBirthDate, orthanc.password):
         assert value and value not in out, value
+
+
+def test_qido_paging(orthanc, source, monkeypatch):
+    """Queries page through results (servers cap their answers): with 4 per page, every instance once."""
+    import data_prep.pacs.server as server_module
+
+    monkeypatch.setattr(server_module, "QIDO_PAGE", 4)
+    with open_server(parse_server(orthanc.dicomweb_server, orthanc.credentials)) as s:
+        for uid in source.uids:
+            refs = s.find_instances(uid)
+            want = {sop for sop, p in source.by_sop.items()
+                    if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == uid}
+            assert len(refs) == len(want) > 4 and {r.sop_uid for r in refs} == want
+        assert set(source.uids) <= {st["StudyInstanceUID"] for st in s.find_studies({"ModalitiesInStudy": "MR"})}

@@ -65,6 +65,8 @@ TOKEN_ENV = "MEDIMB_PACS_TOKEN"
 CREDENTIALS_FILE_ENV = "MEDIMB_PACS_CREDENTIALS_FILE"
 DEFAULT_CALLING_AET = "MEDIMB"
 DEFAULT_TIMEOUT_S = 30.0
+#: results asked for per QIDO-RS request (the next page follows while a page comes back full)
+QIDO_PAGE = 1000
 #: the study attributes :meth:`find_studies` returns (keyword -> str), whichever the protocol
 STUDY_FIELDS = ("StudyInstanceUID", "StudyDate", "StudyDescription", "ModalitiesInStudy",
                 "NumberOfStudyRelatedInstances")
@@ -357,25 +359,20 @@ class DicomWebServer(_Connection):
         """Study-level QIDO-RS; ``filters`` keyword -> value (wildcards ``*``/``?``, date ranges ``A-B``).
         Returns one dict per study: keyword -> value (str) of the standard study attributes."""
         with self._errors():
-            found = self._client.search_for_studies(search_filters=dict(filters), fields=list(STUDY_FIELDS))
+            found = _pages(lambda offset: self._client.search_for_studies(
+                search_filters=dict(filters), fields=list(STUDY_FIELDS), offset=offset, limit=QIDO_PAGE),
+                key=lambda kw: kw.get("StudyInstanceUID"))
         # servers may answer more attributes than asked for (Orthanc adds the patient's): keep ours
-        return [{kw: v for kw, v in _json_keywords(item).items() if kw in STUDY_FIELDS} for item in found]
+        return [{kw: v for kw, v in item.items() if kw in STUDY_FIELDS} for item in found]
 
     def find_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRef]:
         """Every instance of a study (or series); :class:`PacsError` ``unknown_study`` when none."""
-        refs: list[InstanceRef] = []
-        offset = 0
         with self._errors(study_uid):
-            while True:  # servers cap one answer (Orthanc: 100 by default on some versions): page through
-                page = self._client.search_for_instances(study_uid, series_uid, offset=offset, limit=1000,
-                                                         fields=["SeriesInstanceUID"])
-                for item in page:
-                    kw = _json_keywords(item)
-                    refs.append(InstanceRef(study_uid, kw.get("SeriesInstanceUID", series_uid or ""),
-                                            kw.get("SOPInstanceUID", ""), kw.get("SOPClassUID", "")))
-                if len(page) < 1000:
-                    break
-                offset += len(page)
+            found = _pages(lambda offset: self._client.search_for_instances(
+                study_uid, series_uid, offset=offset, limit=QIDO_PAGE, fields=["SeriesInstanceUID"]),
+                key=lambda kw: kw.get("SOPInstanceUID"))
+        refs = [InstanceRef(study_uid, kw.get("SeriesInstanceUID", series_uid or ""), kw.get("SOPInstanceUID", ""),
+                            kw.get("SOPClassUID", "")) for kw in found]
         if not refs:
             raise self._unknown_study(study_uid)
         return refs
@@ -419,6 +416,24 @@ class DicomWebServer(_Connection):
         if failed:
             raise PacsError(f"{self.name} refused {len(failed)} of {len(batch)} instances (STOW-RS)", "failed")
         return len(batch)
+
+
+def _pages(search: Callable[[int], list], key: Callable[[dict], str]) -> list[dict]:
+    """Every result of a QIDO-RS search, page by page: ``search(offset)`` -> DICOM JSON items. Servers may
+    return fewer than the limit asked for (their own cap), so pages are fetched until one brings nothing new
+    (a server that ignores ``offset`` repeats its first page: that ends it too). Returns keyword dicts."""
+    out: list[dict] = []
+    seen: set = set()
+    while True:
+        new = []
+        for item in search(len(out)):
+            kw = _json_keywords(item)
+            if key(kw) not in seen:
+                seen.add(key(kw))
+                new.append(kw)
+        if not new:
+            return out
+        out += new
 
 
 def _json_keywords(item: dict) -> dict:
