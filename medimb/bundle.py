@@ -164,13 +164,29 @@ def check_dataset_dir(dataset_dir: str, data: str) -> bool:
     return True
 
 
-def check_output_dir(path: str, overwrite: bool = False) -> bool:
+def flag(value, name: str = "flag") -> bool:
+    """A yes/no override as the bundle command line gives it: ``--overwrite true`` arrives as the string
+    ``"true"`` (``--overwrite True`` as a bool), and ``"false"`` must not count as true. Accepts bools, 0/1 and
+    true/false/yes/no/1/0 in any case; anything else is a :class:`BundleInputError`."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0", "none", ""):
+        return False
+    raise BundleInputError(f"--{name} {value!r}: pass true or false")
+
+
+def check_output_dir(path: str, overwrite: bool | str = False) -> bool:
     """Refuse, in one line, to write into a non-empty output folder unless ``overwrite`` (as ``medimb explain``
     does without ``--overwrite``): a second inference run must not silently replace the first one's overlays."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise BundleInputError(f"output_dir {path} exists and is not a folder; pass another --output_dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not flag(overwrite, "overwrite"):
         raise BundleInputError(f"output_dir {path} is not empty; pass --overwrite true to replace it, or another "
                                "--output_dir")
     return True

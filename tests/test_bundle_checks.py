@@ -71,3 +71,13 @@ def test_a_user_error_anywhere_in_a_bundle_run_ends_it_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == "medimb bundle: error: model.pt: checksum mismatch"
+
+
+def test_yes_no_overrides_arrive_as_strings_and_false_means_false():
+    """`--overwrite false` reaches the config as the string "false" (python-fire), which must not count as true."""
+    for value in (True, "true", "True", "yes", 1, "1"):
+        assert bundle.flag(value) is True
+    for value in (False, "false", "FALSE", "no", 0, "0", None):
+        assert bundle.flag(value) is False
+    with pytest.raises(BundleInputError, match=r"--overwrite 'maybe': pass true or false"):
+        bundle.flag("maybe", "overwrite")

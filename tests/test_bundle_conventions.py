@@ -154,13 +154,13 @@ def test_inference_refuses_a_non_empty_output_unless_overwrite(tmp_path):
     (out / "earlier.txt").write_text("an earlier run")
     args = [f"--{k}" for k in ("dataset_dir", "ckpt_dir", "output_dir")]
     result = run_bundle(BREAST, ["inference.json"], args[0], common["dataset_dir"], args[1], common["ckpt_dir"],
-                        args[2], str(out), "--device", "cpu", cwd=tmp_path)
+                        args[2], str(out), "--device", "cpu", "--overwrite", "false", cwd=tmp_path)  # a string
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"medimb bundle: error: output_dir {out} is not empty; pass --overwrite true to replace it, or another "
         "--output_dir")
     assert (out / "earlier.txt").read_text() == "an earlier run"
-    run(config_file=_configs(BREAST, "inference.json"), logging_file=False, output_dir=str(out), overwrite=True,
+    run(config_file=_configs(BREAST, "inference.json"), logging_file=False, output_dir=str(out), overwrite="true",
         explain_methods=[], previews=False, **_infer_ids(common))
     assert not (out / "earlier.txt").exists() and (out / "predictions.csv").is_file()
 
