@@ -17,8 +17,8 @@ def interleave(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     world, total = len(parts), sum(len(p) for p in parts)
     for rank, part in enumerate(parts):
         if len(part) != len(range(rank, total, world)):
-            raise ValueError(f"rank {rank} holds {len(part)} of {total} items; expected an unpadded, unshuffled "
-                             "DistributedSampler shard (even_divisible=False, shuffle=False)")
+            raise ValueError(f"rank {rank} holds {len(part)} of {total} items; expected an unpadded, "
+                             "unshuffled DistributedSampler shard (even_divisible=False, shuffle=False)")
     return torch.cat([parts[i % world][i // world].unsqueeze(0) for i in range(total)]) if total else parts[0]
 
 
@@ -28,8 +28,8 @@ class DistributedEvaluationReport(EvaluationReport):
 
     At the end of the epoch every rank's logits ``(N_r, K)`` and labels ``(N_r,)`` are gathered
     (``all_gather_object``) and put back in dataset order (:func:`interleave`), so rank 0 writes metrics.json,
-    predictions.csv and the plots of the whole split, with the case ids in their order. Without a process group
-    (one process) it is :class:`EvaluationReport`.
+    predictions.csv and the plots of the whole split, with the case ids in their order. Without a process
+    group (one process) it is :class:`EvaluationReport`.
     """
 
     def _write(self, engine) -> None:

@@ -2,8 +2,8 @@
 
 A bundle's ``inference.json`` runs a ``monai.engines.SupervisedEvaluator`` over the cases (preprocessed with
 the checkpoint's evaluation transforms, the network loaded by ``CheckpointLoader``, logits turned into class
-probabilities by the ``postprocessing``). :class:`ExplainWriter` turns each iteration's decollated outputs into
-what ``medimb explain`` writes, through the same per-case functions (:mod:`medimb.explain.pipeline`):
+probabilities by the ``postprocessing``). :class:`ExplainWriter` turns each iteration's decollated outputs
+into what ``medimb explain`` writes, through the same per-case functions (:mod:`medimb.explain.pipeline`):
 ``<case>_<method>_on-<bg>.nii.gz`` heatmaps and ``_label`` maps in the source geometry, previews, and at the
 end predictions.csv, index.html, load_in_slicer.py and explain.json. The folder is staged and renamed into
 place when the run completes, so a failed run leaves nothing half-written.
@@ -24,8 +24,8 @@ from medimb.networks import predict_proba
 
 from .methods import create_explainer
 from .outputs import staged_folder
-from .pipeline import (_check_rerouting, _class_names, calibrate_maps, check_items_fit_model, explain_preprocessed,
-                       resolve_map_scale, write_case, write_folder_files)
+from .pipeline import (_check_rerouting, _class_names, calibrate_maps, check_items_fit_model,
+                       explain_preprocessed, resolve_map_scale, write_case, write_folder_files)
 from .settings import CLASS_FREE_EXPLAINERS, ExplainSettings, background_channels
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,16 @@ INDEX_KEY = "case_index"
 
 
 def dataset_items(items: Sequence[dict]) -> list[dict]:
-    """What a bundle's inference ``dataset`` holds for ``items`` (:func:`medimb.explain.inputs.resolve_items`):
-    ``{"image": [path per channel], "case_index": i}``; the rest of each item (case name, split, truth mask)
-    stays with :class:`ExplainWriter`, so unlabelled cases collate (no ``None`` label in the batch)."""
+    """What a bundle's inference ``dataset`` holds for ``items``
+    (:func:`medimb.explain.inputs.resolve_items`): ``{"image": [path per channel], "case_index": i}``; the
+    rest of each item (case name, split, truth mask) stays with :class:`ExplainWriter`, so unlabelled cases
+    collate (no ``None`` label in the batch)."""
     return [{"image": list(item["image"]), INDEX_KEY: i} for i, item in enumerate(items)]
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a ``DataParallel``/``DistributedDataParallel`` wrapper (explainers hook its layers)."""
+    """The model inside a ``DataParallel``/``DistributedDataParallel`` wrapper (explainers hook its
+    layers)."""
     return getattr(network, "module", network)
 
 
@@ -60,7 +62,8 @@ class ExplainWriter:
         items: the cases, :func:`medimb.explain.inputs.resolve_items`.
         checkpoint: the checkpoint dict (:func:`medimb.networks.read_checkpoint_file`): its ``preprocessing``,
             ``class_names`` and binary operating point.
-        settings: methods, thresholds, background, map scale (:class:`~medimb.explain.settings.ExplainSettings`).
+        settings: methods, thresholds, background, map scale
+            (:class:`~medimb.explain.settings.ExplainSettings`).
         transform: the evaluation transforms the dataset applies (to invert the maps).
         calibration_items: validation cases on which ``settings.map_scale`` ``auto``/``calibrated`` calibrates
             one scale per method.
@@ -73,8 +76,8 @@ class ExplainWriter:
             the final folder, which the overlays and the Slicer scenes point at.
     """
 
-    def __init__(self, output_dir: str | Path, items: Sequence[dict], checkpoint: dict, settings: ExplainSettings,
-                 transform, calibration_items: Sequence[dict] | None = None,
+    def __init__(self, output_dir: str | Path, items: Sequence[dict], checkpoint: dict,
+                 settings: ExplainSettings, transform, calibration_items: Sequence[dict] | None = None,
                  decision_threshold: float | None = None, overwrite: bool = False, checkpoint_name: str = "",
                  network: torch.nn.Module | None = None, image_key: str = "image", pred_key: str = "pred",
                  keep: Sequence[str] = ()):
@@ -120,9 +123,9 @@ class ExplainWriter:
             raise UserError(str(exc)) from exc
         methods = list(self.settings.methods)
         if methods and not hasattr(model, "forward_features"):
-            raise UserError(f"explain_methods {methods} need the medimb network (network_def with its checkpoint "
-                            f"weights); this network ({type(model).__name__}) has no feature map to explain: "
-                            "pass --explain_methods \"[]\" for predictions only")
+            raise UserError(f"explain_methods {methods} need the medimb network (network_def with its "
+                            f"checkpoint weights); this network ({type(model).__name__}) has no feature map "
+                            "to explain: pass --explain_methods \"[]\" for predictions only")
         self.map_scale = resolve_map_scale(self.settings, self.calibration_items) if methods else "per-case"
         if self.map_scale == "calibrated":
             check_items_fit_model(model, self.preprocessing, self.calibration_items)
@@ -174,9 +177,9 @@ class ExplainWriter:
             raise RuntimeError(f"the evaluator did not run {len(missing)} case(s), e.g. {missing[:3]}")
         order = range(len(self.items))
         self.summary = write_folder_files(
-            self.staging, self.output_dir, self.items, [self.cases[i] for i in order], [self.rows[i] for i in order],
-            self.settings, self.meta, self.num_classes, self.point, self.map_scale, self.scales,
-            self.calibration_items, self.checkpoint_name)
+            self.staging, self.output_dir, self.items, [self.cases[i] for i in order],
+            [self.rows[i] for i in order], self.settings, self.meta, self.num_classes, self.point,
+            self.map_scale, self.scales, self.calibration_items, self.checkpoint_name)
         self._stack.close()  # staging -> output_dir
         self._stack = None
         logger.info("%d case(s) explained -> %s", len(self.items), self.output_dir)
