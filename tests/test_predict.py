@@ -47,7 +47,7 @@ def write_study(folder: Path, phases: int = 4) -> Path:
 
     study = generate_uid()
     ids = dict(patient_name=PHI["PatientName"], patient_id=PHI["PatientID"], birth_date=PHI["PatientBirthDate"],
-               accession=PHI["AccessionNumber"], study_uid=study)
+               accession=PHI["AccessionNumber"], study_uid=study, frame_uid=generate_uid())
     write_dicom_series(folder / "DYN", phases=phases, shape=(16, 16, 8), spacing=(1.5, 1.5, 2.0),
                        description="dyn vibe", series_number=3, **ids)
     write_dicom_series(folder / "T2", shape=(16, 16, 8), spacing=(1.5, 1.5, 2.0), description="t2 tse",
@@ -305,3 +305,33 @@ def test_archive_with_two_patients_gives_one_case_per_study(dicom_run, tmp_path)
     rows = _rows(out)
     assert len(rows) == 2 and len({r["case"].split("_")[0] for r in rows}) == 2
     assert all(r["case"].startswith("sub-") and (out / f"{r['case']}_coam_on-phase-01.nii.gz").is_file() for r in rows)
+
+
+def test_link_table_lets_export_dicom_put_results_next_to_the_source(dicom_run, tmp_path, capsys):
+    """predict --link-table on a DICOM input writes the private link table (0600, outside --out), and
+    export-dicom then finds each case's source series through it."""
+    import pydicom
+
+    root, ckpt, _ = dicom_run
+    study, out, links = root / "DOE_JANE_study", tmp_path / "out", tmp_path / "private" / "links.csv"
+    assert _predict(ckpt, study, out, "--link-table", str(links)) == 0
+    assert links.is_file() and links.stat().st_mode & 0o777 == 0o600
+    source_series = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in (study / "DYN").rglob("*")
+                     if f.is_file()}
+    results = tmp_path / "dicom"
+    assert main(["export-dicom", "--overlays", str(out), "--archive", str(study), "--link-table", str(links),
+                 "--out", str(results), "--methods", "coam", "--no-progress"]) == 0
+    written = [pydicom.dcmread(f) for f in results.rglob("*.dcm")]
+    maps = [ds for ds in written if ds.Modality == "OT" or "ParametricMap" in ds.SOPClassUID.name.replace(" ", "")]
+    assert maps, [ds.SOPClassUID.name for ds in written]
+    referenced = {s.SeriesInstanceUID for ds in maps for s in ds.ReferencedSeriesSequence}
+    assert referenced and referenced <= source_series
+
+
+def test_link_table_is_refused_for_converted_inputs_and_inside_out(dicom_run, tmp_path, capsys):
+    root, ckpt, out = dicom_run
+    assert _predict(ckpt, out / "converted", tmp_path / "o1", "--link-table", str(tmp_path / "l.csv")) != 0
+    assert "not a DICOM folder" in capsys.readouterr().err
+    assert _predict(ckpt, root / "DOE_JANE_study", tmp_path / "o2", "--link-table",
+                    str(tmp_path / "o2" / "l.csv")) != 0
+    assert "outside the de-identified --out" in capsys.readouterr().err

@@ -4,7 +4,7 @@
 Study, Series and SOP Instance UIDs, which the PACS can resolve to the patient), so it is written outside
 the de-identified output (a PATH inside OUT is refused), with mode 0600, atomically, and merged with the
 table already at PATH when a conversion resumes (rows of outputs converted again are replaced; the others
-kept). Whoever holds it can put results back next to the source series (``medimb-prep export --push``).
+kept). Whoever holds it can put results back next to the source series (``medimb export-dicom``, ``--push``).
 
 CSV, one row per slice of each output volume (:data:`COLUMNS`)::
 

@@ -62,10 +62,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
-    """The de-identification key of a DICOM input's conversion (as ``medimb-prep convert`` takes it)."""
+    """A DICOM input's conversion options, as ``medimb-prep convert`` takes them: the de-identification key and
+    the private link table (which ``medimb export-dicom`` reads to put results back next to the source series)."""
     from data_prep import deid
 
     deid.add_key_arguments(parser)
+    parser.add_argument("--link-table", metavar="PATH", type=Path, default=None,
+                        help="DICOM input: also write the private link table (converted volume <-> original Study, "
+                        "Series and SOP Instance UIDs; PHI, mode 0600, outside --out) for medimb export-dicom")
 
 
 def check_thresholds(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -99,6 +103,8 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
     if settings.target_class is not None and not 0 <= settings.target_class < num_classes:
         raise UserError(f"--target-class must be in 0..{num_classes - 1}, got {settings.target_class}")
     check_destination(out, args.overwrite)
+    if args.link_table is not None and Path(args.link_table).resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--link-table {args.link_table} holds PHI: put it outside the de-identified --out {out}")
     channels = ChannelSpec.from_preprocessing(meta["preprocessing"])
     work_dir = out / CONVERTED
     created, had_inputs = not out.exists(), work_dir.exists()
@@ -108,7 +114,7 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
         raise UserError(str(exc)) from None
     try:
         items = resolve_items(data, splits, channels=channels, work_dir=work_dir, deid_key=key,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, link_table=args.link_table)
         calibration = (validation_items(data, channels=channels, work_dir=work_dir)
                        if settings.map_scale != "per-case" else None)
         note = channels.note if any(item.get(ASSUMED) for item in items) else None

@@ -12,13 +12,15 @@ def write_dicom_series(folder, *, patient_id="PID-0001", patient_name="DOE^JANE"
                        description="t1 axial", shape=(4, 6, 5), spacing=(0.8, 0.7, 1.5),
                        orientation=(1, 0, 0, 0, 1, 0), origin=(-10.0, -20.0, 5.0), phases=1,
                        phase_tag="TemporalPositionIdentifier", image_type=("ORIGINAL", "PRIMARY", "M"),
-                       slope=1.0, intercept=0.0, acq_time0=100000.0, seed=0, names=None):
+                       slope=1.0, intercept=0.0, acq_time0=100000.0, seed=0, names=None,
+                       frame_uid=None):
     """Write a tiny classic MR series, one file per slice (and phase), and return its volume.
 
     ``shape`` is ``(rows, cols, slices)``; ``spacing`` ``(row spacing, column spacing, slice step)``
     in mm. Slices are written in shuffled order with shuffled InstanceNumbers and meaningless file
     names. Returns ``data`` (phases, slices, rows, cols) uint16: slice k of phase p is at
-    ``origin + k * step * normal`` (LPS), so tests can check geometry and sorting.
+    ``origin + k * step * normal`` (LPS), so tests can check geometry and sorting. ``frame_uid``: the
+    FrameOfReferenceUID (left out when None, as in a few old exports; real scanners always write it).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -48,6 +50,8 @@ def write_dicom_series(folder, *, patient_id="PID-0001", patient_name="DOE^JANE"
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient_name, patient_id, birth_date
         ds.AccessionNumber = accession
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        if frame_uid is not None:
+            ds.FrameOfReferenceUID = frame_uid
         ds.StudyDate, ds.StudyTime = "20240102", "101010"
         ds.SeriesNumber, ds.SeriesDescription = series_number, description
         ds.InstanceNumber = int(rng.integers(1, 10_000))  # deliberately meaningless
