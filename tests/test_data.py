@@ -286,3 +286,12 @@ def test_medmnist_bad_files(tmp_path):
     np.savez(tmp_path / "nan.npz", **arrays)
     with pytest.raises(DataError, match=r"val_images: the array contains 1 NaN and 0 Inf values"):
         load_medmnist(tmp_path / "nan.npz")
+
+
+def test_case_ids_name_sessions_like_predict_and_stay_unique():
+    from medimb.data.datalist import case_ids
+
+    items = [{"image": ["sub-a/ses-1/sub-a_ses-1_s003-dyn_phase-00.nii.gz"], "subject": "sub-a", "session": "ses-1"},
+             {"image": ["sub-a/ses-1/sub-a_ses-1_s005-dyn_phase-00.nii.gz"], "subject": "sub-a", "session": "ses-1"},
+             {"image": ["x/scan one.nii.gz"]}, {"image": ["y.nii"], "case": "given"}]
+    assert case_ids(items) == ["sub-a_ses-1", "sub-a_ses-1_2", "scan_one", "given"]

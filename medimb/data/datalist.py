@@ -207,14 +207,17 @@ def case_name(path: str | Path) -> str:
 
 def case_ids(items: list[dict]) -> list[str]:
     """One identifier per item, the same in every output (predictions.csv of evaluate, explain, bundles):
-    the item's ``case`` when it has one, else :func:`case_name` of its first image path, made unique
-    with ``_2``, ``_3`` ...; items whose image is an array (MedMNIST) are numbered in order."""
+    the item's ``case`` when it has one, else ``<subject>_<session>`` when it has both (``medimb-prep datalist``
+    items; the name ``medimb predict`` gives a converted session), else :func:`case_name` of its first image
+    path; made unique with ``_2``, ``_3`` ...; items whose image is an array (MedMNIST) are numbered in order."""
     ids, seen = [], {}
     for index, item in enumerate(items):
         image = item.get("image")
         first = image[0] if isinstance(image, (list, tuple)) and image else image
         if item.get("case"):
             name = str(item["case"])
+        elif isinstance(item.get("subject"), str) and isinstance(item.get("session"), str):
+            name = case_name(f"{item['subject']}_{item['session']}")
         elif isinstance(first, (str, Path)):
             name = case_name(first)
         else:
