@@ -1,18 +1,26 @@
-"""Run-time settings every torch command shares: the device, and library warnings that say nothing to users."""
+"""Run-time settings every command shares: the device, and library warnings that say nothing to users.
+
+Imports no torch at module level: ``medimb.cli`` quiets warnings before every command, and commands that need
+no torch (``medimb export-dicom``) should not pay for importing it.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from medimb.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda[:N]"`` on a machine without CUDA is a
     :class:`~medimb.errors.UserError` (one line) instead of a failure at the first tensor moved there."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name == "auto":
