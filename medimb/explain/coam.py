@@ -109,7 +109,7 @@ def multiscale_coam_from_stages(stage_maps, spatial_size, levels: int = 2) -> to
     return torch.exp(log_sum / len(chosen))
 
 
-class MultiScaleCOAM(COAM):
+class MultiScaleCOAM:
     """COAM fused over the last ``levels`` resolution levels of the backbone (method ``coam_ms``).
 
     ``model.forward_stages(x)`` must return the feature map at the end of each resolution level, finest first
@@ -121,7 +121,7 @@ class MultiScaleCOAM(COAM):
     """
 
     def __init__(self, model: torch.nn.Module, levels: int = 2) -> None:
-        super().__init__(model)
+        self.model = model
         self.levels = int(levels)
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
@@ -140,3 +140,7 @@ class MultiScaleCOAM(COAM):
         finally:
             self.model.train(was_training)
         return multiscale_coam_from_stages([s.float() for s in stages], x.shape[2:], self.levels)
+
+    def __call__(self, x: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, 1, *S)`` attention in [0, 1]; ``class_idx`` is ignored (class-free)."""
+        return minmax_per_volume(self.raw_map(x))
