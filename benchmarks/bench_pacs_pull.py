@@ -29,16 +29,6 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "DICOMDIR":
-            with open(p, "rb") as fh:
-                if fh.read(132)[128:] == b"DICM":
-                    out.append(p)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=4)
@@ -52,6 +42,7 @@ def main() -> None:
     from data_prep.cli import main as prep
     from data_prep.pacs.pull import pull
     from data_prep.pacs.server import parse_server
+    from helpers.dicom import dicom_files
     from helpers.orthanc import find_orthanc, free_port, start_orthanc
 
     shutil.rmtree(args.work, ignore_errors=True)
@@ -60,7 +51,7 @@ def main() -> None:
              str(args.slices), "--post-phases", "2"]) != 0:
         raise SystemExit("synth failed")
     archive = w / "syn" / "archive"
-    files = _dicom_files(archive)
+    files = dicom_files(archive)
     binary, plugin, why = find_orthanc()
     if plugin is None:
         raise SystemExit(why)

@@ -31,7 +31,8 @@ from data_prep import deid
 from data_prep.diffusion import format_bval, format_bvec, fsl_bvecs
 from data_prep.geometry import voxel_sizes
 from data_prep.headers import ORIENTATION_TOL, SPACING_RANGE_MM
-from data_prep.io import GZIP_LEVEL, remove_partial_files, write_json_atomic, write_nifti_atomic, write_text_atomic
+from data_prep.io import (GZIP_LEVEL, exclusive_lock, lock_holder, remove_partial_files, write_json_atomic,
+                          write_nifti_atomic, write_text_atomic)
 from data_prep.pixels import PixelError, read_frames, to_volume
 from data_prep.report import Issue, summarize
 from data_prep.scan import ScanResult, SeriesOutcome, SeriesPlan, scan_archive
@@ -284,26 +285,15 @@ class OutputLocked(RuntimeError):
 
 @contextlib.contextmanager
 def output_lock(out: str):
-    """Hold an exclusive lock on ``OUT/.medimb-prep/lock`` (``flock``: released by the kernel when the
-    holder dies, so a killed run never leaves a stale lock). Raises :class:`OutputLocked` when another
-    process holds it and ``OSError`` when ``OUT`` cannot be written."""
-    import fcntl
-
+    """Hold an exclusive lock on ``OUT/.medimb-prep/lock`` (:func:`data_prep.io.exclusive_lock`: a killed run
+    never leaves a stale lock). Raises :class:`OutputLocked` when another process holds it and ``OSError`` when
+    ``OUT`` cannot be written."""
     state = Path(out) / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            raise OutputLocked(f"another medimb-prep convert (pid {holder}) is writing into {out}; wait for it "
-                               "to finish or choose another output folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with exclusive_lock(state) as held:
+        if held is None:
+            raise OutputLocked(f"another medimb-prep convert (pid {lock_holder(state)}) is writing into {out}; wait "
+                               "for it to finish or choose another output folder")
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def convert_archive(root: str, out: str, workers: int = 1, key: str | None = None,

@@ -41,6 +41,38 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator[P
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def exclusive_lock(state_dir: str | os.PathLike, mode: int = 0o644) -> Iterator[int | None]:
+    """Hold an exclusive ``flock`` on ``state_dir/lock`` (created), released by the kernel when the holder dies, so
+    a killed run never leaves a stale lock. Yields the lock file's descriptor (this process's pid is written
+    in it), or ``None`` when another process holds it: the caller raises its own error then. ``OSError`` when the
+    folder cannot be written."""
+    import fcntl
+
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, mode)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def lock_holder(state_dir: str | os.PathLike) -> str:
+    """The pid written in ``state_dir/lock`` by the process holding it (``"?"`` when unreadable)."""
+    try:
+        return (Path(state_dir) / "lock").read_text(encoding="ascii", errors="replace").strip() or "?"
+    except OSError:
+        return "?"
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -25,20 +25,11 @@ from data_prep.pacs.pull import FAULT_ENV, pull
 from data_prep.pacs.server import (Credentials, PacsError, load_credentials, open_server, parse_server,
                                    study_label, uid_hash)
 from data_prep.scan import PULL_STATE_DIR
+from helpers.dicom import dicom_files
 from helpers.orthanc import free_port
 from helpers.paths import REPO
 
 HEX = re.compile(r"^[0-9a-f]{16}(\.dcm)?$")
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "DICOMDIR":
-            with open(p, "rb") as fh:
-                if fh.read(132)[128:] == b"DICM":
-                    out.append(p)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +42,7 @@ def source(orthanc, tmp_path_factory):
     archive = root / "synth" / "archive"
     ids = orthanc.upload_folder(archive)
     by_sop, studies = {}, {}
-    for p in _dicom_files(archive):
+    for p in dicom_files(archive):
         try:
             ds = pydicom.dcmread(p)
             ds.PixelData  # noqa: B018 - the truncated junk file has none: it is not on the server

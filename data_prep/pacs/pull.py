@@ -29,7 +29,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from data_prep.io import atomic_path, remove_partial_files, write_json_atomic
+from data_prep.io import atomic_path, exclusive_lock, remove_partial_files, write_json_atomic
 from data_prep.pacs.server import (ENCODED_ATTR, InstanceRef, PacsError, ServerSpec, open_server, study_label,
                                    uid_hash)
 from data_prep.scan import PULL_STATE_DIR
@@ -116,20 +116,11 @@ def completed_count(out: str | os.PathLike, study_uid: str) -> int | None:
 
 @contextlib.contextmanager
 def archive_lock(out: Path):
-    """One pull per archive folder at a time (``flock``, released by the kernel if the holder dies)."""
-    import fcntl
-
-    state = out / PULL_STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PacsError(f"another medimb-prep pull is writing into {out}; wait for it to finish", "usage") from None
+    """One pull per archive folder at a time (:func:`data_prep.io.exclusive_lock`, released if the holder dies)."""
+    with exclusive_lock(out / PULL_STATE_DIR, mode=0o600) as held:
+        if held is None:
+            raise PacsError(f"another medimb-prep pull is writing into {out}; wait for it to finish", "usage")
         yield
-    finally:
-        os.close(fd)
 
 
 class _Writer:

@@ -75,3 +75,14 @@ def write_dicom_series(folder, *, patient_id="PID-0001", patient_name="DOE^JANE"
         name = names[idx] if names else f"IM{rng.integers(1e9):09d}"
         ds.save_as(folder / name, enforce_file_format=True)
     return data
+
+
+def dicom_files(folder) -> list[Path]:
+    """Files below ``folder`` (sorted) with the DICOM preamble's ``DICM`` marker; a DICOMDIR is left out."""
+    out = []
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.name != "DICOMDIR":
+            with open(p, "rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    out.append(p)
+    return out
