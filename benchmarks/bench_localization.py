@@ -34,6 +34,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_localization.py --work /tmp/bench_loc --json /tmp/bench_loc/summary.json
     .venv/bin/python benchmarks/bench_localization.py --work /tmp/quick --cases 200 --epochs 10   # a quick look
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_localization.py --work /tmp/bench_mf --lesions multifocal \
+        --cases 400   # the second phantom family (docs/benchmarks.md)
 
 Prints a JSON summary and a Markdown table (for docs/benchmarks.md); ``--json PATH`` saves the summary.
 """
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="medimb-prep synth worker processes (default 2)")
     parser.add_argument("--difficulty", default="hard",
                         help="medimb-prep synth --difficulty (default hard: the level of the published results)")
+    parser.add_argument("--lesions", default="single",
+                        help="medimb-prep synth --lesions: 'single' (default, the published results) or "
+                        "'multifocal' (the second localisation task: 2-3 foci per malignant case)")
     parser.add_argument("--method", default="ce", help="medimb training method (default ce)")
     parser.add_argument("--network", default="cpunet", help="backbone name (default cpunet)")
     parser.add_argument("--network-kwargs", type=json.loads, default=DEFAULT_NETWORK_KWARGS,
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 *(["--slices", str(args.slices)] if args.slices else [])]
         run(prep_command("synth", str(synth), "--cases", str(args.cases), "--seed", str(args.seed),
                          "--positive-fraction", str(args.positive_fraction), "--workers", str(args.workers),
-                         "--difficulty", args.difficulty, *size))
+                         "--difficulty", args.difficulty, "--lesions", args.lesions, *size))
     if not (converted / "manifest.csv").exists():
         run(prep_command("convert", str(synth / "archive"), str(converted)))
     if not datalist.exists():
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "cases": args.cases, "positive_fraction": args.positive_fraction, "method": args.method,
+        "cases": args.cases, "positive_fraction": args.positive_fraction, "lesions": args.lesions,
+        "method": args.method,
         "epochs": args.epochs, "batch_size": args.batch_size,
         "spatial_size": list(args.spatial_size),
         "network": meta.get("config", {}).get("name"), "head": meta.get("config", {}).get("head"),

@@ -46,6 +46,9 @@ CASES_COLUMNS = (
     "radius_mm", "lesion_voxels", "dce_storage", "phases", "phase_times_s", "oblique", "slices", "rows",
     "columns", "spacing_mm", "manufacturer", "vessels", "foci",
 )
+#: cases.csv columns added by ``--lesions multifocal`` (absent otherwise, so default archives read as before):
+#: the number of lesion foci and each focus centre in RAS mm (``x y z`` triples separated by ``;``)
+MULTIFOCAL_COLUMNS = ("lesion_foci", "focus_centres_mm")
 # the RNG streams of one case, so adding a draw to one part does not change the others
 _PHANTOM, _IDENTITY, _STYLE, _WRITER = range(4)
 
@@ -91,7 +94,9 @@ def draw_style(rng: np.random.Generator, case_index: int) -> StudyStyle:
     )
 
 
-def _case_row(case_key: str, case: Case, style: StudyStyle) -> dict:
+def _case_row(case_key: str, case: Case, style: StudyStyle, lesions: str = "single") -> dict:
+    """One cases.csv row; ``centre_*_mm`` is the centre of mass of the whole mask (of a multifocal lesion:
+    of all its foci together, which may lie between them)."""
     centre = case.lesion_centre_ras
     g = case.geometry
     row = {
@@ -115,6 +120,10 @@ def _case_row(case_key: str, case: Case, style: StudyStyle) -> dict:
         "manufacturer": style.manufacturer,
     }
     row.update(case.extras)
+    if lesions != "single":
+        row["lesion_foci"] = len(case.focus_centres_zyx)
+        row["focus_centres_mm"] = ";".join(
+            " ".join(f"{v:.3f}" for v in g.zyx_to_ras(c)) for c in case.focus_centres_zyx)
     return row
 
 
@@ -225,7 +234,7 @@ def _write_case(task: tuple) -> tuple[dict, dict, int, int, Path]:
     key = pseudonymize(identity.patient_id, deid_key)
     nib.save(lesion_mask_image(case.lesion_mask, case.geometry), truth / f"{key}_lesion.nii.gz")
     first_file = min(p for p in writer.study_dir.rglob("*") if p.is_file())
-    return ({"case": key, "label": case.label}, _case_row(key, case, style), len(writer.series_written),
+    return ({"case": key, "label": case.label}, _case_row(key, case, style, config.lesions), len(writer.series_written),
             sum(s["files"] for s in writer.series_written), first_file)
 
 
@@ -256,12 +265,16 @@ def _write_archive(root: Path, cases: int, positive_fraction: float, seed: int, 
     first_file = results[0][4]
     junk = _write_junk(archive, first_file, np.random.default_rng([seed, cases, 9]))
     (root / "labels.csv").write_text(_csv_text(labels, ("case", "label")), encoding="utf-8")
-    (truth / "cases.csv").write_text(_csv_text(case_rows, CASES_COLUMNS), encoding="utf-8")
+    columns = CASES_COLUMNS + (MULTIFOCAL_COLUMNS if config.lesions != "single" else ())
+    (truth / "cases.csv").write_text(_csv_text(case_rows, columns), encoding="utf-8")
     summary = {"cases": cases, "positives": n_positive, "series": series, "dicom_files": files}
+    parameters = asdict(config)
+    if config.lesions == "single":  # the default, as before the option existed: default archives stay unchanged
+        del parameters["lesions"]
     manifest = {
         "generator": f"medimb-prep synth {__version__}",
         "parameters": {"cases": cases, "positive_fraction": positive_fraction, "seed": seed,
-                       "custom_deid_key": deid_key is not None, **asdict(config)},
+                       "custom_deid_key": deid_key is not None, **parameters},
         **summary,
         "junk": junk,
     }

@@ -9,7 +9,7 @@ import sys
 from data_prep import deid
 from data_prep.cli import UserError
 from data_prep.synth.archive import synthesize_archive
-from data_prep.synth.phantom import DIFFICULTIES, PhantomConfig
+from data_prep.synth.phantom import DIFFICULTIES, LESION_FAMILIES, PhantomConfig
 
 _DEFAULTS = PhantomConfig()
 
@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
                         help="how hard the classification task is: 'standard' is learnable from a few dozen "
                         "cases (the demo); 'hard' has cancer-like distractors and class-overlapping lesion "
                         f"enhancement (the benchmarks) (default {_DEFAULTS.difficulty})")
+    parser.add_argument("--lesions", choices=list(LESION_FAMILIES), default=_DEFAULTS.lesions,
+                        help="layout of the malignant lesion: 'single' mass, or 'multifocal': 2-3 smaller "
+                        "foci of one cancer in one region, about the same total volume, all in the truth mask "
+                        "(a second localisation task) (default %(default)s)")
     deid.add_key_arguments(parser)  # the key of the case pseudonyms in labels.csv: use the converter's
     parser.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes synthesising cases in parallel; output does not depend on it "
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     jitter = min(_DEFAULTS.slice_jitter, max(0, args.slices - 8))
     try:
         config = PhantomConfig(matrix=args.matrix, slices=args.slices, slice_jitter=jitter,
-                               post_phases=args.post_phases, difficulty=args.difficulty)
+                               post_phases=args.post_phases, difficulty=args.difficulty,
+                               lesions=args.lesions)
         summary = synthesize_archive(
             args.out, cases=args.cases, positive_fraction=args.positive_fraction, seed=args.seed,
             config=config, deid_key=deid.key_from_arguments(args), force=args.force, progress=sys.stderr.isatty(),

@@ -15,6 +15,11 @@ scanner gain, bias field and noise vary per case, so intensity statistics of the
 give the class away; shape and time course do. The default ``standard`` level makes the cancer larger and
 the brightest early enhancement and the distractors fainter: learnable from a few dozen cases.
 
+The lesion family (:data:`LESION_FAMILIES`, ``--lesions``) gives localisation a second task: ``single`` (the
+default) draws one malignant mass, ``multifocal`` draws 2-3 smaller spiculated foci of one cancer in the same
+region of the breast, all in the truth mask, with about the total volume of a single mass (so the lesion is
+not simply larger). Class-0 cases are the same in both families.
+
 All anatomy is laid out in units of ``L`` = half the in-plane field of view, so a 32x32 test phantom
 looks like a coarser 64x64 one.
 """
@@ -30,6 +35,12 @@ from data_prep.synth.geometry import SeriesGeometry, make_geometry, rotation_mat
 from data_prep.synth.kinetics import enhancement_curve
 
 LESION_TYPES = ("malignant", "benign", "none")
+#: the ``--lesions`` families of ``medimb-prep synth``: how the malignant lesion is laid out
+LESION_FAMILIES = ("single", "multifocal")
+#: multifocal: focus centres at least this many focus radii apart (separate enhancing foci with tissue between)
+#: and at most this much further (x L: one region of the breast, as multifocal, not multicentric, cancer)
+FOCUS_SEPARATION = 3.0
+FOCUS_SPREAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,13 @@ class PhantomConfig:
     oblique_fraction: float = 0.3  # share of cases with a tilted (oblique) slice orientation
     benign_lesion_fraction: float = 0.6  # share of class-0 cases that have a benign mass
     difficulty: str = "standard"  # a key of DIFFICULTIES
+    lesions: str = "single"  # one of LESION_FAMILIES
 
     def __post_init__(self) -> None:
         if self.difficulty not in DIFFICULTIES:
             raise ValueError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
+        if self.lesions not in LESION_FAMILIES:
+            raise ValueError(f"--lesions must be one of {', '.join(LESION_FAMILIES)}, got {self.lesions!r}")
         if self.matrix < 16:
             raise ValueError(f"--matrix must be at least 16, got {self.matrix}")
         if self.slices - self.slice_jitter < 8:
@@ -123,8 +137,9 @@ class Case:
     phase_times_s: np.ndarray  # (P,) seconds after injection; 0 for the pre-contrast phase
     phases: np.ndarray  # (P, Z, Y, X) float32 signal, pre-contrast first
     lesion_mask: np.ndarray  # (Z, Y, X) bool; all False when there is no lesion
-    lesion_radius_mm: float = 0.0
+    lesion_radius_mm: float = 0.0  # of each focus for a multifocal lesion
     extras: dict = field(default_factory=dict)  # distractor counts etc., for the truth table
+    focus_centres_zyx: list = field(default_factory=list)  # (3,) voxel index of each lesion (focus) centre
 
     @property
     def lesion_centre_ras(self) -> np.ndarray | None:
@@ -262,6 +277,20 @@ def _embed(grid: _Grid, sub: _Grid, *arrays: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _place_apart(rng: np.random.Generator, room_mm: np.ndarray, needed_mm: float, taken: list[np.ndarray],
+                 spacing: np.ndarray, min_mm: float, max_mm: float) -> tuple[np.ndarray, float]:
+    """Like :func:`_place`, and at ``min_mm``-``max_mm`` from the nearest of the ``taken`` voxel indices (each
+    ``(3,)``); relaxes to ``>= min_mm`` only, then to :func:`_place`, when no voxel qualifies."""
+    candidates = np.argwhere(room_mm >= needed_mm)
+    if len(candidates) and taken:
+        dist = np.min([np.linalg.norm((candidates - t) * spacing, axis=1) for t in taken], axis=0)
+        for ok in ((dist >= min_mm) & (dist <= max_mm), dist >= min_mm):
+            if ok.any():
+                chosen = candidates[ok]
+                return chosen[rng.integers(len(chosen))].astype(float), needed_mm
+    return _place(rng, room_mm, needed_mm)
+
+
 def _malignant_mass(rng, grid: _Grid, centre_mm, radius_mm) -> tuple[np.ndarray, np.ndarray]:
     """Irregular spiculated mass: (weight (Z,Y,X) in [0,1], enhancement multiplier (Z,Y,X))."""
     sub = grid.around(centre_mm, 2.6 * radius_mm + 2.0)
@@ -396,24 +425,31 @@ def synthesize_case(
     else:
         lesion_type = "benign" if rng.random() < config.benign_lesion_fraction else "none"
     lesion_mask = np.zeros(shape, dtype=bool)
-    radius_mm, kinetics = 0.0, ""
+    radius_mm, kinetics, focus_centres = 0.0, "", []
     if lesion_type != "none":
         radius_mm = rng.uniform(*level.malignant_radius) * grid.L * (
             1.0 if lesion_type == "malignant" else rng.uniform(*level.benign_radius_factor))
-        at, room_mm = _place(rng, room, 1.3 * radius_mm)
-        radius_mm = room_mm / 1.3
-        centre_mm = at * grid.spacing
-        if lesion_type == "malignant":
-            weight, multiplier = _malignant_mass(rng, grid, centre_mm, radius_mm)
+        if lesion_type == "malignant" and config.lesions == "multifocal":
+            pre, lesion_mask, radius_mm, focus_centres = _multifocal_cancer(
+                rng, grid, room, pre, components, times, level, radius_mm)
             kinetics = "washout"
         else:
-            weight, multiplier = _benign_mass(rng, grid, centre_mm, radius_mm)
-            kinetics = str(rng.choice(["persistent", "plateau"], p=[0.75, 0.25]))
-        pre = pre * (1 - weight) + rng.uniform(330, 450) * weight
-        peak = level.malignant_enhancement if lesion_type == "malignant" else level.benign_enhancement
-        rate = {"k_out": level.washout_rate} if lesion_type == "malignant" else None
-        components.append((rng.uniform(*peak) * weight * multiplier, enhancement_curve(kinetics, times, rng, rate)))
-        lesion_mask = weight >= 0.5
+            at, room_mm = _place(rng, room, 1.3 * radius_mm)
+            radius_mm = room_mm / 1.3
+            centre_mm = at * grid.spacing
+            focus_centres = [at]
+            if lesion_type == "malignant":
+                weight, multiplier = _malignant_mass(rng, grid, centre_mm, radius_mm)
+                kinetics = "washout"
+            else:
+                weight, multiplier = _benign_mass(rng, grid, centre_mm, radius_mm)
+                kinetics = str(rng.choice(["persistent", "plateau"], p=[0.75, 0.25]))
+            pre = pre * (1 - weight) + rng.uniform(330, 450) * weight
+            peak = level.malignant_enhancement if lesion_type == "malignant" else level.benign_enhancement
+            rate = {"k_out": level.washout_rate} if lesion_type == "malignant" else None
+            components.append(
+                (rng.uniform(*peak) * weight * multiplier, enhancement_curve(kinetics, times, rng, rate)))
+            lesion_mask = weight >= 0.5
 
     # --- acquisition: contrast uptake, coil bias field, scanner gain, Rician noise per phase
     signal = np.repeat(pre[None], len(times), axis=0)
@@ -441,4 +477,35 @@ def synthesize_case(
         lesion_mask=lesion_mask,
         lesion_radius_mm=float(radius_mm),
         extras={"vessels": n_vessels, "foci": n_foci},
+        focus_centres_zyx=[np.asarray(c, dtype=float) for c in focus_centres],
     )
+
+
+def _multifocal_cancer(rng, grid: _Grid, room: np.ndarray, pre: np.ndarray, components: list, times: np.ndarray,
+                       level: Difficulty, radius_mm: float) -> tuple[np.ndarray, np.ndarray, float, list]:
+    """2-3 spiculated foci of one cancer (``multifocal`` family) added to ``pre`` and ``components``.
+
+    Each focus has radius ``radius_mm / cbrt(n)`` (the foci together about as large as one mass of
+    ``radius_mm``), its own peak enhancement from the level's malignant range and the case's one washout
+    curve (one tumour biology), centres :data:`FOCUS_SEPARATION` focus radii to that plus
+    :data:`FOCUS_SPREAD` L from the nearest other focus. Returns (pre, the union mask ``(Z, Y, X)`` of every
+    focus's ``weight >= 0.5``, the focus radius in mm, the focus centres as voxel indices).
+    """
+    n = int(rng.integers(2, 4))
+    focus_r = radius_mm / np.cbrt(n)
+    curve = enhancement_curve("washout", times, rng, {"k_out": level.washout_rate})
+    mask = np.zeros(grid.shape, dtype=bool)
+    centres: list[np.ndarray] = []
+    radii = []
+    for _ in range(n):
+        min_mm = FOCUS_SEPARATION * focus_r
+        at, room_mm = _place_apart(rng, room, 1.3 * focus_r, centres, grid.spacing, min_mm,
+                                   min_mm + FOCUS_SPREAD * grid.L)
+        r = room_mm / 1.3
+        weight, multiplier = _malignant_mass(rng, grid, at * grid.spacing, r)
+        pre = pre * (1 - weight) + rng.uniform(330, 450) * weight
+        components.append((rng.uniform(*level.malignant_enhancement) * weight * multiplier, curve))
+        mask |= weight >= 0.5
+        centres.append(at)
+        radii.append(r)
+    return pre, mask, float(np.mean(radii)), centres
