@@ -336,3 +336,67 @@ def test_difficulty_levels_share_the_anatomy_and_standard_makes_the_lesion_disti
             lesion_early.append(early[std.lesion_mask].mean() / std.phases[0][std.lesion_mask].mean())
             lesion_labels.append(label)
     assert roc_auc_score(lesion_labels, lesion_early) > 0.95
+
+
+SMALL_MULTIFOCAL = PhantomConfig(matrix=32, slices=12, slice_jitter=2, post_phases=3, lesions="multifocal")
+
+
+def test_multifocal_cancer_has_2_to_3_separate_foci_all_in_the_truth_mask():
+    """``--lesions multifocal``: every malignant case has 2-3 foci, each focus centre lies in the truth mask,
+    the foci are apart (tissue between) but in one region, together about as large as one mass; class-0
+    cases are drawn exactly as in the default family."""
+    from data_prep.synth.phantom import FOCUS_SEPARATION, FOCUS_SPREAD
+
+    counts, volume_ratio = [], []
+    for i in range(6):
+        case = synthesize_case(np.random.default_rng([5, i]), 1, SMALL_MULTIFOCAL)
+        single = synthesize_case(np.random.default_rng([5, i]), 1, SMALL)
+        centres = np.array(case.focus_centres_zyx)
+        assert case.lesion_type == "malignant" and 2 <= len(centres) <= 3
+        counts.append(len(centres))
+        for c in centres.astype(int):
+            assert case.lesion_mask[tuple(c)], f"case {i}: a focus centre outside the truth mask"
+        spacing = np.array(case.geometry.spacing_zyx)
+        focus_r = case.lesion_radius_mm
+        for a in range(len(centres)):  # nearest other focus: apart, yet in one region of the breast
+            nearest = min(np.linalg.norm((centres[a] - centres[b]) * spacing) for b in range(len(centres)) if b != a)
+            L = case.geometry.shape[2] * case.geometry.pixel_spacing[1] / 2
+            assert 0.9 * FOCUS_SEPARATION * focus_r <= nearest <= 1.5 * FOCUS_SEPARATION * focus_r + FOCUS_SPREAD * L
+        volume_ratio.append(case.lesion_mask.sum() / max(single.lesion_mask.sum(), 1))
+        # anatomy and acquisition geometry come from the same draws as the single-mass family
+        assert np.array_equal(case.geometry.affine_ras(), single.geometry.affine_ras())
+    assert set(counts) == {2, 3}
+    assert 0.4 <= np.median(volume_ratio) <= 2.0  # not simply a larger lesion
+    for label in (0,):  # class 0 is the same in both families
+        a = synthesize_case(np.random.default_rng([5, 9]), label, SMALL_MULTIFOCAL)
+        b = synthesize_case(np.random.default_rng([5, 9]), label, SMALL)
+        assert np.array_equal(a.phases, b.phases) and np.array_equal(a.lesion_mask, b.lesion_mask)
+
+
+def test_multifocal_archive_lists_every_focus_and_default_is_unchanged(tmp_path, archive):
+    """The archive of the multifocal family lists the foci in cases.csv (RAS mm), each inside the written
+    truth mask; the default family's cases.csv and synth.json have no trace of the option."""
+    out = tmp_path / "mf"
+    assert main(["synth", str(out), "--cases", "4", "--positive-fraction", "0.5", "--seed", "3", "--matrix", "32",
+                 "--slices", "12", "--lesions", "multifocal", "--workers", "1"]) == 0
+    assert json.loads((out / "synth.json").read_text())["parameters"]["lesions"] == "multifocal"
+    rows = _read_csv(out / "truth" / "cases.csv")
+    malignant = [r for r in rows if r["label"] == "1"]
+    assert len(malignant) == 2
+    for row in rows:
+        mask_img = nib.load(out / "truth" / f"{row['case']}_lesion.nii.gz")
+        mask = np.asarray(mask_img.dataobj) > 0
+        centres = [np.array(c.split(), dtype=float) for c in row["focus_centres_mm"].split(";") if c]
+        assert len(centres) == int(row["lesion_foci"])
+        assert (len(centres) >= 2) if row["label"] == "1" else len(centres) <= 1
+        for ras in centres:
+            ijk = np.round(nib.affines.apply_affine(np.linalg.inv(mask_img.affine), ras)).astype(int)
+            assert mask[tuple(ijk)], f"{row['case']}: a listed focus is outside its truth mask"
+    # the default archive (module fixture, no --lesions) is written as before the option existed
+    assert "lesions" not in json.loads((archive / "synth.json").read_text())["parameters"]
+    assert "lesion_foci" not in _read_csv(archive / "truth" / "cases.csv")[0]
+
+
+def test_unknown_lesion_family_is_a_clear_error():
+    with pytest.raises(ValueError, match="--lesions must be one of single, multifocal"):
+        PhantomConfig(lesions="ring")
