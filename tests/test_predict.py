@@ -116,6 +116,10 @@ def test_dicom_study_to_prediction_with_the_stored_operating_point(dicom_run, ca
     assert (out / "load_in_slicer.py").is_file()
     summary = json.loads((out / "explain.json").read_text())
     assert summary["operating_point"]["threshold"] == pytest.approx(THRESHOLD)
+    # explain.json records what the model takes and which converted file fed each channel
+    assert summary["channels"] == list(PHASES)
+    (case,) = summary["cases"]
+    assert [name.rsplit("_", 1)[-1] for name in case["inputs"]] == [f"{p}.nii.gz" for p in PHASES]
     assert not [p for p in root.iterdir() if p.name.startswith(".out.")]  # no staging folder left
 
 

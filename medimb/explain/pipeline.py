@@ -409,9 +409,13 @@ def write_folder_files(staging: Path, out_dir: Path, items: list[dict], cases: l
         "display_threshold": settings.display_threshold,
         "target_class": settings.target_class,
         "operating_point": point,
+        # what the model takes, as its checkpoint records it (e.g. phase-00..phase-03; empty for older checkpoints)
+        "channels": list(dict(meta["preprocessing"]).get("channels") or []),
         # "source": the file name of the case's first input, whose grid the overlays share (medimb export-dicom
         # finds the case's original DICOM instances by it in the link table)
-        "cases": [{"case": c.case, "source": Path(c.sources[0]).name, "predicted": c.predicted, "label": c.label,
+        # "inputs": the file name of every channel the case was predicted from, in the model's channel order
+        "cases": [{"case": c.case, "source": Path(c.sources[0]).name, "inputs": [Path(p).name for p in c.sources],
+                   "predicted": c.predicted, "label": c.label,
                    "seconds": {k: round(v, 4) for k, v in c.seconds.items()},
                    **({"localization": c.localization} if c.localization else {})} for c in cases],
         # maps against the items' lesion masks (datalist "mask"): computed on each map before any clipping
