@@ -19,6 +19,7 @@ pytest.importorskip("highdicom")
 import highdicom as hd  # noqa: E402
 
 from data_prep.convert import convert_archive  # noqa: E402
+from helpers.dicom import add_enhanced_geometry  # noqa: E402
 from medimb.cli import main  # noqa: E402
 from medimb.evaluation.predictions_csv import SplitPredictions, format_predictions  # noqa: E402
 from medimb.errors import UserError  # noqa: E402
@@ -279,24 +280,9 @@ def _enhanced(folder, slots):
     measures, frame ``f`` at slice slot ``slots[f]``, a frame of reference and a patient (as in
     tests/test_prep_dcm2niix.py); returns ``{frame number: pixels}``."""
     from pydicom.data import get_testdata_file
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
 
     ds = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
-    ori = [np.cos(0.2), np.sin(0.2), 0.0, 0.0, 0.0, -1.0]
-    normal = np.cross(ori[:3], ori[3:])
-    shared, plane, measures = Dataset(), Dataset(), Dataset()
-    plane.ImageOrientationPatient = ori
-    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.9, 0.8], 1.2, 1.2
-    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([plane]), Sequence([measures])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for slot in slots:
-        item, position = Dataset(), Dataset()
-        position.ImagePositionPatient = [float(v) for v in np.array([-20.0, 10.0, 30.0]) + slot * 1.2 * normal]
-        item.PlanePositionSequence = Sequence([position])
-        per.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    add_enhanced_geometry(ds, slots)
     ds.FrameOfReferenceUID, ds.PatientID, ds.PatientName = FOR_UID, "PID-ENH", "DOE^ENH"
     folder.mkdir(parents=True)
     ds.save_as(folder / "enhanced.dcm")

@@ -15,10 +15,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from data_prep.convert import convert_archive
+from helpers.dicom import add_enhanced_geometry
 
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 pytestmark = pytest.mark.skipif(not DCM2NIIX.exists() and shutil.which("dcm2niix") is None,
@@ -86,23 +85,7 @@ def _with_geometry(name: str, dst: Path, frame_slots: list[int]) -> None:
     """emri_small* files carry no functional groups (no geometry at all): add an oblique plane,
     pixel measures and per-frame positions; frame f lies at slice slot ``frame_slots[f]``."""
     ds = pydicom.dcmread(_testfile(name))
-    c, s = np.cos(0.2), np.sin(0.2)
-    ori = [c, s, 0.0, 0.0, 0.0, -1.0]
-    normal = np.cross(ori[:3], ori[3:])
-    shared = Dataset()
-    po, pm = Dataset(), Dataset()
-    po.ImageOrientationPatient = ori
-    pm.PixelSpacing, pm.SliceThickness, pm.SpacingBetweenSlices = [0.9, 0.8], 1.2, 1.2
-    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([po]), Sequence([pm])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for slot in frame_slots:
-        item, pp, fc = Dataset(), Dataset(), Dataset()
-        pp.ImagePositionPatient = [float(v) for v in np.array([-20.0, 10.0, 30.0]) + slot * 1.2 * normal]
-        fc.InStackPositionNumber, fc.StackID = slot + 1, "1"
-        item.PlanePositionSequence, item.FrameContentSequence = Sequence([pp]), Sequence([fc])
-        per.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    add_enhanced_geometry(ds, frame_slots)
     dst.mkdir(parents=True)
     ds.save_as(dst / "f.dcm")
 

@@ -86,3 +86,27 @@ def dicom_files(folder) -> list[Path]:
                 if fh.read(132)[128:] == b"DICM":
                     out.append(p)
     return out
+
+
+def add_enhanced_geometry(ds, frame_slots, origin=(-20.0, 10.0, 30.0), step=1.2) -> None:
+    """Give an enhanced (multi-frame) dataset such as pydicom's ``emri_small*`` files, which carry no geometry, an
+    oblique plane (0.2 rad about the feet-head axis), pixel measures (0.9 x 0.8 mm, ``step`` mm slices) and
+    per-frame positions: frame ``f`` lies at slice slot ``frame_slots[f]`` (with its in-stack position number)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ori = [np.cos(0.2), np.sin(0.2), 0.0, 0.0, 0.0, -1.0]
+    normal = np.cross(ori[:3], ori[3:])
+    shared, plane, measures = Dataset(), Dataset(), Dataset()
+    plane.ImageOrientationPatient = ori
+    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.9, 0.8], step, step
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([plane]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for slot in frame_slots:
+        item, position, content = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in np.asarray(origin) + slot * step * normal]
+        content.InStackPositionNumber, content.StackID = slot + 1, "1"
+        item.PlanePositionSequence, item.FrameContentSequence = Sequence([position]), Sequence([content])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
