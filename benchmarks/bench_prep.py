@@ -11,7 +11,12 @@ the .nii.gz files written, and peak memory (psutil, polled every 20 ms): the lar
 the largest worker (child) process, and the summed RSS of the whole process tree (which counts pages
 that forked workers share with the parent more than once).
 ``--memory-cases`` adds a second, smaller archive to show that peak memory does not grow with the
-archive. Prints a Markdown table for docs/benchmarks.md. CPU is shared: note ``uptime``.
+archive. ``--archive FOLDER`` (repeatable) measures existing archives instead, e.g. the shared vendor
+corpora; ``--repeats N`` runs every measurement N times in a row (one table row per repeat). Prints a
+Markdown table for docs/benchmarks.md. CPU is shared: note ``uptime``.
+
+    .venv/bin/python benchmarks/bench_prep.py --repeats 3 --archive ../shared/data/dicom_qa/dcm_qa \
+        --archive ../shared/data/dicom_qa/dcm_qa_fmap --archive ../shared/data/dicom_qa/dcm_qa_philips_dwi
 """
 
 from __future__ import annotations
@@ -104,30 +109,35 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-cases", type=int, default=0, help="also measure a smaller archive (memory scaling)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--archive", action="append", default=[], help="measure this existing archive (repeatable)")
+    ap.add_argument("--repeats", type=int, default=1, help="measure every converter this many times in a row")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed afterwards)")
     args = ap.parse_args(argv)
     tmp = None if args.work else tempfile.mkdtemp(prefix="bench_prep_")
     work = Path(args.work or tmp)
     try:
         print(f"uptime before: {os.getloadavg()}")
-        sizes = [args.cases] + ([args.memory_cases] if args.memory_cases else [])
-        for cases in sizes:
-            info = synth(work / f"synth{cases}", cases, args.seed)
-            archive = work / f"synth{cases}" / "archive"
+        archives = [(Path(a).name, Path(a), None) for a in args.archive]
+        if not archives:
+            for cases in [args.cases] + ([args.memory_cases] if args.memory_cases else []):
+                info = synth(work / f"synth{cases}", cases, args.seed)
+                archives.append((f"synth{cases}", work / f"synth{cases}" / "archive",
+                                 f"{cases} cases, {info['series']} series, {info['dicom_files']} DICOM files"))
+        for name, archive, what in archives:
             slices = count_slices(archive)
-            print(f"\narchive: {cases} cases, {info['series']} series, {info['dicom_files']} DICOM files, "
-                  f"{slices} image slices; load {os.getloadavg()}")
-            res = bench(archive, work / f"run{cases}", args.workers)
-            ref = res["dcm2niix -z i -1"]["wall_s"]
-            ref6 = res["dcm2niix -z i (level 6, default)"]["wall_s"]
-            print("| converter | wall (s) | CPU user+sys (s) | slices/s | wall / dcm2niix -1 | wall / dcm2niix default | "
+            print(f"\narchive {name}: {what or archive}, {slices} image slices; load {os.getloadavg()}")
+            print("| repeat | converter | wall (s) | CPU user+sys (s) | slices/s | wall / dcm2niix -1 | wall / dcm2niix default | "
                   "peak RSS, largest process (MiB) | peak RSS, largest worker (MiB) | peak RSS, process tree (MiB) | "
                   ".nii.gz written (MB) | exit |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
-            for name, r in res.items():
-                print(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {slices / r['wall_s']:.0f} | {r['wall_s'] / ref:.2f} | "
-                      f"{r['wall_s'] / ref6:.2f} | {r['max_process_mib']:.0f} | "
-                      f"{r['max_worker_mib']:.0f} | {r['tree_peak_mib']:.0f} | {r['nii_mb']:.1f} | {r['rc']} |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for rep in range(1, args.repeats + 1):
+                res = bench(archive, work / f"run_{name}", args.workers)
+                ref = res["dcm2niix -z i -1"]["wall_s"]
+                ref6 = res["dcm2niix -z i (level 6, default)"]["wall_s"]
+                for conv, r in res.items():
+                    print(f"| {rep} | {conv} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {slices / r['wall_s']:.0f} | "
+                          f"{r['wall_s'] / ref:.2f} | {r['wall_s'] / ref6:.2f} | {r['max_process_mib']:.0f} | "
+                          f"{r['max_worker_mib']:.0f} | {r['tree_peak_mib']:.0f} | {r['nii_mb']:.1f} | {r['rc']} |")
             print(f"load after: {os.getloadavg()}")
     finally:
         if tmp:
