@@ -152,8 +152,10 @@ def _write_gradients(stem_path: Path, plan: SeriesPlan, affine: np.ndarray) -> N
     (gradients in the voxel frame of this file's affine; :func:`data_prep.diffusion.fsl_bvecs`)."""
     weights = [ph.frames[0].diffusion for ph in plan.phases]
     bvalues = [w.bvalue for w in weights]
-    directions = [w.direction or (0.0, 0.0, 0.0) for w in weights]
     write_text_atomic(stem_path.with_name(stem_path.name + ".bval"), format_bval(bvalues))
+    if all(w.is_trace for w in weights):  # a trace image alone: no direction, dcm2niix writes no .bvec
+        return
+    directions = [w.direction or (0.0, 0.0, 0.0) for w in weights]
     write_text_atomic(stem_path.with_name(stem_path.name + ".bvec"),
                       format_bvec(fsl_bvecs(directions, affine, bvalues)))
 
@@ -213,7 +215,7 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
                  extra={"NumberOfVolumes": len(plan.phases)})
             if plan.kind == "dwi":
                 _write_gradients(folder / stem, plan, affine)
-                written.extend(folder / f"{stem}.{ext}" for ext in ("bval", "bvec"))
+                written.extend(p for ext in ("bval", "bvec") if (p := folder / f"{stem}.{ext}").exists())
         else:
             times = [p.time_s for p in plan.phases]
             for p, ph in enumerate(plan.phases):

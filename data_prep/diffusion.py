@@ -433,6 +433,31 @@ def dwi_volumes(slice_positions, diffusions, order_keys, position_tol: float = 0
     )
 
 
+def is_one_volume_dwi(diffusion: Diffusion | None, manufacturer, mosaic: bool = False) -> bool:
+    """Whether a series of one volume (one encoding) is a diffusion image, written with ``.bval`` (and
+    ``.bvec`` unless it is a trace image), as dcm2niix decides it. Measured with dcm2niix on one-volume
+    series of every vendor's tags (tests/test_prep_diffusion.py) and on real files:
+
+    * a stored gradient direction, or b > 0: yes (a b=0 or b=1000 series exported on its own, one
+      direction, a Siemens trace image; Philips and unknown vendors' trace images get no ``.bvec``);
+    * b = 0 without a direction: no (GE's (0043,1039) and other vendors' b-value tags are also found
+      outside diffusion sequences, e.g. in GE field maps);
+    * GE: never (dcm2niix writes no ``.bval`` for a one-volume GE series, whatever its tags);
+    * a Siemens mosaic with a b-value: yes (dcm2niix then writes b = 0 and a zero gradient whatever
+      the header says, "assuming 1 volume B=0 series"; we write the header's b-value and gradient).
+
+    Known difference: dcm2niix also writes ``.bval`` "0" for a real Philips b=0 volume stored
+    without a gradient (other Philips diffusion tags present); that volume stays an ``image`` here."""
+    if diffusion is None:
+        return False
+    vendor = vendor_of(manufacturer)
+    if vendor == "ge":
+        return False
+    if mosaic and vendor == "siemens":
+        return True
+    return diffusion.bvalue > B0_MAX or diffusion.direction is not None
+
+
 def _writes_gradients(diffusion: list[Diffusion]) -> bool:
     """dcm2niix writes ``.bval``/``.bvec`` when there are two or more volumes and the b-values vary,
     or all exceed 50 s/mm^2, or the gradients vary and some volume has none (then a b=0)."""

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import deid
-from data_prep.diffusion import DiffusionError, dwi_volumes
+from data_prep.diffusion import DiffusionError, dwi_volumes, is_one_volume_dwi
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
 from data_prep.report import Issue
@@ -239,11 +239,16 @@ def _is_epi(params: dict) -> bool:
 def _series_kind(volumes: list[list[Frame]], params: dict, times: list) -> str:
     """``image``, ``dwi``, ``dce`` or ``timeseries`` (docs/data_prep.md, *Series types*).
 
+    One volume is ``dwi`` when it is a diffusion image (:func:`data_prep.diffusion.is_one_volume_dwi`).
+
     DCE: repeated non-EPI acquisitions of the same stack at least :data:`DCE_MIN_PHASE_GAP_S` apart
     (when the times are known). EPI repeats (fMRI, ASL) and fast repeats (cine) are time series.
     """
     if len(volumes) == 1:
-        return "image"
+        encodings = {f.diffusion for f in volumes[0]}
+        one = encodings.pop() if len(encodings) == 1 else None
+        mosaic = volumes[0][0].tile is not None
+        return "dwi" if is_one_volume_dwi(one, params.get("Manufacturer"), mosaic) else "image"
     if len({f.diffusion for v in volumes for f in v}) > 1:
         return "dwi"
     if _is_epi(params):

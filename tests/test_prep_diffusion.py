@@ -472,3 +472,87 @@ def test_bval_and_bvec_text_is_compact_and_rounded_to_six_digits():
     assert format_bval(bvals) == "0 1000 0.001 0.001 2500.5 1e-08\n"
     bvecs = [[-0.0, 0.57735026], [1.0, -0.99837719], [1e-5, 0.3]]
     assert format_bvec(bvecs) == "0 0.57735\n1 -0.998377\n1e-05 0.3\n"
+
+
+# --- one-volume diffusion series (a b=0 or b=1000 series of its own, a trace image) ------------------
+
+def _world(bvec_column, affine) -> np.ndarray:
+    """An FSL ``.bvec`` column in the voxel frame of ``affine`` as a RAS unit vector (up to sign: FSL
+    flips the first voxel axis for a positive determinant, dcm2niix writes the antipodal vector)."""
+    m = np.asarray(affine, float)[:3, :3]
+    i, j = m[:, 0] / np.linalg.norm(m[:, 0]), m[:, 1] / np.linalg.norm(m[:, 1])
+    k = np.cross(i, j) * (np.sign(np.cross(i, j) @ m[:, 2]) or 1.0)
+    v = np.array(bvec_column, float)
+    if np.linalg.det(m) > 0:
+        v[0] *= -1.0
+    return np.stack([i, j, k]).T @ v
+
+
+ONE_VOLUME = {  # (b, gradient, extra): what dcm2niix writes is asked of dcm2niix itself
+    "b0": (0, None, {}), "b0-gradient": (0, S3, {}), "b1000-gradient": (1000, RNG_DIRS[0], {}),
+    "b1000-no-gradient": (1000, None, {}),
+}
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize("vendor,source", [("siemens", "standard"), ("siemens", "csa"), ("siemens", "private"),
+                                           ("philips", "private"), ("philips", "standard"),
+                                           ("unknown", "standard"), ("ge", "private")])
+@pytest.mark.parametrize("case", list(ONE_VOLUME))
+def test_one_volume_series_is_dwi_exactly_when_dcm2niix_writes_gradients(tmp_path, vendor, source, case):
+    """A series of one diffusion encoding: ``kind=dwi`` with ``.bval`` (and ``.bvec``) exactly when
+    dcm2niix writes them, with the same b-value and the same gradient in world space; else a plain
+    ``image`` without gradient files (a b=0 image without a gradient, any one-volume GE series)."""
+    from data_prep.convert import convert_archive
+
+    b, g, extra = ONE_VOLUME[case]
+    _write_dwi(tmp_path / "in", [(b, g, extra)], vendor, source)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    exe = str(DCM2NIIX) if DCM2NIIX.exists() else "dcm2niix"
+    subprocess.run([exe, "-z", "n", "-f", "ref", "-o", str(ref_dir), str(tmp_path / "in")], check=False,
+                   capture_output=True)
+    res = convert_archive(str(tmp_path / "in"), str(tmp_path / "ours"), workers=1, progress=False)
+    assert res.converted == 1 and len(res.rows) == 1
+    row = res.rows[0]
+    ours = tmp_path / "ours" / row["path"]
+    stem = ours.name[: -len(".nii.gz")]
+    for ext in ("bval", "bvec"):
+        assert (ours.with_name(f"{stem}.{ext}")).exists() == (ref_dir / f"ref.{ext}").exists(), ext
+    assert row["kind"] == ("dwi" if (ref_dir / "ref.bval").exists() else "image")
+    assert nib.load(ours).ndim == 3  # one volume: a 3D file, as dcm2niix writes it
+    if row["kind"] == "dwi":
+        assert ours.with_name(f"{stem}.bval").read_text() == (ref_dir / "ref.bval").read_text()
+    if (ref_dir / "ref.bvec").exists():
+        ref_vec = _world(_bvec_array((ref_dir / "ref.bvec").read_text())[:, 0], nib.load(ref_dir / "ref.nii").affine)
+        our_vec = _world(_bvec_array(ours.with_name(f"{stem}.bvec").read_text())[:, 0], nib.load(ours).affine)
+        if b > 0:  # b=0: both copy the stored gradient unrotated, compared byte for byte below
+            assert abs(abs(float(ref_vec @ our_vec)) - 1.0) < 1e-4 or (np.allclose(ref_vec, 0) and np.allclose(our_vec, 0))
+        else:
+            assert ours.with_name(f"{stem}.bvec").read_text() == (ref_dir / "ref.bvec").read_text()
+
+
+def test_one_volume_siemens_mosaic_keeps_its_header_bvalue(tmp_path):
+    """nibabel's Siemens DTI mosaics, each file alone: a one-volume ``dwi`` with the b-value and
+    gradient of its CSA header (dcm2niix writes b=0 for both: "assuming 1 volume B=0 series")."""
+    import gzip
+
+    from nibabel.nicom import tests as nicom_tests
+
+    from data_prep.convert import convert_archive
+
+    data = Path(nicom_tests.__file__).parent / "data"
+    for name, bval in (("siemens_dwi_0", "0\n"), ("siemens_dwi_1000", "1000\n")):
+        src = data / f"{name}.dcm.gz"
+        if not src.exists():
+            pytest.skip("nibabel's DICOM test data is not installed")
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.dcm").write_bytes(gzip.decompress(src.read_bytes()))
+        res = convert_archive(str(tmp_path / name), str(tmp_path / f"out_{name}"), workers=1, progress=False)
+        (row,) = res.rows
+        assert row["kind"] == "dwi" and row["shape"] == "128x128x48"
+        nii = tmp_path / f"out_{name}" / row["path"]
+        stem = nii.name[: -len(".nii.gz")]
+        assert nii.with_name(f"{stem}.bval").read_text() == bval
+        bvec = _bvec_array(nii.with_name(f"{stem}.bvec").read_text())[:, 0]
+        assert np.allclose(bvec, 0) if bval == "0\n" else abs(np.linalg.norm(bvec) - 1) < 1e-4
