@@ -205,7 +205,7 @@ def run_one(dataset: str, method: str, seed: int, args: argparse.Namespace) -> d
                       spatial_size=size)
     if args.stage2_from:  # the copied stage 1 must be the one this config would have trained
         src = json.loads((source / "config.json").read_text())
-        mine = cfg.to_dict()
+        mine = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it (tuples as lists)
         for key in ("network", "network_kwargs", "spatial_size"):
             if src.get(key) != mine.get(key):
                 raise SystemExit(f"--stage2-from {args.stage2_from}: {key} differs "
