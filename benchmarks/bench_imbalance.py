@@ -327,6 +327,47 @@ def table(out: Path, datasets, methods=None, baseline: str = "ce") -> str:
     return "\n".join(lines)
 
 
+def recipe_table(out: Path, datasets, methods=None, baseline: str = "ce", target: float = 0.03) -> str:
+    """Which recipe validation picks across ``datasets``: for every run label cached on all of them (besides
+    ``baseline``), the paired mean differences against ``baseline`` per dataset (validation balanced accuracy;
+    test balanced accuracy and AUC), and whether it meets the target (test balanced accuracy >= ``target``
+    above the baseline and AUC not below it, on every dataset, as 3-seed means). The pick is the label with
+    the highest validation balanced accuracy averaged over the datasets (each a mean over seeds); test
+    figures are reported beside it and never used to choose."""
+    runs = {d: load_runs(out, d, methods) for d in datasets}
+    runs = {d: r for d, r in runs.items() if baseline in r}
+    if len(runs) < 2:
+        return ""
+    labels = [label for label in next(iter(runs.values()))
+              if label != baseline and all(label in r for r in runs.values())]
+    if not labels:
+        return ""
+    lines = [f"\nRecipe choice across {', '.join(runs)} (paired mean difference against `{baseline}` per "
+             "dataset: val bal. acc / test bal. acc / test AUC; the pick: highest validation balanced accuracy "
+             "averaged over the datasets):\n",
+             "| method | " + " | ".join(runs) + " | mean val bal. acc | target met (test) |",
+             "|---|" + "---:|" * len(runs) + "---:|---|"]
+    score = {}
+    for label in labels:
+        cells, met = [], True
+        for d, r in runs.items():
+            dv = statistics.mean(paired(r[label], r[baseline], "val", "balanced_accuracy"))
+            db = statistics.mean(paired(r[label], r[baseline], "test", "balanced_accuracy"))
+            da = statistics.mean(paired(r[label], r[baseline], "test", "auc"))
+            met = met and db >= target and da >= 0
+            cells.append(f"{dv:+.3f} / {db:+.3f} / {da:+.3f}")
+        score[label] = statistics.mean(statistics.mean(x["val"]["balanced_accuracy"] for x in r[label])
+                                       for r in runs.values())
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {score[label]:.3f} | "
+                     + ("yes" if met else "no") + " |")
+    base = statistics.mean(statistics.mean(x["val"]["balanced_accuracy"] for x in r[baseline])
+                           for r in runs.values())
+    pick = max(score, key=score.get)
+    lines.append(f"\nValidation picks **{pick}** (mean val bal. acc {score[pick]:.3f}; "
+                 f"`{baseline}` {base:.3f}).")
+    return "\n".join(lines)
+
+
 def _diff(values: list[float]) -> str:
     mean = statistics.mean(values)
     if len(values) < 2:
@@ -441,6 +482,7 @@ def main(argv=None) -> int:
                           + " ".join(f"{k}={r['test'][k]:.3f}" for k in KEYS)
                           + f" ({r['seconds']:.0f} s)", flush=True)
     print(table(Path(args.out), datasets, args.methods))
+    print(recipe_table(Path(args.out), datasets, args.methods))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,10 @@ def test_stage2_from_reproduces_the_full_run_and_files_variants(bench, tmp_path,
     text = capsys.readouterr().out
     assert "| two-stage@lws | 1 | 2+1 (s2 only, s1 of two-stage) |" in text
     assert "Paired against `ce`" in text and "| two-stage@again | 1 |" in text
+    shutil.copytree(out / "tiny", out / "tiny_copy")  # a second dataset: the recipe choice across both
+    bench.main(["--table-only", "--datasets", "tiny", "tiny_copy", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "Recipe choice across tiny, tiny_copy" in text and "Validation picks **" in text
     # the same --tag with other overrides would mix settings in one row: refused
     with pytest.raises(SystemExit, match="other|not"):
         bench.main([*common, "--methods", "two-stage", "--stage2-from", "two-stage", "--tag", "lws",
