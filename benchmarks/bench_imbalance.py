@@ -273,6 +273,25 @@ def load_runs(out: Path, dataset: str, methods=None) -> dict[str, list[dict]]:
     return runs
 
 
+def balanced_accuracy_at_half(run_dir: Path, split: str = "test") -> float | None:
+    """Balanced accuracy of a binary run's ``predictions.csv`` on ``split`` at threshold 0.5 (the argmax, as
+    runs decided before the operating point was chosen on validation); None when not binary or missing."""
+    import csv
+
+    path = run_dir / "predictions.csv"
+    if not path.exists():
+        return None
+    rows = [r for r in csv.DictReader(path.open()) if r["split"] == split]
+    probs = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")]
+    if len(probs) != 2:
+        return None
+    recalls = []
+    for label in (0, 1):
+        hits = [float(r[probs[1]]) > 0.5 for r in rows if int(r["label"]) == label]
+        recalls.append(sum(h == bool(label) for h in hits) / len(hits) if hits else math.nan)
+    return statistics.mean(recalls)
+
+
 def paired(runs: list[dict], base: list[dict], split: str, key: str) -> list[float]:
     """Per-seed differences ``run - base`` of ``split``/``key`` over the seeds both have."""
     by_seed = {r["seed"]: r for r in base}
@@ -281,7 +300,7 @@ def paired(runs: list[dict], base: list[dict], split: str, key: str) -> list[flo
 
 def table(out: Path, datasets, methods=None, baseline: str = "ce") -> str:
     """Markdown tables per dataset: val and test metrics (mean ± sd [95 % t interval of the mean over
-    seeds]), then the paired per-seed differences against ``baseline``. ``methods``: the methods to show
+    seeds]; binary runs also test balanced accuracy at threshold 0.5, from predictions.csv), then the paired per-seed differences against ``baseline``. ``methods``: the methods to show
     with their variants (None: every cached run)."""
     lines = []
     for dataset in datasets:
@@ -291,8 +310,8 @@ def table(out: Path, datasets, methods=None, baseline: str = "ce") -> str:
         lines += [f"\n**{dataset}** (model and threshold chosen on validation; test metrics with flip TTA; "
                   f"published MedMNIST v2 AUC/ACC: {PUBLISHED.get(dataset, '-')})\n",
                   "| method | seeds | epochs (s1+s2) | val bal. acc | val AUC | test bal. acc [95 % CI] | "
-                  "test AUC [95 % CI] | test ACC | test macro-F1 | min/run |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "test AUC [95 % CI] | test ACC | test macro-F1 | test bal. acc at 0.5 | min/run |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, rs in runs.items():
             ep = f"{rs[0]['stage1_epochs']}+{rs[0]['stage2_epochs']}"
             if rs[0].get("stage2_from"):
@@ -303,6 +322,8 @@ def table(out: Path, datasets, methods=None, baseline: str = "ce") -> str:
                      summarise([r["test"]["auc"] for r in rs]),
                      summarise([r["test"]["accuracy"] for r in rs], ci=False),
                      summarise([r["test"]["macro_f1"] for r in rs], ci=False)]
+            half = [balanced_accuracy_at_half(out / dataset / label / f"seed{r['seed']}") for r in rs]
+            cells.append(summarise(half, ci=False) if None not in half else "-")
             minutes = statistics.mean(r["seconds"] for r in rs) / 60
             lines.append(f"| {label} | {len(rs)} | {ep} | " + " | ".join(cells) + f" | {minutes:.1f} |")
         base = runs.get(baseline)
