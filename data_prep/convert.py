@@ -207,8 +207,8 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
         })
 
     try:
-        if plan.kind == "image":
-            emit(stem, vol.data, vol.slope, vol.inter, "image")
+        if plan.kind in ("image", "localizer"):
+            emit(stem, vol.data, vol.slope, vol.inter, plan.kind)
         elif plan.kind in ("timeseries", "dwi"):  # one 4D file; pixdim[4] is TR in s, as dcm2niix writes it
             tr = plan.params.get("RepetitionTime")
             emit(stem, vol.data, vol.slope, vol.inter, plan.kind, pixdim4=tr / 1000.0 if tr else None,
@@ -271,7 +271,7 @@ def _task(args):
 
 
 def write_manifest(out: str, rows: list[dict]) -> None:
-    kind_order = {"image": 0, "dce_phase": 1, "subtraction": 2, "4d": 3, "timeseries": 4, "dwi": 5}
+    kind_order = {"image": 0, "dce_phase": 1, "subtraction": 2, "4d": 3, "timeseries": 4, "dwi": 5, "localizer": 6}
     rows = sorted(rows, key=lambda r: (r["subject"], r["session"], r["series"], kind_order.get(r["kind"], 9),
                                        str(r["phase"]).zfill(4), r["path"]))
     buf = io.StringIO()

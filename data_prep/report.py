@@ -1,7 +1,7 @@
 """Report reasons and the ``report.json`` writer.
 
 Every skipped or failed file or series gets one entry with a reason code from :data:`REASONS`.
-Severity ``info`` is expected archive content (localizers, DICOMDIR); ``warning`` means something
+Severity ``info`` is expected archive content (a DICOMDIR, ...); ``warning`` means something
 was dropped or split but the rest converted; ``error`` means data could not be converted.
 ``--strict`` turns any warning or error into a non-zero exit status.
 """
@@ -22,7 +22,6 @@ REASONS = {
     "dicomdir": ("info", "DICOMDIR index file; images are found by walking the folders instead"),
     "not_an_image": ("info", "DICOM object without pixels (report, presentation state, ...)"),
     "unsupported_pixels": ("warning", "colour or multi-sample pixels are not converted"),
-    "localizer": ("info", "localizer/scout series (ImageType LOCALIZER or few slices in mixed planes)"),
     "missing_geometry": ("error", "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing"),
     "inconsistent_orientation": ("warning", "slices whose orientation differs from the rest of their series"),
     "inconsistent_size": ("warning", "slices whose Rows/Columns differ from the rest of their series"),

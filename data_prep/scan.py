@@ -37,7 +37,7 @@ MIN_STACK_SLICES = 4
 
 #: what a plan becomes: one 3D ``image``; ``dce`` (contrast dynamics, one 3D volume per phase);
 #: ``timeseries`` (fMRI, ASL, cine, ...: one 4D file); ``dwi`` (one 4D file with .bval/.bvec)
-KINDS = ("image", "dce", "timeseries", "dwi")
+KINDS = ("image", "dce", "timeseries", "dwi", "localizer")
 #: consecutive DCE phases are at least this far apart (s); faster repeats are other time series
 DCE_MIN_PHASE_GAP_S = 2.0
 
@@ -316,6 +316,15 @@ def _is_localizer(h: FileHeader) -> bool:
     return "LOCALIZER" in h.image_type or "SCOUT" in h.image_type
 
 
+def _plane_groups(frames: list[Frame], head_of: dict) -> dict[tuple, list[Frame]]:
+    """Frames grouped by (orientation, matrix size, pixel spacing): the stacks a series holds."""
+    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    for f in frames:
+        h = head_of[f.path]
+        groups[(orientation_key(f.orientation), h.rows, h.cols, tuple(round(v, 4) for v in f.spacing))].append(f)
+    return groups
+
+
 def _paths(items) -> set[str]:
     """Source file paths of frames or headers."""
     return {x.path for x in items}
@@ -418,9 +427,7 @@ class _Planner:
     def _series(self, subject, session, uid, label, headers):
         localizers = [h for h in headers if _is_localizer(h)]
         if localizers and 2 * len(localizers) >= len(headers):
-            self._fail("localizer", f"ImageType says localizer ({len(headers)} files)", subject, session, label,
-                       _paths(headers), action="skipped")
-            return []
+            return self._localizer(subject, session, uid, label, headers)
         if localizers:  # a few images tagged LOCALIZER inside a real series: drop them, keep the series
             self._drop("localizer_in_series", f"ImageType says localizer, unlike the {len(headers) - len(localizers)} "
                        "other files of its series", subject, session, label, [f for h in localizers for f in h.frames])
@@ -456,18 +463,37 @@ class _Planner:
                                         split=len(echoes) > 1 or len(parts) > 1))
         return out
 
+    def _localizer(self, subject, session, uid, label, headers):
+        """A localizer (scout) series: every plane converted on its own, as dcm2niix does, with
+        ``kind=localizer`` (datalists never pick it)."""
+        frames = [f for h in headers for f in h.frames]
+        bad = [f for f in frames if f.position is None or f.orientation is None or f.spacing is None]
+        if bad:
+            self._fail("missing_geometry", f"{len(bad)} of {len(frames)} localizer images lack position, orientation "
+                       "or pixel spacing", subject, session, label, _paths(frames))
+            return []
+        head_of = {h.path: h for h in headers}
+        return self._planes(subject, session, label, uid, _plane_groups(frames, head_of), head_of, {})
+
+    def _planes(self, subject, session, label, uid, groups, head_of, entities):
+        """One plan per plane (orientation, matrix and pixel spacing) of a localizer, largest first:
+        ``<series>``, ``<series>-o2``, ... Planes holding repeats become whatever their repeats are."""
+        out = []
+        for n, (_, group) in enumerate(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])), start=1):
+            for plan in self._phases(subject, session, label if n == 1 else f"{label}-o{n}", uid, group, head_of,
+                                     entities, split=True):
+                if plan.kind == "image":
+                    plan.kind = "localizer"
+                out.append(plan)
+        return out
+
     def _stacks(self, subject, session, label, uid, frames, head_of, entities, split=False):
         # group by (orientation, matrix size, pixel spacing); keep full stacks, report strays
-        groups: dict[tuple, list[Frame]] = defaultdict(list)
-        for f in frames:
-            h = head_of[f.path]
-            groups[(orientation_key(f.orientation), h.rows, h.cols, tuple(round(v, 4) for v in f.spacing))].append(f)
+        groups = _plane_groups(frames, head_of)
         if len(groups) > 1:
             sizes = sorted(groups.values(), key=len, reverse=True)
-            if len(sizes[0]) < MIN_STACK_SLICES:
-                self._fail("localizer", f"{len(frames)} images in {len(groups)} different planes or sizes",
-                           subject, session, label, _paths(frames), action="skipped")
-                return []
+            if len(sizes[0]) < MIN_STACK_SLICES:  # a few images in each of several planes: a localizer
+                return self._planes(subject, session, label, uid, groups, head_of, entities)
             main_key = max(groups, key=lambda k: len(groups[k]))
             out, n = [], 0
             for k, g in sorted(groups.items(), key=lambda kv: -len(kv[1])):

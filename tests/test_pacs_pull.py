@@ -132,10 +132,10 @@ def test_pull_dicomweb_by_uid_then_convert_with_link_table(orthanc, source, cred
         a, b = nib.load(out_pulled / path), nib.load(out_source / path)
         assert np.array_equal(a.get_fdata(), b.get_fdata()) and np.allclose(a.affine, b.affine)
     assert not any(p.name == "links.csv" for p in out_pulled.rglob("*"))
-    # the pull's bookkeeping is not read as images: nothing but the synthetic localizers skipped (the source's junk
-    # files, reported there, are not on the server)
+    # the pull's bookkeeping is not read as images: nothing reported (the source's junk files, reported there,
+    # are not on the server)
     summary = json.loads((out_pulled / "report.json").read_text())["summary"]
-    assert set(summary["by_reason"]) == {"localizer"}, summary
+    assert summary["by_reason"] == {}, summary
     assert "not_dicom" in json.loads((out_source / "report.json").read_text())["summary"]["by_reason"]
     assert "report.json" not in {p.name for p in archive.iterdir()}  # convert wrote nothing into the archive
 

@@ -99,12 +99,34 @@ def test_dce_as_separate_series_grouped_by_geometry_and_time(tmp_path, dicom_ser
     assert [r["kind"] for r in rows if r["series_number"] == "2"] == ["image"]
 
 
-def test_localizer_is_reported_and_not_converted(tmp_path, dicom_series):
-    dicom_series(tmp_path / "arc" / "loc", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), series_number=1)
-    dicom_series(tmp_path / "arc" / "img", series_number=2)
+def test_localizer_is_converted_plane_by_plane_as_kind_localizer(tmp_path, dicom_series):
+    """A scout series (ImageType LOCALIZER; or a few images in several planes, untagged) is converted as
+    dcm2niix converts it: one volume per plane, largest first, ``kind=localizer``, exact pixels."""
+    from pydicom.uid import generate_uid
+
+    planes = [(1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 0, -1)]
+    study = generate_uid()
+    for tagged, folder in ((True, "loc"), (False, "untagged")):
+        uid = generate_uid()
+        image_type = ("ORIGINAL", "PRIMARY", "LOCALIZER") if tagged else ("ORIGINAL", "PRIMARY", "M")
+        vols = [dicom_series(tmp_path / "arc" / folder / str(i), image_type=image_type, series_uid=uid,
+                             series_number=1 if tagged else 3, shape=(6, 5, 3 - i), orientation=o, seed=i,
+                             study_uid=study)
+                for i, o in enumerate(planes)]
+    dicom_series(tmp_path / "arc" / "img", series_number=2, study_uid=study)
     res = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), progress=False)
-    assert [i.reason for i in res.issues] == ["localizer"]
-    assert len(_manifest(tmp_path / "out")) == 1
+    assert res.issues == []
+    rows = _manifest(tmp_path / "out")
+    assert [r["kind"] for r in rows if r["series_number"] == "2"] == ["image"]
+    for number in ("1", "3"):
+        loc = [r for r in rows if r["series_number"] == number]
+        assert [r["kind"] for r in loc] == ["localizer"] * 3
+        assert sorted(r["shape"] for r in loc) == ["5x6x1", "5x6x2", "5x6x3"]
+        assert [r["series"].endswith(("-o2", "-o3")) for r in loc] == [False, True, True]
+    # pixels: the 3-slice axial plane of the last (untagged) series, exactly as written
+    axial = next(r for r in rows if r["series_number"] == "3" and r["shape"] == "5x6x3")
+    np.testing.assert_array_equal(np.asanyarray(_load(tmp_path / "out", axial).dataobj),
+                                  vols[0][0].transpose(2, 1, 0))
 
 
 def test_cli_convert_and_scan(tmp_path, dicom_series, capsys):

@@ -10,7 +10,7 @@ CSV, one row per slice of each output volume (:data:`COLUMNS`)::
 
     subject, session, series      the pseudonymous labels of the output (as in manifest.csv)
     output                        the NIfTI file, relative to OUT (manifest.csv's ``path``)
-    kind                          manifest.csv's kind (image, dce_phase, subtraction, 4d, timeseries, dwi)
+    kind                          manifest.csv's kind (image, dce_phase, subtraction, 4d, timeseries, dwi, localizer)
     volume                        index along the file's 4th axis (0 for a 3D file)
     slice                         index along the file's 3rd axis (k; voxel (i, j, k) as NIfTI stores it)
     study_uid, series_uid         the source StudyInstanceUID and SeriesInstanceUID of that slice
@@ -105,7 +105,7 @@ def plan_rows(plan, manifest_rows: list[dict]) -> list[dict]:
 
     everyone = list(range(len(plan.phases)))
     for row in manifest_rows:
-        if row["kind"] in ("image", "timeseries", "dwi", "4d"):
+        if row["kind"] in ("image", "localizer", "timeseries", "dwi", "4d"):
             add(row, everyone)
         elif row["kind"] in ("dce_phase", "subtraction"):
             add(row, [int(row["phase"])])
