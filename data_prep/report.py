@@ -23,9 +23,8 @@ REASONS = {
     "not_an_image": ("info", "DICOM object without pixels (report, presentation state, ...)"),
     "unsupported_pixels": ("warning", "colour or multi-sample pixels are not converted"),
     "missing_geometry": ("error", "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing"),
-    "inconsistent_orientation": ("warning", "slices whose orientation differs from the rest of their series"),
-    "inconsistent_size": ("warning", "slices whose Rows/Columns differ from the rest of their series"),
-    "split_orientation": ("warning", "a series holding several full stacks in different planes, split"),
+    "split_orientation": ("warning", "a series holding images in several planes, matrix sizes or pixel spacings: "
+                          "each group converted separately"),
     "duplicate_file": ("warning", "the same SOP instance appears twice; one copy converted"),
     "duplicate_slice_position": ("error", "two different images at the same position and time"),
     "missing_slice": ("error", "a gap of a whole number of slice spacings: a slice is missing"),
@@ -34,7 +33,6 @@ REASONS = {
     "invalid_value": ("error", "a header value needed to read the image is malformed or impossible"),
     "invalid_geometry": ("error", "position, orientation or pixel spacing is not finite, not orthonormal or "
                                   "out of range"),
-    "inconsistent_spacing": ("warning", "slices whose PixelSpacing differs from the rest of their series"),
     "localizer_in_series": ("warning", "images tagged LOCALIZER/SCOUT inside a series of other images; dropped"),
     "inconsistent_diffusion": ("error", "a diffusion series whose volumes do not each cover every slice position"),
     "invalid_volume": ("error", "the assembled volume failed the checks before writing"),

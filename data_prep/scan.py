@@ -325,6 +325,13 @@ def _plane_groups(frames: list[Frame], head_of: dict) -> dict[tuple, list[Frame]
     return groups
 
 
+def _how_differs(key: tuple, main_key: tuple) -> str:
+    """What sets a :func:`_plane_groups` group apart from the series' main one, in words."""
+    if (key[1], key[2]) != (main_key[1], main_key[2]):
+        return "another matrix size"
+    return "another plane" if key[0] != main_key[0] else "another pixel spacing"
+
+
 def _paths(items) -> set[str]:
     """Source file paths of frames or headers."""
     return {x.path for x in items}
@@ -475,46 +482,37 @@ class _Planner:
         head_of = {h.path: h for h in headers}
         return self._planes(subject, session, label, uid, _plane_groups(frames, head_of), head_of, {})
 
-    def _planes(self, subject, session, label, uid, groups, head_of, entities):
-        """One plan per plane (orientation, matrix and pixel spacing) of a localizer, largest first:
-        ``<series>``, ``<series>-o2``, ... Planes holding repeats become whatever their repeats are."""
+    def _planes(self, subject, session, label, uid, groups, head_of, entities, localizer=True):
+        """One plan per group of :func:`_plane_groups`, largest first: ``<series>``, ``<series>-o2``, ...
+        as dcm2niix writes each stack of a series. In a localizer the planes are ``kind=localizer``
+        (groups holding repeats become whatever their repeats are); otherwise every group after the
+        first is reported as ``split_orientation``."""
         out = []
-        for n, (_, group) in enumerate(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])), start=1):
-            for plan in self._phases(subject, session, label if n == 1 else f"{label}-o{n}", uid, group, head_of,
-                                     entities, split=True):
-                if plan.kind == "image":
+        # largest first; ties by the group's geometry (never by file names: the same series must get the
+        # same names from any copy of the archive)
+        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        main_key, main = ordered[0]
+        for n, (key, group) in enumerate(ordered, start=1):
+            sub_label = label if n == 1 else f"{label}-o{n}"
+            if n > 1 and not localizer:
+                detail = (f"{len(group)} image(s) in {_how_differs(key, main_key)} than the {len(main)} others of "
+                          "the series, converted separately")
+                strays = sorted(_paths(group)) if len(group) < MIN_STACK_SLICES else [""]
+                for path in strays:  # a few stray images are named, as a file-level finding
+                    self._issue("split_orientation", detail, subject, session, sub_label, path=path, action="split")
+            for plan in self._phases(subject, session, sub_label, uid, group, head_of, entities, split=True):
+                if localizer and plan.kind == "image":
                     plan.kind = "localizer"
                 out.append(plan)
         return out
 
     def _stacks(self, subject, session, label, uid, frames, head_of, entities, split=False):
-        # group by (orientation, matrix size, pixel spacing); keep full stacks, report strays
+        # group by (orientation, matrix size, pixel spacing): each group is converted on its own
         groups = _plane_groups(frames, head_of)
-        if len(groups) > 1:
-            sizes = sorted(groups.values(), key=len, reverse=True)
-            if len(sizes[0]) < MIN_STACK_SLICES:  # a few images in each of several planes: a localizer
-                return self._planes(subject, session, label, uid, groups, head_of, entities)
-            main_key = max(groups, key=lambda k: len(groups[k]))
-            out, n = [], 0
-            for k, g in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-                if k == main_key or len(g) >= MIN_STACK_SLICES:
-                    n += 1
-                    sub_label = label if n == 1 else f"{label}-o{n}"
-                    if n > 1:
-                        self._issue("split_orientation", f"{len(g)} images in a second plane, matrix or pixel "
-                                    "spacing converted separately", subject, session, sub_label, action="split")
-                    out.extend(self._phases(subject, session, sub_label, uid, g, head_of, entities, split=True))
-                    continue
-                if (k[1], k[2]) != (main_key[1], main_key[2]):
-                    reason = "inconsistent_size"
-                elif k[0] != main_key[0]:
-                    reason = "inconsistent_orientation"
-                else:
-                    reason = "inconsistent_spacing"
-                self._drop(reason, f"image differs from the {len(groups[main_key])} others of its series",
-                           subject, session, label, g)
-            return out
-        return self._phases(subject, session, label, uid, frames, head_of, entities, split)
+        if len(groups) == 1:
+            return self._phases(subject, session, label, uid, frames, head_of, entities, split)
+        localizer = max(len(g) for g in groups.values()) < MIN_STACK_SLICES  # a few images in each of several planes
+        return self._planes(subject, session, label, uid, groups, head_of, entities, localizer)
 
     def _phases(self, subject, session, label, uid, frames, head_of, entities, split=False):
         used = _paths(frames)

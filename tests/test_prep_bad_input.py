@@ -93,13 +93,16 @@ def test_every_bad_input_has_a_reason_and_the_rest_converts(bad_archive, tmp_pat
     assert by_path[shown("junk/self")] == "symlink_loop"
     assert by_series["s002-gap"] == "missing_slice"
     assert by_series["s003-dup"] == "duplicate_slice_position"
-    assert by_path[shown("orient/stray")] == "inconsistent_orientation"
-    assert by_path[shown("size/stray")] == "inconsistent_size"
+    # a stray image in another plane or of another matrix size: a volume of its own, as dcm2niix writes it
+    assert by_path[shown("orient/stray")] == by_path[shown("size/stray")] == "split_orientation"
+    details = {i["series"]: i["detail"] for i in report["issues"] if i.get("series")}
+    assert "another plane" in details["s004-orient-o2"] and "another matrix size" in details["s005-size-o2"]
     with open(out / "manifest.csv", newline="") as fh:
         rows = {r["series"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"s001-good", "s004-orient", "s005-size", "s006-passwd"}
+    assert set(rows) == {"s001-good", "s004-orient", "s004-orient-o2", "s005-size", "s005-size-o2", "s006-passwd"}
     assert rows["s004-orient"]["shape"] == "6x4x6" and rows["s005-size"]["shape"] == "6x4x6"
-    assert res.converted == 4
+    assert rows["s004-orient-o2"]["shape"] == "6x4x1" and rows["s005-size-o2"]["shape"] == "3x2x1"
+    assert res.converted == 6
     # path-like DICOM values never escape OUT
     for p in out.rglob("*"):
         assert p.resolve().is_relative_to(out.resolve())
