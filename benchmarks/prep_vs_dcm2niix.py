@@ -84,7 +84,12 @@ def volumes_of(folder: Path) -> list[Volume]:
     for path in sorted(folder.rglob("*.nii*")):
         written = nib.load(path)
         img = nib.as_closest_canonical(written)
-        data = np.asarray(img.dataobj, dtype=np.float64)
+        data = np.asanyarray(img.dataobj)
+        if data.dtype.names:  # RGB24: the three channels as a last axis of a 3D volume (one "volume")
+            data = np.stack([data[c] for c in data.dtype.names], axis=-1).astype(np.float64)
+            out.append(Volume(str(path.relative_to(folder)), 0, data, img.affine, None, None))
+            continue
+        data = np.asarray(data, dtype=np.float64)
         stem = path.name.split(".nii")[0]
         bvals, bvecs = _read_table(path.with_name(stem + ".bval")), _read_table(path.with_name(stem + ".bvec"))
         series = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]

@@ -115,6 +115,8 @@ def check_volume(data: np.ndarray, affine: np.ndarray, slope: float, inter: floa
         return "the voxel axes are not orthogonal (sheared or tilted stack)"
     if not (np.isfinite(np.float32(slope)) and np.isfinite(np.float32(inter)) and slope != 0):
         return "the rescale slope/intercept cannot be stored as float32"
+    if data.dtype.names:  # RGB24: bytes, nothing to overflow
+        return None
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)):
             return "non-finite voxel values"
@@ -222,7 +224,7 @@ def _convert_series(plan, root, out, options, scrubber, written) -> tuple[list[d
                 emit(f"{stem}_phase-{p:02d}", vol.data[..., p], vol.slope, vol.inter, "dce_phase", phase=p,
                      time_s=ph.time_s, series_number=ph.series_number, description=ph.description,
                      extra={"PhaseIndex": p, "PhaseTime": ph.time_s, "NumberOfPhases": len(plan.phases)})
-            if options.subtract:
+            if options.subtract and not vol.data.dtype.names:  # no subtraction of colour images
                 scaled = vol.scaled()
                 for p in range(1, len(plan.phases)):
                     emit(f"{stem}_sub-{p:02d}", scaled[..., p] - scaled[..., 0], 1.0, 0.0, "subtraction", phase=p,

@@ -699,7 +699,7 @@ def native_layout(fh, offset: int, ts: str, ds, n_frames: int, head: bytes | Non
     Called only after :func:`_pixel_description` validated the values it reads. ``head``: the first
     12 bytes at ``offset`` when the caller has them already (else they are read from ``fh``).
     """
-    if ts not in NATIVE_SYNTAXES:
+    if ts not in NATIVE_SYNTAXES or int(_num(ds.get("SamplesPerPixel"), 1)) != 1:
         return None
     bits = int(_num(ds.get("BitsAllocated"), 0))
     stored = int(_num(ds.get("BitsStored"), bits))
@@ -731,15 +731,19 @@ def _pixel_description(ds, ts: str, available: int) -> tuple[int, int, int]:
     (or returns a reason through it: ``truncated``, ``unsupported_pixels``)."""
     rows = _one_int(ds, "Rows", lo=1, hi=65535)
     cols = _one_int(ds, "Columns", lo=1, hi=65535)
-    if _one_int(ds, "SamplesPerPixel", default=1, lo=1, hi=4) != 1:
-        raise InvalidHeader("unsupported_pixels", "colour/multi-sample images are not converted")
+    samples = _one_int(ds, "SamplesPerPixel", default=1, lo=1, hi=4)
     bits = _one_int(ds, "BitsAllocated", default=16, lo=1, hi=64)
+    if samples != 1:  # colour: 8-bit RGB (or YBR, which pydicom decodes to RGB), written as NIfTI RGB24
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+        if samples != 3 or bits != 8 or not (photometric == "RGB" or photometric.startswith("YBR")):
+            raise InvalidHeader("unsupported_pixels", f"{samples}-sample {bits}-bit {photometric or 'colour'} "
+                                                      "images are not converted (only 8-bit RGB/YBR colour)")
     if bits not in (1, 8, 16, 32, 64):
         raise InvalidHeader("invalid_value", "BitsAllocated is not 1, 8, 16, 32 or 64")
     _one_int(ds, "BitsStored", default=bits, lo=1, hi=bits)
     _one_int(ds, "PixelRepresentation", default=0, lo=0, hi=1)
     n_frames = _one_int(ds, "NumberOfFrames", default=1, lo=1)
-    decoded = rows * cols * n_frames * bits // 8
+    decoded = rows * cols * n_frames * samples * bits // 8
     if decoded > MAX_DECODED_BYTES:
         raise InvalidHeader("invalid_value", f"Rows x Columns x NumberOfFrames would decode to "
                                              f"{decoded / 2**30:.3g} GiB (limit {MAX_DECODED_BYTES / 2**30:g} GiB)")

@@ -145,8 +145,12 @@ def write_nifti_atomic(path: str | os.PathLike, data, affine, slope: float = 1.0
     hdr["scl_inter"] = inter
     hdr.set_data_offset(352)
     header = hdr.binaryblock + b"\x00" * 4  # 348 bytes, then an empty extension flag: data at 352
-    # the voxels in Fortran order (a transposed C-order volume is that already: no reordering copy)
-    voxels = memoryview(np.asfortranarray(data).T).cast("B") if data.size else b""
+    # the voxels in Fortran order (a transposed C-order volume is that already: no reordering copy);
+    # RGB24 (a structured triple) as its bytes, R, G, B per voxel
+    if data.dtype.names:
+        voxels = memoryview(np.ascontiguousarray(data.T).view(np.uint8).reshape(-1)) if data.size else b""
+    else:
+        voxels = memoryview(np.asfortranarray(data).T).cast("B") if data.size else b""
     comp = gzip_compressor(compresslevel)  # one gzip member, mtime 0
     with atomic_path(path, keep_suffix=False) as tmp:
         with open(tmp, "wb") as fh:

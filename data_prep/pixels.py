@@ -19,6 +19,10 @@ from data_prep.headers import Frame
 from data_prep.mosaic import tile_of
 
 
+#: NIfTI's RGB24 voxel (datatype 128): what colour DICOM images become
+RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+
+
 class PixelError(RuntimeError):
     """Pixel data that cannot be decoded; carries the archive-relative path."""
 
@@ -105,8 +109,9 @@ def _read_into(full: str, layout: tuple, frames, out, p: int, k: int, fr) -> boo
 def _read_pydicom(full: str) -> np.ndarray:
     """Any transfer syntax through pydicom's decoders; (frames, rows, cols)."""
     ds = pydicom.dcmread(full)
-    arr = ds.pixel_array
-    if int(ds.get("NumberOfFrames") or 1) == 1 and arr.ndim == 2:
+    arr = ds.pixel_array  # colour: (frames,) rows, cols, 3 in RGB (pydicom converts YBR)
+    colour = int(ds.get("SamplesPerPixel") or 1) > 1
+    if int(ds.get("NumberOfFrames") or 1) == 1 and arr.ndim == (3 if colour else 2):
         arr = arr[None]
     return arr
 
@@ -131,9 +136,12 @@ def to_volume(stacks: list[np.ndarray], frames: list[list[Frame]]) -> Volume:
 
     The transpose is a view, so writing in Fortran order needs no copy.
     """
+    data = np.stack(stacks, axis=0) if len(stacks) > 1 else stacks[0][None]  # (P, K, rows, cols[, 3])
+    if data.ndim == 5:  # colour: one RGB24 triple per voxel, no rescaling (as dcm2niix writes it)
+        arr = np.ascontiguousarray(data, dtype=np.uint8).view(RGB24)[..., 0].transpose(3, 2, 1, 0)
+        return Volume(arr[..., 0] if arr.shape[3] == 1 else arr, 1.0, 0.0)
     slopes = np.array([f.slope for phase in frames for f in phase])
     inters = np.array([f.inter for phase in frames for f in phase])
-    data = np.stack(stacks, axis=0) if len(stacks) > 1 else stacks[0][None]  # (P, K, rows, cols)
     if np.ptp(slopes) == 0 and np.ptp(inters) == 0:
         slope, inter = float(slopes[0]), float(inters[0])
         if data.dtype == np.uint16 and data.size and int(data.max()) <= np.iinfo(np.int16).max:

@@ -21,7 +21,7 @@ REASONS = {
     "truncated": ("error", "the file is shorter than its pixel data"),
     "dicomdir": ("info", "DICOMDIR index file; images are found by walking the folders instead"),
     "not_an_image": ("info", "DICOM object without pixels (report, presentation state, ...)"),
-    "unsupported_pixels": ("warning", "colour or multi-sample pixels are not converted"),
+    "unsupported_pixels": ("warning", "colour pixels other than 8-bit RGB/YBR are not converted"),
     "missing_geometry": ("error", "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing"),
     "split_orientation": ("warning", "a series holding images in several planes, matrix sizes or pixel spacings: "
                           "each group converted separately"),
