@@ -266,7 +266,7 @@ def _task(args):
     rows, issues = convert_series(plan, root, out, options, scrubber)
     if rows and not issues:
         try:
-            write_json_atomic(_marker(out, plan), {"options": asdict(options), "rows": rows})
+            write_json_atomic(_marker(out, plan), {"options": asdict(options), "rows": rows}, indent=None)
         except OSError:  # without its marker the series is simply converted again next time
             log.warning("could not record %s as done; a re-run converts it again", plan.label)
     return plan.task_id, rows, issues

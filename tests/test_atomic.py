@@ -66,3 +66,26 @@ def test_nifti_gzip_is_deterministic_and_exact_with_either_compressor(tmp_path, 
     np.testing.assert_array_equal(np.asanyarray(img.dataobj.get_unscaled()), data)
     assert img.dataobj.slope == 2.0 and img.dataobj.inter == -1.0
     np.testing.assert_allclose(img.affine, affine)
+
+
+def test_atomic_open_writes_all_or_nothing_with_plain_permissions(tmp_path):
+    """data_prep's lean atomic writer: umask permissions from the start, a temporary name that
+    remove_partial_files finds, nothing under the final name (and no temporary) after an error."""
+    target = tmp_path / "new" / "a.nii.gz"
+    old = os.umask(0o022)
+    try:
+        with prep_io.atomic_open(target, keep_suffix=False) as fh:
+            fh.write(b"data")
+            (tmp_name,) = [p.name for p in target.parent.iterdir()]
+            assert tmp_name.startswith(".a.nii.gz.") and tmp_name.endswith(".part")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"data" and target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError):
+        with prep_io.atomic_open(target) as fh:
+            fh.write(b"half")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"data" and [p.name for p in target.parent.iterdir()] == ["a.nii.gz"]
+    with prep_io.atomic_open(tmp_path / "b.json") as fh:  # a leftover from a killed run is found by name
+        (tmp_path / f".b.json.{os.getpid()}-x.part.json").write_bytes(b"left")
+    assert prep_io.remove_partial_files(tmp_path) == 1
