@@ -36,6 +36,18 @@ def _create_temporary(path: str, suffix: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
+def _renamed_on_success(tmp: str, path: str) -> Iterator[None]:
+    """Rename ``tmp`` to ``path`` when the block succeeds (atomic on POSIX); remove it when it fails."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator:
     """A binary file object for ``path``: written beside it under a temporary name, renamed to ``path``
     on success (atomic on POSIX), removed on error. Temporary names are ``.<name>.<...>.part[<suffix>]``
@@ -43,16 +55,9 @@ def atomic_open(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator:
     ``*.nii.gz`` glob ever picks up a half-written file. 90 instead of 233 us a small file against a
     ``mkstemp``, ``chmod`` and re-open (it matters for the thousands of small files a conversion writes)."""
     path = os.fspath(path)
-    suffix = "".join(Path(path).suffixes) if keep_suffix else ""
-    fd, tmp = _create_temporary(path, suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    fd, tmp = _create_temporary(path, "".join(Path(path).suffixes) if keep_suffix else "")
+    with _renamed_on_success(tmp, path), os.fdopen(fd, "wb") as fh:
+        yield fh
 
 
 @contextlib.contextmanager
@@ -62,13 +67,8 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator[P
     path = os.fspath(path)
     fd, tmp = _create_temporary(path, "".join(Path(path).suffixes) if keep_suffix else "")
     os.close(fd)
-    try:
+    with _renamed_on_success(tmp, path):
         yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
