@@ -11,15 +11,15 @@ uploaded, Orthanc stores results without them). Prints one JSON line with the ti
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+
+from synth_bench_args import fresh_synth_archive, synth_archive_parser  # noqa: E402
 
 
 def _timed(fn, *args) -> float:
@@ -31,12 +31,7 @@ def _timed(fn, *args) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder (replaced)")
-    args = parser.parse_args()
+    args = synth_archive_parser(__doc__).parse_args()
 
     import torch
 
@@ -48,11 +43,9 @@ def main() -> None:
     from medimb.data.transforms import Preprocessing
     from medimb.networks import create_model, save_checkpoint
 
-    shutil.rmtree(args.work, ignore_errors=True)
     w = args.work
     times = {}
-    times["synth"] = _timed(prep, ["synth", str(w / "syn"), "--cases", str(args.cases), "--matrix", str(args.matrix),
-                                   "--slices", str(args.slices), "--post-phases", "2", "--positive-fraction", "0.5"])
+    _, times["synth"] = fresh_synth_archive(args, "--positive-fraction", "0.5")
     times["convert"] = _timed(prep, ["convert", str(w / "syn" / "archive"), str(w / "converted"), "--link-table",
                                      str(w / "links.csv"), "--no-progress"])
     prep(["datalist", str(w / "converted"), "-o", str(w / "converted" / "datalist.json")])

@@ -16,7 +16,6 @@ Prints one JSON line: per step seconds, instances, MB and MB/s.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -28,29 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from synth_bench_args import fresh_synth_archive, synth_archive_parser  # noqa: E402
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder (replaced)")
-    args = parser.parse_args()
+    args = synth_archive_parser(__doc__).parse_args()
 
     import requests
 
-    from data_prep.cli import main as prep
     from data_prep.pacs.pull import pull
     from data_prep.pacs.server import parse_server
     from helpers.dicom import dicom_files
     from helpers.orthanc import find_orthanc, free_port, start_orthanc
 
-    shutil.rmtree(args.work, ignore_errors=True)
     w = args.work
-    if prep(["synth", str(w / "syn"), "--cases", str(args.cases), "--matrix", str(args.matrix), "--slices",
-             str(args.slices), "--post-phases", "2"]) != 0:
-        raise SystemExit("synth failed")
-    archive = w / "syn" / "archive"
+    archive, _ = fresh_synth_archive(args)
     files = dicom_files(archive)
     binary, plugin, why = find_orthanc()
     if plugin is None:
