@@ -52,8 +52,8 @@ def atomic_open(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator:
     """A binary file object for ``path``: written beside it under a temporary name, renamed to ``path``
     on success (atomic on POSIX), removed on error. Temporary names are ``.<name>.<...>.part[<suffix>]``
     (:func:`remove_partial_files` finds them); with ``keep_suffix=False`` they end in ``.part``, so no
-    ``*.nii.gz`` glob ever picks up a half-written file. 90 instead of 233 us a small file against a
-    ``mkstemp``, ``chmod`` and re-open (it matters for the thousands of small files a conversion writes)."""
+    ``*.nii.gz`` glob ever picks up a half-written file. 91 instead of 247 us a small file against a
+    ``mkstemp``, ``chmod`` and re-open (benchmarks/bench_atomic_write.py; a conversion writes thousands)."""
     path = os.fspath(path)
     fd, tmp = _create_temporary(path, "".join(Path(path).suffixes) if keep_suffix else "")
     with _renamed_on_success(tmp, path), os.fdopen(fd, "wb") as fh:
