@@ -433,9 +433,8 @@ class _Planner:
 
     def _series(self, subject, session, uid, label, headers):
         localizers = [h for h in headers if _is_localizer(h)]
-        if localizers and 2 * len(localizers) >= len(headers):
-            return self._localizer(subject, session, uid, label, headers)
-        if localizers:  # a few images tagged LOCALIZER inside a real series: drop them, keep the series
+        localizer = 2 * len(localizers) >= len(headers)  # a scout series: every plane on its own
+        if localizers and not localizer:  # a few images tagged LOCALIZER inside a real series: drop them
             self._drop("localizer_in_series", f"ImageType says localizer, unlike the {len(headers) - len(localizers)} "
                        "other files of its series", subject, session, label, [f for h in localizers for f in h.frames])
             headers = [h for h in headers if not _is_localizer(h)]
@@ -467,20 +466,8 @@ class _Planner:
                 if part:
                     entities["ImagePart"] = part
                 out.extend(self._stacks(subject, session, sub_label, uid, sub, head_of, entities,
-                                        split=len(echoes) > 1 or len(parts) > 1))
+                                        split=len(echoes) > 1 or len(parts) > 1, localizer=localizer))
         return out
-
-    def _localizer(self, subject, session, uid, label, headers):
-        """A localizer (scout) series: every plane converted on its own, as dcm2niix does, with
-        ``kind=localizer`` (datalists never pick it)."""
-        frames = [f for h in headers for f in h.frames]
-        bad = [f for f in frames if f.position is None or f.orientation is None or f.spacing is None]
-        if bad:
-            self._fail("missing_geometry", f"{len(bad)} of {len(frames)} localizer images lack position, orientation "
-                       "or pixel spacing", subject, session, label, _paths(frames))
-            return []
-        head_of = {h.path: h for h in headers}
-        return self._planes(subject, session, label, uid, _plane_groups(frames, head_of), head_of, {})
 
     def _planes(self, subject, session, label, uid, groups, head_of, entities, localizer=True):
         """One plan per group of :func:`_plane_groups`, largest first: ``<series>``, ``<series>-o2``, ...
@@ -506,12 +493,13 @@ class _Planner:
                 out.append(plan)
         return out
 
-    def _stacks(self, subject, session, label, uid, frames, head_of, entities, split=False):
-        # group by (orientation, matrix size, pixel spacing): each group is converted on its own
+    def _stacks(self, subject, session, label, uid, frames, head_of, entities, split=False, localizer=False):
+        """Group by (orientation, matrix size, pixel spacing): each group is converted on its own. A
+        localizer (tagged, or a few images in each of several planes) becomes ``kind=localizer`` plans."""
         groups = _plane_groups(frames, head_of)
-        if len(groups) == 1:
+        if len(groups) == 1 and not localizer:
             return self._phases(subject, session, label, uid, frames, head_of, entities, split)
-        localizer = max(len(g) for g in groups.values()) < MIN_STACK_SLICES  # a few images in each of several planes
+        localizer = localizer or max(len(g) for g in groups.values()) < MIN_STACK_SLICES
         return self._planes(subject, session, label, uid, groups, head_of, entities, localizer)
 
     def _phases(self, subject, session, label, uid, frames, head_of, entities, split=False):
