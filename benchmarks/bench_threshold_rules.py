@@ -7,7 +7,12 @@ and test rows, the positive-class probability in the last ``prob_*`` column). Ea
 from the validation rows only; the table gives the test balanced accuracy at that threshold, mean over
 seeds. Rules: the validation maximum of balanced accuracy (what ``medimb.evaluation.operating_point`` does:
 midpoint candidates, ties closest to 0.5), 0.5, the median over 300 bootstrap resamples of the validation
-maximum, the threshold maximising the bootstrap-mean balanced-accuracy curve, and the validation prevalence.
+maximum, the threshold maximising the bootstrap-mean balanced-accuracy curve, the validation prevalence, and
+the prior the final head was fitted under ("prior-matched": 0.5 for a head re-trained with class-balanced
+sampling in stage 2 (cRT, LWS), the validation prevalence, a stand-in for the stratified training split's,
+otherwise). For a calibrated probability p of the positive class fitted under prior pi, balanced accuracy is
+maximised by predicting positive when p > pi, so that rule needs no validation labels at all. A last
+table pairs every method with ``ce`` per seed under that rule.
 Seeded (the bootstrap draws run in the order printed), so the table is reproducible.
 """
 
@@ -42,6 +47,18 @@ def max_balanced_accuracy(y, p):
     return cands[best[np.argmin(np.abs(cands[best] - 0.5))]], cands
 
 
+def head_prior(seed_json: Path) -> str | None:
+    """The class prior the run's final head was fitted under: ``"balanced"`` (stage 2 re-trained it with
+    class-balanced sampling: cRT, LWS), ``"natural"`` (no stage 2), or None for tau-normalisation, whose
+    weight-norm rescaling sits between the two (no prior-matched threshold)."""
+    import json
+
+    run = json.loads(seed_json.read_text())
+    if run.get("stage2_epochs", 0) == 0:
+        return "natural"
+    return None if run.get("overrides", {}).get("stage2.rebalance", "crt") == "tau_norm" else "balanced"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
@@ -67,16 +84,34 @@ def main(argv=None) -> int:
              "bootstrap median": bagged_median, "bootstrap mean curve": bagged_curve,
              "validation prevalence": lambda y, p: y.mean()}
     table: dict = {}
+    prior_matched: dict = {}
     for path in sorted(args.runs.glob("*/*/seed*/predictions.csv")):
         run = load(path)
+        key = path.parent.parent.relative_to(args.runs).as_posix()
         for name, rule in rules.items():
             t = rule(*run["validation"])
-            table.setdefault(path.parent.parent.relative_to(args.runs).as_posix(), {}).setdefault(name, []).append(
-                balanced_accuracy(*run["test"], t))
+            table.setdefault(key, {}).setdefault(name, []).append(balanced_accuracy(*run["test"], t))
+        prior = head_prior(path.parent.with_suffix(".json"))
+        score = np.nan if prior is None else balanced_accuracy(
+            *run["test"], 0.5 if prior == "balanced" else run["validation"][0].mean())
+        table[key].setdefault("prior-matched", []).append(score)
+        if prior is not None:
+            prior_matched[(key, path.parent.name)] = score
+    rules["prior-matched"] = None
     print("| runs | seeds | " + " | ".join(rules) + " |")
     print("|---|---:|" + "---:|" * len(rules))
     for key, scores in table.items():
-        print(f"| {key} | {len(scores['0.5'])} | " + " | ".join(f"{np.mean(v):.3f}" for v in scores.values()) + " |")
+        print(f"| {key} | {len(scores['0.5'])} | " + " | ".join((f"{np.mean(v):.3f}" if np.isfinite(np.mean(v)) else "-") for v in scores.values()) + " |")
+    print("\nPrior-matched thresholds, paired against ce (test balanced accuracy difference per seed, then mean):\n")
+    print("| runs | per seed | mean |")
+    print("|---|---|---:|")
+    for (key, seed), score in sorted(prior_matched.items()):
+        dataset, method = key.split("/", 1)
+        if method == "ce" or seed != "seed0":
+            continue
+        diffs = [prior_matched[(key, s)] - prior_matched[(f"{dataset}/ce", s)]
+                 for s in sorted(s for k, s in prior_matched if k == key) if (f"{dataset}/ce", s) in prior_matched]
+        print(f"| {key} | " + ", ".join(f"{d:+.3f}" for d in diffs) + f" | {np.mean(diffs):+.3f} |")
     return 0
 
 
