@@ -136,6 +136,16 @@ def vendor_of(manufacturer) -> str:
     return "other" if any(name in text for name in _KNOWN_OTHER) else "unknown"
 
 
+def untagged_images_are_b0(manufacturer) -> bool:
+    """Whether the images without diffusion tags in a diffusion series are its b=0 volumes: Toshiba and
+    Canon tag only the diffusion-weighted images (dcm2niix's Toshiba notes), and dcm2niix reads the
+    rest as b=0. Measured with dcm2niix for the other vendors' tags (tests/test_prep_diffusion.py): it
+    then writes a 4D file without .bval/.bvec (Siemens, GE, Philips) or splits the series (unknown
+    vendors); those series are refused as ``inconsistent_diffusion`` here rather than guessed."""
+    text = str(manufacturer or "").upper()
+    return "TOSHIBA" in text or "CANON" in text
+
+
 def diffusion_of(ds, manufacturer=None, frame_item=None) -> Diffusion | None:
     """b-value and gradient of one image (``frame_item=None``) or one enhanced frame.
 

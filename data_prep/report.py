@@ -26,7 +26,7 @@ REASONS = {
     "split_orientation": ("warning", "a series holding images in several planes, matrix sizes or pixel spacings: "
                           "each group converted separately"),
     "duplicate_file": ("warning", "the same SOP instance appears twice; one copy converted"),
-    "duplicate_slice_position": ("error", "two different images at the same position and time"),
+    "duplicate_slice_position": ("error", "two different images at the same position, time and InstanceNumber"),
     "missing_slice": ("error", "a gap of a whole number of slice spacings: a slice is missing"),
     "nonuniform_spacing": ("error", "slice spacing varies; cannot be one regular volume"),
     "invalid_orientation": ("error", "ImageOrientationPatient row and column vectors are parallel"),

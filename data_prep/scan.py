@@ -18,16 +18,20 @@ import os
 import logging
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
 
 from data_prep import deid
-from data_prep.diffusion import DiffusionError, dwi_volumes, is_one_volume_dwi
+from data_prep.diffusion import (B0_MAX, Diffusion, DiffusionError, dwi_volumes, is_one_volume_dwi,
+                                 untagged_images_are_b0)
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
 from data_prep.report import Issue
+
+#: the encoding of an image without diffusion tags inside a diffusion series (:func:`_volumes`)
+UNTAGGED_B0 = Diffusion(0.0, None)
 
 log = logging.getLogger("data_prep.scan")
 
@@ -211,17 +215,23 @@ def read_headers(paths: list[str], root: str, workers: int = 1, progress: bool =
 
 
 # -------------------------------------------------------------------------------------- grouping
-def _volumes(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
+def _volumes(frames: list[Frame], normal, manufacturer=None) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
     """Split one stack (one echo, one image part) into 3D volumes, each in ascending slice order
     where it matters (:func:`_phases` sorts again and checks the spacing).
 
     Diffusion series (images with several b-values or gradients) are grouped and ordered by
     :func:`data_prep.diffusion.dwi_volumes`, as dcm2niix does; everything else by
-    :func:`_time_rank_phases`. Returns ``(volumes, duplicate_files, conflicts)``; raises
-    :class:`data_prep.diffusion.DiffusionError` for a diffusion series that is not complete.
+    :func:`_time_rank_phases`. Untagged images in a Toshiba/Canon diffusion series are its b=0 images
+    (:func:`data_prep.diffusion.untagged_images_are_b0`). Returns ``(volumes, duplicate_files,
+    conflicts)``; raises :class:`data_prep.diffusion.DiffusionError` for a diffusion series that is not
+    complete.
     """
-    if len({f.diffusion for f in frames}) < 2:
+    encodings = {f.diffusion for f in frames}
+    if len(encodings) < 2:
         return _time_rank_phases(frames, normal)
+    if None in encodings and untagged_images_are_b0(manufacturer) and any(
+            d is not None and d.bvalue > B0_MAX for d in encodings):
+        frames = [replace(f, diffusion=UNTAGGED_B0) if f.diffusion is None else f for f in frames]
     kept, dups, seen = [], [], set()
     for f in sorted(frames, key=lambda f: (f.path, f.frame or 0)):
         (dups if f.sop_uid in seen else kept).append(f)
@@ -262,23 +272,32 @@ def _series_kind(volumes: list[list[Frame]], params: dict, times: list) -> str:
 def _time_rank_phases(frames: list[Frame], normal) -> tuple[list[list[Frame]], list[Frame], list[Frame]]:
     """Split one stack into phases: at each slice position, frames ordered by time are phases 0..P-1.
 
-    Returns ``(phases, duplicate_files, conflicts)``: exact duplicates (same SOP instance) are dropped;
-    different images at the same position with the same time key are conflicts.
+    Images at one position whose time keys are equal are repeats told apart by InstanceNumber, then
+    frame index (GE fMRI stores no per-volume time: every image carries the series' AcquisitionTime;
+    dcm2niix stacks them the same way). Returns ``(phases, duplicate_files, conflicts)``: exact
+    duplicates (same SOP instance) are dropped; different images at the same position with the same
+    time key and nothing else to order them (the same or no InstanceNumber, the same frame) are conflicts.
     """
     by_pos: dict[float, list[Frame]] = defaultdict(list)
     dist = np.array([np.dot(f.position, normal) for f in frames])
     for f, d in zip(frames, dist):
         by_pos[round(float(d), 2)].append(f)
+
+    def repeat_order(f: Frame) -> tuple:
+        return (f.instance is None, f.instance or 0, f.frame or 0)
+
     dups, conflicts = [], []
     phases: dict[int, list[Frame]] = defaultdict(list)
     for pos_frames in by_pos.values():
-        pos_frames.sort(key=lambda f: (f.time_key, f.path, f.frame or 0))
+        pos_frames.sort(key=lambda f: (f.time_key, repeat_order(f), f.path))
         kept: list[Frame] = []
         for f in pos_frames:
             if kept and f.sop_uid == kept[-1].sop_uid:
                 dups.append(f)
                 continue
-            if kept and f.time_key == kept[-1].time_key:
+            last = kept[-1] if kept else None
+            if last is not None and f.time_key == last.time_key and (
+                    f.instance is None or last.instance is None or repeat_order(f) == repeat_order(last)):
                 conflicts.append(f)
                 continue
             kept.append(f)
@@ -506,7 +525,7 @@ class _Planner:
         used = _paths(frames)
         normal = slice_normal(frames[0].orientation)
         try:
-            phases, dups, conflicts = _volumes(frames, normal)
+            phases, dups, conflicts = _volumes(frames, normal, head_of[frames[0].path].params.get("Manufacturer"))
         except DiffusionError as exc:
             self._fail(exc.reason, exc.detail, subject, session, label, used)
             return []

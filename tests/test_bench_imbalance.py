@@ -3,26 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers.paths import load_benchmark
 from helpers.training import TINY_NETWORK, tiny_npz
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/bench_imbalance.py as a module (benchmarks/ is not a package)."""
-    path = REPO / "benchmarks" / "bench_imbalance.py"
-    spec = importlib.util.spec_from_file_location("bench_imbalance", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_imbalance")
 
 
 def test_t_interval_of_three_seeds(bench):

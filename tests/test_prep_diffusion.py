@@ -168,7 +168,7 @@ def test_mosaic_gradients_match_dcm2niix(shared_data, tmp_path, name):
 # --- synthetic series, each vendor's tags, compared with dcm2niix -----------------------------------
 
 MANUFACTURERS = {"siemens": "SIEMENS", "ge": "GE MEDICAL SYSTEMS", "philips": "Philips Medical Systems",
-                 "unknown": "ACME"}
+                 "unknown": "ACME", "toshiba": "TOSHIBA_MEC"}
 AXIAL, SAGITTAL, CORONAL = (1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 0, -1)
 OBLIQUE = (0.9, 0.4358899, 0.0, -0.4358899, 0.9, 0.0)
 
@@ -186,7 +186,10 @@ def _csa2(tags: dict) -> bytes:
 
 
 def _encode(ds: Dataset, vendor: str, source: str, b: float, g, extra: dict) -> None:
-    """Write b-value ``b`` and gradient ``g`` (None: none) with the ``source`` tags of ``vendor``."""
+    """Write b-value ``b`` and gradient ``g`` (None: none) with the ``source`` tags of ``vendor``; no
+    diffusion tags at all when ``b`` is None (Toshiba/Canon b=0 images)."""
+    if b is None:
+        return
     if source == "standard":
         ds.DiffusionBValue = float(b)
         if g is not None:
@@ -556,3 +559,32 @@ def test_one_volume_siemens_mosaic_keeps_its_header_bvalue(tmp_path):
         assert nii.with_name(f"{stem}.bval").read_text() == bval
         bvec = _bvec_array(nii.with_name(f"{stem}.bvec").read_text())[:, 0]
         assert np.allclose(bvec, 0) if bval == "0\n" else abs(np.linalg.norm(bvec) - 1) < 1e-4
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize("vendor", ["toshiba", "siemens", "philips", "ge", "unknown"])
+def test_untagged_b0_images_of_a_toshiba_diffusion_series_are_its_b0_volumes(tmp_path, vendor):
+    """Toshiba/Canon write DiffusionBValue and the gradient only on diffusion-weighted images; dcm2niix
+    reads the untagged images of their series as b=0 volumes (was: the whole series refused). For the
+    other vendors dcm2niix writes no gradients or splits the series: refused, as before."""
+    from helpers.paths import load_benchmark
+
+    from data_prep.convert import convert_archive
+
+    bench = load_benchmark("prep_vs_dcm2niix")
+    encodings = [(None, None, {})] + [(1000, g, {}) for g in RNG_DIRS[:3]]
+    datasets = _write_dwi(tmp_path / "in", encodings, vendor, "standard", OBLIQUE, "COL")
+    result = convert_archive(str(tmp_path / "in"), str(tmp_path / "out"), workers=1, progress=False)
+    if vendor != "toshiba":
+        assert result.rows == [] and [i.reason for i in result.issues] == ["inconsistent_diffusion"]
+        return
+    [row] = result.rows
+    assert (row["kind"], row["shape"]) == ("dwi", "4x4x3x4"), [i.to_dict() for i in result.issues]
+    stem = str(tmp_path / "out" / row["path"])[: -len(".nii.gz")]
+    assert Path(stem + ".bval").read_text() == "0 1000 1000 1000\n"
+    ours = np.asanyarray(nib.load(stem + ".nii.gz").dataobj)  # pixel value 100 * volume + slice
+    assert [int(ours[0, 0, 0, v]) // 100 for v in range(4)] == [0, 1, 2, 3]
+    assert len(datasets) == 12
+    # voxels, affine, b-values and gradients in world coordinates against dcm2niix's
+    comparison = bench.compare(tmp_path / "in", tmp_path / "cmp", workers=1)
+    assert (comparison.reference, comparison.reproduced) == (4, 4), comparison.missing

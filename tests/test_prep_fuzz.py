@@ -17,23 +17,12 @@ series skip when ``../shared/data`` is absent; the pydicom-data cases always run
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
-from helpers.paths import REPO
+from helpers.paths import load_benchmark
 
 
-def _load_fuzz_engine():
-    """benchmarks/fuzz_prep.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("fuzz_prep", REPO / "benchmarks" / "fuzz_prep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz_engine()
+fuzz = load_benchmark("fuzz_prep")
 
 #: a fixed data_prep needs well under 1 GiB for these small archives; a blow-up then fails fast
 LIMITS = fuzz.Limits(timeout_s=60, memory_bytes=1 << 30)

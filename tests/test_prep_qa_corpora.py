@@ -3,17 +3,12 @@ same voxels in RAS+, affine within 1e-3 mm, same .bval/.bvec for DWI (benchmarks
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from helpers.paths import REPO
+from helpers.paths import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("prep_vs_dcm2niix", REPO / "benchmarks" / "prep_vs_dcm2niix.py")
-prep_vs_dcm2niix = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = prep_vs_dcm2niix  # dataclasses look their module up there
-_spec.loader.exec_module(prep_vs_dcm2niix)
+prep_vs_dcm2niix = load_benchmark("prep_vs_dcm2niix")
 
 pytestmark = pytest.mark.skipif(prep_vs_dcm2niix.dcm2niix_exe() is None, reason="dcm2niix not installed")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from data_prep.convert import convert_archive
@@ -88,3 +89,39 @@ def test_fast_epi_repeats_are_a_time_series_and_echo_parts_split(tmp_path, dicom
     assert kinds["s003-bold"] == ("timeseries", "6x4x5x4")
     assert set(kinds) == {"s003-bold", "s004-gre_echo-1_part-mag", "s004-gre_echo-1_part-phase",
                           "s004-gre_echo-2_part-mag"}
+
+
+def _ge_fmri(folder: Path, dicom_series, numbering: str) -> np.ndarray:
+    """A GE-style fMRI series: 3 volumes of 5 slices, every image with the series' AcquisitionTime and
+    no temporal tag, so only InstanceNumber orders the volumes (volume- or slice-major numbering)."""
+    data = dicom_series(folder, series_number=5, description="fmri", phases=3, shape=(4, 6, 5))
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        p, k = int(ds.TemporalPositionIdentifier) - 1, round((float(ds.ImagePositionPatient[2]) - 5.0) / 1.5)
+        del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+        ds.AcquisitionTime = "114815"
+        ds.Manufacturer, ds.ScanningSequence = "GE MEDICAL SYSTEMS", ["EP", "GR"]
+        ds.InstanceNumber = p * 5 + k + 1 if numbering == "volume" else k * 3 + p + 1
+        ds.save_as(f)
+    return data
+
+
+@pytest.mark.parametrize("numbering", ["volume", "slice"])
+def test_repeats_without_times_are_ordered_by_instance_number(tmp_path, dicom_series, numbering):
+    data = _ge_fmri(tmp_path / "arc" / "fmri", dicom_series, numbering)
+    result = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), workers=1, progress=False)
+    [row] = result.rows
+    assert (row["kind"], row["shape"]) == ("timeseries", "6x4x5x3"), [i.to_dict() for i in result.issues]
+    written = np.asarray(nib.load(tmp_path / "out" / row["path"]).dataobj)
+    # voxel (i, j, k, t) = column i, row j of slice k (ascending along the normal) in volume t
+    np.testing.assert_array_equal(written, data.transpose(3, 2, 1, 0))
+
+
+def test_same_position_time_and_instance_is_still_a_conflict(tmp_path, dicom_series):
+    _ge_fmri(tmp_path / "arc" / "fmri", dicom_series, "volume")
+    for f in (tmp_path / "arc" / "fmri").iterdir():  # renumbered so two images share one InstanceNumber
+        ds = pydicom.dcmread(f)
+        ds.InstanceNumber = 1 if ds.InstanceNumber in (1, 6) else ds.InstanceNumber
+        ds.save_as(f)
+    result = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), workers=1, progress=False)
+    assert result.rows == [] and [i.reason for i in result.issues] == ["duplicate_slice_position"]
