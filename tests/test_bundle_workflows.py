@@ -49,6 +49,7 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     assert stage1["config"]["head"] == "cmsl" and stage1["config"]["in_channels"] == 4
     assert stage1["preprocessing"]["spatial_size"] == [16, 16, 16] or tuple(stage1["preprocessing"]["spatial_size"]) == (16, 16, 16)
     assert stage1["class_names"] == ["benign", "malignant"]
+    assert stage1["head_prior"] is None  # a CMSL head: no single class prior (the "prior" operating point)
 
     # stage 2 (cRT): backbone bit-identical, classifier re-trained
     inproc = dict(dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(evals), device="cpu")
@@ -58,7 +59,7 @@ def test_breast_bundle_train_stage2_evaluate_inference(tmp_path):
     backbone = [k for k in stage1["model"] if k.startswith("backbone.")]
     assert backbone and all(torch.equal(stage1["model"][k], stage2["model"][k]) for k in backbone)
     assert not torch.equal(stage1["model"]["classifier.weight"], stage2["model"]["classifier.weight"])
-    assert stage2["method"] == "cmsl-stage2-crt"
+    assert stage2["method"] == "cmsl-stage2-crt" and stage2["head_prior"] == 0.5  # class-balanced cRT
     # TensorBoard events of the two stages in their own folders under the run folder
     for stage in ("stage1", "stage2"):
         assert list((evals / stage).glob("events.out.tfevents.*")), stage
@@ -128,6 +129,7 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
     run_inprocess(METRIC, ["train.json", "train_stage2.json"], **common, **tiny, rebalance="lws")
     stage2 = torch.load(models / "model.pt", weights_only=True)
     assert stage2["config"]["head"] == "lws" and stage2["method"] == "two-stage-metric-stage2-lws"
+    assert stage1["head_prior"] is None and stage2["head_prior"] is None  # three classes: no threshold
     run_inprocess(METRIC, ["train.json", "evaluate.json"], **common)
     metrics = json.loads((evals / "evaluation" / "metrics.json").read_text())
     assert len(metrics["test"]["per_class_recall"]) == 3 and metrics["class_names"] == ["0", "1", "2"]

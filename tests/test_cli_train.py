@@ -166,3 +166,18 @@ def test_breastmnist_three_epochs_beats_chance(tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["auc"] > 0.7, out
+
+
+def test_operating_point_prior_from_the_command_line(tmp_path, capsys):
+    data = tiny_npz(tmp_path / "tiny.npz")
+    base = ["--data", data, "--epochs", 1, "--device", "cpu", "--no-progress", "--batch-size", 8]
+    code, _, err = _train([*base, "--method", "ce", "--out", tmp_path / "run", "--operating-point", "prior"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["operating_point"]["rule"] == "prior"
+    assert metrics["test"]["threshold"] == pytest.approx(metrics["operating_point"]["head_prior"])
+    for extra, message in ((["--method", "ce", "--sensitivity", 0.9], "give one"),
+                           (["--method", "focal"], "no single class prior")):
+        code, _, err = _train([*base, *extra, "--out", tmp_path / "bad", "--operating-point", "prior"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -219,3 +219,53 @@ def test_evaluation_report_reads_or_chooses_the_checkpoint_threshold(tmp_path):
                                checkpoint=ckpt, choose_operating_point="balanced_accuracy"))
     assert res["validation"]["threshold"] == pytest.approx(0.425, abs=1e-6)
     assert load_checkpoint(ckpt)[1]["operating_point"]["rule"] == "balanced_accuracy"
+
+
+def test_prior_rule_thresholds_at_the_head_prior_and_reads_no_label():
+    point = choose_threshold(Y, PROBA, "prior", head_prior=0.25)
+    assert point["threshold"] == 0.25 and point["rule"] == "prior" and point["head_prior"] == 0.25
+    # rates at that threshold: P1 > 0.25 calls 3 of 6 negatives (0.3, 0.4, 0.6) and both positives positive
+    assert point["validation"]["sensitivity"] == 1.0 and point["validation"]["specificity"] == pytest.approx(3 / 6)
+    assert choose_threshold(1 - Y, PROBA, "prior", head_prior=0.25)["threshold"] == 0.25  # labels do not move it
+    for bad in (None, 0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="prior"):
+            choose_threshold(Y, PROBA, "prior", head_prior=bad)
+
+
+def test_head_prior_of_every_method():
+    from medimb.training.config import head_prior, loss_prior, method_config
+
+    counts = [30, 10]  # 25 % positives in training
+    expected = {"ce": 0.25, "weighted-ce": 0.5, "balanced-softmax": 0.5, "crt": 0.5, "two-stage": 0.5,
+                "two-stage-triplet": 0.5, "two-stage-supcon": 0.5, "cmsl-two-stage": 0.5,
+                "focal": None, "ldam-drw": None, "cmsl": None}
+    for name, prior in expected.items():
+        assert head_prior(method_config(name), counts) == prior, name
+    tau = method_config("two-stage")
+    tau.stage2.rebalance = "tau_norm"
+    assert head_prior(tau, counts) is None
+    assert head_prior(method_config("ce"), [5, 5, 5]) is None  # multi-class: no threshold
+    assert loss_prior("ce", counts, head="cmsl") is None and loss_prior("weighted_ce", counts) == 0.5
+
+
+def test_evaluation_report_prior_rule_reads_the_checkpoint_head_prior(tmp_path):
+    from types import SimpleNamespace
+
+    from medimb.networks import create_model, load_checkpoint, save_checkpoint
+
+    model = create_model("cpunet", in_channels=1, num_classes=2, spatial_dims=2, widths=[4, 8], depths=[0, 1])
+    logits = torch.log(torch.as_tensor(PROBA, dtype=torch.float32))
+    engine = SimpleNamespace(state=SimpleNamespace(output={"pred": logits, "label": torch.as_tensor(Y)}))
+    for prior, ckpt in ((0.3, tmp_path / "with.pt"), (None, tmp_path / "without.pt")):
+        save_checkpoint(ckpt, model, class_names=["benign", "malignant"], head_prior=prior)
+        report = EvaluationReport(str(tmp_path / "val"), model, ["benign", "malignant"], split="validation",
+                                  checkpoint=ckpt, choose_operating_point="prior")
+        report._reset(engine)
+        report._collect(engine)
+        if prior is None:
+            with pytest.raises(ValueError, match="prior"):
+                report._write(engine)
+            continue
+        report._write(engine)
+        assert report.result["validation"]["threshold"] == pytest.approx(0.3)
+        assert load_checkpoint(ckpt)[1]["operating_point"]["rule"] == "prior"

@@ -202,3 +202,18 @@ def test_gradient_clipping_bounds_the_norm_before_the_step(tmp_path):
 
     trainer.run()
     assert len(norms) == 2 and max(norms) <= 0.5 + 1e-4
+
+
+def test_prior_operating_point_is_the_training_prior_of_the_head(tmp_path):
+    from medimb.errors import UserError
+    from medimb.training.workflow import run_training
+
+    data = tiny_npz(tmp_path / "tiny.npz")
+    res = run_training(tiny_config(data, tmp_path / "ce", "ce", epochs=1), progress=False, operating_rule="prior")
+    _, meta = load_checkpoint(tmp_path / "ce" / "final.pt")
+    counts = meta["class_counts"]
+    assert meta["head_prior"] == pytest.approx(counts[1] / sum(counts))
+    assert res["operating_point"]["rule"] == "prior"
+    assert res["test"]["threshold"] == pytest.approx(counts[1] / sum(counts))
+    with pytest.raises(UserError, match="no single class prior"):
+        run_training(tiny_config(data, tmp_path / "focal", "focal", epochs=1), progress=False, operating_rule="prior")

@@ -48,6 +48,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="binary models: decision threshold = the highest whose validation sensitivity is >= S, "
                    "e.g. 0.9 (default: the threshold of maximum validation balanced accuracy, i.e. Youden's J); "
                    "stored in final.pt as its operating point")
+    p.add_argument("--operating-point", default="balanced_accuracy", choices=("balanced_accuracy", "prior"),
+                   help="binary models: how the decision threshold is chosen: the maximum validation balanced "
+                   "accuracy (default), or 'prior', the class prior the head was fitted under (0.5 after a "
+                   "class-balanced stage 2, the training positive fraction for plain CE), which reads no "
+                   "validation label; better with a small validation split (docs/training.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved epoch")
     add_runtime_options(p)
     p.set_defaults(func=run)
@@ -116,6 +121,14 @@ def _check_inputs(args: argparse.Namespace) -> None:
     check_workers(args.workers)
     if args.sensitivity is not None and not 0.0 < args.sensitivity <= 1.0:
         raise UserError(f"--sensitivity must be in (0, 1], got {args.sensitivity}")
+    if args.sensitivity is not None and args.operating_point != "balanced_accuracy":
+        raise UserError("--sensitivity and --operating-point prior choose the threshold differently: give one")
+    if args.operating_point == "prior":
+        from medimb.training.config import head_prior, method_config
+
+        if head_prior(method_config(args.method), [1, 1]) is None:
+            raise UserError(f"--operating-point prior: the head of method {args.method!r} is fitted under no single "
+                            "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
     from medimb.runtime import resolve_device
 
     resolve_device(args.device)  # a one-line error now for a device this machine does not have
@@ -133,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
         if previous != json.loads(json.dumps(config.to_dict())):
             raise UserError(f"--resume: the arguments differ from the run in {out}; use the same ones")
     from medimb.data.errors import surface_data_errors
-    from medimb.evaluation.operating_point import BALANCED_ACCURACY, sensitivity_rule
+    from medimb.evaluation.operating_point import sensitivity_rule
     from medimb.evaluation.report import interval_lines, summary_line
     from medimb.training.workflow import run_training
 
-    rule = BALANCED_ACCURACY if args.sensitivity is None else sensitivity_rule(args.sensitivity)
+    rule = args.operating_point if args.sensitivity is None else sensitivity_rule(args.sensitivity)
     with surface_data_errors():  # as medimb.training.train: input-data errors in one line
         result = run_training(config, resume=args.resume, progress=not args.no_progress, operating_rule=rule)
     print(f"{config.method.name}: {summary_line(result, ('validation', 'test'))} -> {out / 'metrics.json'}",

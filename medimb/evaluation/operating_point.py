@@ -15,6 +15,12 @@ Rules:
   lower (more sensitive) one.
 - ``"sensitivity>=0.9"`` (:func:`sensitivity_rule`): the highest threshold whose validation sensitivity is
   at least the target (the most specific one that still finds 90 % of the positives).
+- ``"prior"``: the positive-class prior the final classifier head was fitted under (training records it in
+  the checkpoint as ``"head_prior"``, :func:`medimb.training.config.head_prior`): 0.5 after a class-balanced
+  stage 2 (cRT, LWS) or a balancing loss, the training split's positive fraction for plain CE. For a
+  calibrated probability fitted under prior pi, balanced accuracy is maximised by predicting positive when
+  ``P(1) > pi``, so this rule reads no validation label: it does not vary with a small validation split,
+  where the validation maximum does (docs/training.md, *Operating point*, has the measurement).
 
 Candidate thresholds are the midpoints between consecutive distinct validation probabilities (and below
 the lowest / above the highest), so a threshold never sits on a validation case's probability.
@@ -52,6 +58,10 @@ POSITIVE_CLASS = 1
 DEFAULT_THRESHOLD = 0.5
 #: the default rule (maximum balanced accuracy = maximum Youden's J)
 BALANCED_ACCURACY = "balanced_accuracy"
+#: the rule "threshold = the prior the head was fitted under"
+PRIOR = "prior"
+#: the checkpoint key of that prior (written by training)
+HEAD_PRIOR_KEY = "head_prior"
 
 _SENSITIVITY = re.compile(r"sensitivity\s*>=\s*([0-9]*\.?[0-9]+)")
 
@@ -65,12 +75,14 @@ def sensitivity_rule(target: float) -> str:
 
 
 def parse_rule(rule: str) -> float | None:
-    """``None`` for ``"balanced_accuracy"`` (alias ``"youden"``); the target for ``"sensitivity>=T"``."""
-    if rule in (BALANCED_ACCURACY, "youden"):
+    """``None`` for ``"balanced_accuracy"`` (alias ``"youden"``) and ``"prior"``; the target for
+    ``"sensitivity>=T"``."""
+    if rule in (BALANCED_ACCURACY, "youden", PRIOR):
         return None
     match = _SENSITIVITY.fullmatch(str(rule).strip())
     if match is None:
-        raise ValueError(f"unknown operating-point rule {rule!r}: use 'balanced_accuracy' or 'sensitivity>=T'")
+        raise ValueError(f"unknown operating-point rule {rule!r}: use 'balanced_accuracy', 'prior' or "
+                         "'sensitivity>=T'")
     target = float(match.group(1))
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
@@ -150,10 +162,12 @@ def _at(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
             "balanced_accuracy": (sens + spec) / 2 if both else None, "sensitivity": sens, "specificity": spec}
 
 
-def choose_threshold(labels: Any, proba: Any, rule: str = BALANCED_ACCURACY) -> dict[str, Any]:
+def choose_threshold(labels: Any, proba: Any, rule: str = BALANCED_ACCURACY,
+                     head_prior: float | None = None) -> dict[str, Any]:
     """The operating point of a binary model on ``labels`` (N,) and ``proba`` (N, 2) (or ``P(1)`` (N,)) by
     ``rule`` (module docstring); returns the dict stored in checkpoints (``threshold``, ``rule``,
-    ``positive_class``, ``validation`` = the rates at that threshold on these cases).
+    ``positive_class``, ``validation`` = the rates at that threshold on these cases; ``head_prior`` for
+    the ``"prior"`` rule, which needs it: a probability in (0, 1), else ValueError).
 
     When the cases cannot decide (one class only; no positives for a sensitivity rule) the threshold is
     :data:`DEFAULT_THRESHOLD`, with a warning and ``"fallback"`` saying why.
@@ -161,6 +175,13 @@ def choose_threshold(labels: Any, proba: Any, rule: str = BALANCED_ACCURACY) -> 
     target = parse_rule(rule)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
     p = positive_scores(proba)
+    if rule == PRIOR:
+        if head_prior is None or not 0.0 < float(head_prior) < 1.0:
+            raise ValueError(f"the 'prior' operating point needs the prior the head was fitted under, in (0, 1); "
+                             f"got {head_prior!r} (checkpoints of this method or older runs do not record one)")
+        threshold = float(head_prior)
+        return {"threshold": threshold, "rule": PRIOR, "positive_class": POSITIVE_CLASS,
+                HEAD_PRIOR_KEY: threshold, "validation": _at(y, p, threshold)}
     curve = threshold_curve(y, p)
     t, sens, spec = curve["threshold"], curve["sensitivity"], curve["specificity"]
     n_pos = int((y == POSITIVE_CLASS).sum())

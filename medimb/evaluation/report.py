@@ -33,7 +33,8 @@ from medimb.evaluation.metrics import (
     format_ci_summary,
     format_summary,
 )
-from medimb.evaluation.operating_point import choose_threshold, resolve_operating_point, store_operating_point
+from medimb.evaluation.operating_point import (HEAD_PRIOR_KEY, PRIOR, choose_threshold, resolve_operating_point,
+                                               store_operating_point)
 from medimb.evaluation.predictions_csv import SplitPredictions, write_predictions
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class EvaluationReport:
         checkpoint: the model's checkpoint file: binary models decide at its stored operating point
             (threshold 0.5 without one).
         threshold: a decision threshold that overrides the checkpoint's (binary models).
-        choose_operating_point: a rule (``"balanced_accuracy"``, ``"sensitivity>=0.9"``): choose the threshold
-            on this split (the validation split), store it in ``checkpoint`` and report at it.
+        choose_operating_point: a rule (``"balanced_accuracy"``, ``"prior"``, ``"sensitivity>=0.9"``): choose
+            the threshold on this split (the validation split), store it in ``checkpoint`` and report at it
+            (``"prior"`` reads the checkpoint's ``head_prior``, which training records).
     """
 
     def __init__(self, output_dir: str, network, class_names: Sequence[str], split: str = "test",
@@ -164,7 +166,12 @@ class EvaluationReport:
         cases = self.cases or [str(i) for i in range(len(labels))]
         extra: dict[str, Any] = {}
         if self.rule is not None and self.threshold is None and proba.shape[1] == 2:
-            point = choose_threshold(labels, proba, self.rule)
+            prior = None
+            if self.rule == PRIOR:  # the prior the head was fitted under, recorded by training
+                from medimb.networks import read_checkpoint_file
+
+                prior = read_checkpoint_file(self.checkpoint).get(HEAD_PRIOR_KEY)
+            point = choose_threshold(labels, proba, self.rule, head_prior=prior)
             store_operating_point(self.checkpoint, point)
             extra["operating_point"] = {**point,
                                         "source": f"chosen on {self.split}, stored in the checkpoint"}

@@ -165,6 +165,42 @@ METHODS["two-stage"] = replace(
 )
 
 
+#: stage-1 losses whose head models the class-balanced posterior (inverse-frequency weights; balanced
+#: softmax trains with the log-prior shift and predicts without it)
+_BALANCING_LOSSES = ("weighted-ce", "balanced-softmax")
+
+
+def head_prior(method: MethodConfig, class_counts: Sequence[int]) -> float | None:
+    """The positive-class prior a binary model's final head is fitted under: the threshold of the
+    ``"prior"`` operating point (:mod:`medimb.evaluation.operating_point`). ``class_counts``: the
+    training split's (negatives, positives).
+
+    0.5 after a stage 2 that re-trains the head with class-balanced sampling (cRT, LWS); otherwise
+    :func:`loss_prior` of stage 1. None where no single prior describes the head (tau-normalisation and
+    the losses :func:`loss_prior` names) and for multi-class models.
+    """
+    s2 = method.stage2
+    if s2 is None:
+        return loss_prior(method.stage1.loss, class_counts, method.head)
+    binary = len(class_counts) == 2 and min(class_counts) > 0
+    return 0.5 if binary and s2.rebalance in ("crt", "lws") and s2.loss in ("ce", "cmsl") else None
+
+
+def loss_prior(loss: str, class_counts: Sequence[int], head: str = "linear") -> float | None:
+    """The positive-class prior of a binary head trained with ``loss`` on instance-sampled data: the
+    training positive fraction for plain CE on a linear head (a metric-learning term does not touch the
+    head), 0.5 for the balancing losses (weighted CE, balanced softmax), None for the rest (focal, LDAM,
+    CMSL: no single prior describes their probabilities) and for multi-class models."""
+    if len(class_counts) != 2 or min(class_counts) <= 0:
+        return None
+    loss = loss.replace("_", "-")
+    if loss in _BALANCING_LOSSES:
+        return 0.5
+    if loss == "ce" and head == "linear":
+        return class_counts[1] / sum(class_counts)
+    return None
+
+
 def method_config(name: str) -> MethodConfig:
     """A copy of the :class:`MethodConfig` registered as ``name``."""
     try:

@@ -219,16 +219,19 @@ class BestCheckpointWriter:
         class_names: one name per class.
         method: recorded in the checkpoint, e.g. ``"cmsl-stage1"``.
         key_metric_name: metric of the validator's ``state.metrics`` to maximise; default its key metric.
+        head_prior: the positive-class prior the head is fitted under (binary; None if none), recorded for
+            the ``"prior"`` operating point (:func:`medimb.training.config.head_prior`).
     """
 
     def __init__(self, save_path: str, network, preprocessing, class_names: list[str], method: str,
-                 key_metric_name: str | None = None):
+                 key_metric_name: str | None = None, head_prior: float | None = None):
         self.save_path = save_path
         self.network = network
         self.preprocessing = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing)
         self.class_names = [str(n) for n in class_names]
         self.method = method
         self.key_metric_name = key_metric_name
+        self.head_prior = None if head_prior is None else float(head_prior)
         self.best = float("-inf")
 
     def attach(self, engine) -> None:
@@ -243,4 +246,4 @@ class BestCheckpointWriter:
         if is_main_process():
             save_checkpoint(self.save_path, self.network, preprocessing=self.preprocessing,
                             class_names=self.class_names, method=self.method, epoch=int(engine.state.epoch),
-                            key_metric={name: value})
+                            key_metric={name: value}, head_prior=self.head_prior)

@@ -43,13 +43,13 @@ from medimb.data.errors import surface_data_errors
 from medimb.data.loaders import make_loader
 from medimb.errors import UserError
 from medimb.evaluation.metrics import compute_metrics
-from medimb.evaluation.operating_point import BALANCED_ACCURACY, choose_threshold
+from medimb.evaluation.operating_point import BALANCED_ACCURACY, HEAD_PRIOR_KEY, PRIOR, choose_threshold
 from medimb.evaluation.prediction import EVAL_BATCH, predict, uses_flip_tta
 from medimb.evaluation.predictions_csv import SplitPredictions
 from medimb.evaluation.report import write_evaluation
 from medimb.networks import create_model, predict_proba, read_checkpoint_file, rebalance_classifier, save_checkpoint
 from medimb.runtime import resolve_device
-from medimb.training.config import Stage1Config, Stage2Config, TrainConfig, preprocessing_for
+from medimb.training.config import Stage1Config, Stage2Config, TrainConfig, head_prior, preprocessing_for
 from medimb.training.engines import (
     AugmentingPrepareBatch,
     Stage1Trainer,
@@ -243,6 +243,8 @@ def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int,
         "epoch": int(epoch),
         "train_config": config.to_dict(),
         "class_counts": splits.class_counts,
+        # the prior the final head is fitted under: what the "prior" operating point uses (bundles too)
+        HEAD_PRIOR_KEY: head_prior(config.method.resolved(), splits.class_counts),
     }
     if operating_point is not None:  # binary models: the decision threshold chosen on validation
         meta["operating_point"] = operating_point
@@ -312,8 +314,10 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     (:func:`medimb.evaluation.report.write_evaluation`: ``{"validation": metrics, "test": metrics, ...}``).
 
     Binary models: the decision threshold is chosen on validation by ``operating_rule``
-    (``"balanced_accuracy"`` or ``"sensitivity>=T"``, :mod:`medimb.evaluation.operating_point`), stored in
-    ``final.pt`` under ``"operating_point"`` and used for every decision metric, predictions.csv and plot.
+    (``"balanced_accuracy"``, ``"prior"`` or ``"sensitivity>=T"``, :mod:`medimb.evaluation.operating_point`),
+    stored in ``final.pt`` under ``"operating_point"`` and used for every decision metric, predictions.csv and
+    plot. ``"prior"`` with a method whose head has no known prior (:func:`medimb.training.config.head_prior`)
+    is refused before training.
 
     Deterministic for a given seed (``monai.utils.set_determinism``); ``resume=True`` continues from the
     newest state in ``config.out/state`` (a finished stage 1 is not repeated).
@@ -325,6 +329,9 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     splits = load_splits(config.data, cache=config.cache, cache_dir=out / "cache",
                          preprocessing=partial(preprocessing_for, config.network, spatial_size=config.spatial_size,
                                                slices=config.slices))
+    if operating_rule == PRIOR and splits.num_classes == 2 and head_prior(config.method, splits.class_counts) is None:
+        raise UserError(f"--operating-point prior: the head of method {config.method.name!r} is fitted under no single "
+                        "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
     model = build_model(config, splits)
     check_network_input(model, splits.preprocessing, config.network)
     write_json_atomic(out / "config.json", config.to_dict())
@@ -349,7 +356,8 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     parts, features = evaluate_splits(model, splits, device, config.num_workers, config.flip_tta)
     point = None
     if splits.num_classes == 2:  # the operating point, on the validation predictions (parts[0])
-        point = choose_threshold(parts[0].labels, parts[0].proba, operating_rule)
+        point = choose_threshold(parts[0].labels, parts[0].proba, operating_rule,
+                                 head_prior=head_prior(method, splits.class_counts))
         parts = [dataclasses.replace(part, threshold=point["threshold"]) for part in parts]
     save_checkpoint(out / "final.pt", model,
                     **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"], point))
