@@ -8,11 +8,22 @@ What dcm2niix (v1.0.20260724, the PyPI ``dcm2niix`` package) does, and what this
   MRDiffusionSequence), else the vendor's private tags: Siemens CSA image header (0029,1010)
   ``B_value``/``DiffusionGradientDirection`` or (0019,100C)/(0019,100E); GE (0043,1039) (first value,
   ``mod 10^9``: GE adds 10^9 to flag some b-values) and (0019,10BB/BC/BD); Philips (2001,1003) and
-  (2005,10B0/B1/B2). See :data:`DIFFUSION_KEYWORDS` and :data:`DIFFUSION_PRIVATE_TAGS`.
-* **Frames.** Siemens, Philips and every other vendor give the gradient in DICOM patient
+  (2005,10B0/B1/B2); UIH (0065,1009) and (0065,1037) (its gradient along the image's row, column
+  and normal); Canon classic files without DiffusionGradientOrientation: the ImageComments
+  (0020,4000) text ``b=1500(0.445,0.000,0.895)`` (its vector only: without DiffusionBValue dcm2niix
+  writes no ``.bval``). See :data:`DIFFUSION_KEYWORDS` and :data:`DIFFUSION_PRIVATE_TAGS`.
+* **Frames.** Siemens, Philips, Toshiba and the other vendors give the gradient in DICOM patient
   coordinates (**LPS**). GE gives it in its own image frame; :func:`diffusion_of` turns it into LPS
-  with dcm2niix's GE rules (axis swap for ROW phase encoding, signs by slice plane), so that one
-  function, :func:`fsl_bvecs`, writes every vendor.
+  with dcm2niix's GE rules (signs by slice plane, then an axis swap for ROW phase encoding), so that
+  one function, :func:`fsl_bvecs`, writes every vendor. A GE gradient of length 0.03-0.97 scales
+  the b-value by its square (rounded to a multiple of 5).
+* **Canon** (Manufacturer ``CA...``: ``CANON_MEC``, ``Canon Medical Systems``): dcm2niix reads a whole
+  series one way, chosen by its first image (smallest InstanceNumber): when that image carries
+  DiffusionGradientOrientation, every gradient is LPS (as Toshiba's); otherwise (the first image is
+  an untagged or b-value-only b=0 image, or the gradients are in ImageComments) every gradient is in
+  the image frame, GE's rules and b-value scaling included. The ImageComments vector is read with
+  its first two components swapped, in either case. :func:`diffusion_of` keeps both readings of a
+  Canon image, :func:`canon_series` picks the series' one.
 * **Derived isotropic (trace/ADC) images** are left out of the 4D series (dcm2niix writes them to
   ``*_ADC.nii``): for Philips and unknown manufacturers, an image with b > 0 and no gradient, which
   is what Philips' isotropic images, flagged (2001,1004) = ``I`` or DiffusionDirectionality
@@ -37,7 +48,12 @@ Where we differ from that dcm2niix, on purpose:
   disagree with InstanceNumber: dcm2niix orders by gradient number, we by InstanceNumber
   (acquisition order). In dcm_qa_philips_dwi the gradient numbers repeat (b=0 and the tiny b share
   number 1) and dcm2niix falls back to InstanceNumber, which we match;
-* an image flagged isotropic that stores a gradient anyway is left out (see above).
+* an image flagged isotropic that stores a gradient anyway is left out (see above);
+* a UIH image with DiffusionGradientOrientation but not (0065,1037): dcm2niix writes a zero gradient
+  (it reads UIH gradients from (0065,1037) only), we the standard one (LPS);
+* gradients are written as unit vectors: dcm2niix writes a scaled GE/Canon gradient divided by
+  ``sqrt(b_written / b)`` and a Canon ImageComments vector (3 decimals) as it is, both a little off
+  unit length (same directions).
 
 Conventions of :mod:`data_prep.geometry` apply: vectors are LPS, affines map voxel ``(i, j, k)``
 to RAS mm. Note that our grid (rows top-down, positive determinant) is not dcm2niix's (rows
@@ -70,7 +86,7 @@ def _csareader():
 DIFFUSION_KEYWORDS = (
     "Manufacturer", "DiffusionBValue", "DiffusionGradientOrientation", "DiffusionDirectionality",
     "MRDiffusionSequence", "ImageOrientationPatient", "InPlanePhaseEncodingDirection",
-    "SharedFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence", "ImageComments",  # Canon classic files: the gradient as text
     "InstanceNumber",  # not read here: the acquisition order key for dwi_volumes
 )
 #: private tags :func:`diffusion_of` reads with ``ds.get(tag)`` (``tag`` = ``group << 16 | element``):
@@ -90,13 +106,15 @@ DIFFUSION_PRIVATE_TAGS = {
     0x200510B0: ("FL", "Philips diffusion direction RL (LPS x)"),
     0x200510B1: ("FL", "Philips diffusion direction AP (LPS y)"),
     0x200510B2: ("FL", "Philips diffusion direction FH (LPS z)"),
+    0x00651009: ("FD", "UIH b-value"),
+    0x00651037: ("FD", "UIH gradient (3, image frame: row, column, normal)"),
 }
 #: b-values at or below this are b=0 (dcm2niix compares float32 b-values with FLT_EPSILON)
 B0_MAX = float(np.finfo(np.float32).eps)
 #: GE flags some b-values by adding multiples of this to (0043,1039)
 _GE_B_OFFSET = 1_000_000_000
 #: known manufacturers that dcm2niix does not treat as Philips (an unknown one it does)
-_KNOWN_OTHER = ("CANON", "TOSHIBA", "HITACHI", "FUJIFILM", "UIH", "UNITED IMAGING", "BRUKER", "MEDISO")
+_KNOWN_OTHER = ("TOSHIBA", "HITACHI", "FUJIFILM", "UNITED IMAGING", "BRUKER", "MEDISO")
 
 
 class DiffusionError(ValueError):
@@ -116,16 +134,24 @@ class Diffusion:
     when the header gives none (or a zero vector). A b=0 image may carry one (Philips writes its
     b=0 gradient table entry); it is kept only so the ``.bvec`` matches dcm2niix's. ``is_trace``:
     a derived isotropic (trace/ADC) image that dcm2niix leaves out of the 4D series.
+
+    Canon only (see :func:`canon_series`): ``direction`` is the image-frame reading (GE's rules) that
+    dcm2niix uses when a series' first image carries no DiffusionGradientOrientation; ``scanner`` the
+    same image read as dcm2niix reads it otherwise (the stored vector as LPS, b-value as stored, a b=0
+    gradient kept); ``gradient_tag`` whether the image carries DiffusionGradientOrientation.
     """
 
     bvalue: float
     direction: tuple[float, float, float] | None
     is_trace: bool = False
+    scanner: Diffusion | None = None
+    gradient_tag: bool = False
 
 
 def vendor_of(manufacturer) -> str:
-    """``siemens``, ``ge``, ``philips``, ``other`` (known, gradients in LPS) or ``unknown``
-    (dcm2niix then assumes Philips) from the Manufacturer (0008,0070) text."""
+    """``siemens``, ``ge``, ``philips``, ``canon`` (gradients in GE's image frame), ``uih`` (United
+    Imaging, Manufacturer ``UI...`` as dcm2niix tells it), ``other`` (known, gradients in LPS: Toshiba,
+    ...) or ``unknown`` (dcm2niix then assumes Philips) from the Manufacturer (0008,0070) text."""
     text = str(manufacturer or "").upper()
     if "SIEMENS" in text:
         return "siemens"
@@ -133,6 +159,10 @@ def vendor_of(manufacturer) -> str:
         return "ge"
     if "PHILIPS" in text:
         return "philips"
+    if "CANON" in text:
+        return "canon"
+    if text.startswith("UI"):
+        return "uih"
     return "other" if any(name in text for name in _KNOWN_OTHER) else "unknown"
 
 
@@ -158,19 +188,26 @@ def diffusion_of(ds, manufacturer=None, frame_item=None) -> Diffusion | None:
     Unusable values (NaN, negative b, damaged CSA header) count as absent.
     """
     vendor = vendor_of(manufacturer if manufacturer is not None else _get(ds, "Manufacturer"))
-    b, direction, isotropic = _standard(ds, frame_item)
+    b, direction, isotropic, tagged = _standard(ds, frame_item)
+    if vendor == "canon":
+        return _canon(ds, frame_item, b, direction, tagged)
     if vendor == "siemens":
         csa = _csa(_get(ds, 0x00291010))
         b = b if b is not None else _bvalue(csa.get("B_value")) if csa else None
         b = b if b is not None else _bvalue(_numbers(_get(ds, 0x0019100C), "IS"))
         direction = direction or _unit(csa.get("DiffusionGradientDirection") if csa else None)
         direction = direction or _unit(_numbers(_get(ds, 0x0019100E), "FD"))
+    elif vendor == "uih":
+        b = b if b is not None else _bvalue(_numbers(_get(ds, 0x00651009), "FD"))
+        private = _unit(_numbers(_get(ds, 0x00651037), "FD"), normalize=False)
+        direction = _image_to_lps(private, ds, frame_item) if private is not None else direction
     elif vendor == "ge":
         if b is None:
             b = _bvalue(_numbers(_get(ds, 0x00431039), "IS"))
             b = b % _GE_B_OFFSET if b is not None and b >= _GE_B_OFFSET else b
         if direction is None:
             direction = _vector(ds, (0x001910BB, 0x001910BC, 0x001910BD), "DS")
+        b = _ge_scaled_bvalue(b, direction)
         direction = _ge_to_lps(direction, ds, frame_item)
     else:
         b = b if b is not None else _bvalue(_numbers(_get(ds, 0x20011003), "FL"))
@@ -178,6 +215,7 @@ def diffusion_of(ds, manufacturer=None, frame_item=None) -> Diffusion | None:
         isotropic = isotropic or _text(_get(ds, 0x20011004)).upper() == "I"
     if b is None:
         return None
+    direction = _unit(direction)
     if isotropic and vendor in ("philips", "unknown"):
         direction = None  # a derived isotropic image: whatever gradient it stores is meaningless
     is_trace = False
@@ -191,6 +229,42 @@ def diffusion_of(ds, manufacturer=None, frame_item=None) -> Diffusion | None:
     if vendor == "ge" and b <= B0_MAX:
         direction = None  # dcm2niix zeroes GE b=0 gradients
     return Diffusion(float(b), direction, is_trace)
+
+
+def _canon(ds, frame_item, b, stored, tagged) -> Diffusion | None:
+    """A Canon image: b-value from DiffusionBValue only; the gradient from DiffusionGradientOrientation,
+    else (classic files) from ImageComments. Both readings of :class:`Diffusion` (image frame by GE's
+    rules, with GE's b-value scaling and b=0 gradients zeroed; and ``scanner``, LPS as stored). A b > 0
+    image without a gradient stays in the series (dcm2niix's ADC rules do not apply to Canon)."""
+    if b is None:
+        return None
+    if stored is None and frame_item is None:
+        stored = _canon_comment_gradient(_get(ds, "ImageComments"))
+    scanner = Diffusion(float(b), _unit(stored))
+    if b <= B0_MAX:
+        return Diffusion(float(b), None, scanner=scanner, gradient_tag=tagged)
+    direction = _unit(_ge_to_lps(stored, ds, frame_item))
+    return Diffusion(float(_ge_scaled_bvalue(b, stored)), direction, scanner=scanner, gradient_tag=tagged)
+
+
+def canon_series(diffusions, order_keys) -> list:
+    """The encodings dcm2niix writes for the images of one series (``diffusions`` as from
+    :func:`diffusion_of`, None for untagged images; ``order_keys`` as for :func:`dwi_volumes`).
+
+    dcm2niix reads a Canon series' gradients one way for the whole series, by its first image (the
+    smallest key): if that image carries DiffusionGradientOrientation (even 0\\0\\0), every gradient is
+    LPS (each image's ``scanner`` reading, as for Toshiba); otherwise every gradient is in the image
+    frame (``direction``, GE's rules). Measured with dcm2niix v1.0.20260724 on series whose first image
+    is an untagged, a b=0-only, a b=0 + zero-gradient or a diffusion-weighted image
+    (tests/test_prep_diffusion_vendors.py). Other vendors' encodings are returned as they are."""
+    diffusions = list(diffusions)
+    if not any(d is not None and d.scanner is not None for d in diffusions):
+        return diffusions
+    keys = [(k is None, 0 if k is None else k) for k in order_keys]
+    first = diffusions[min(range(len(diffusions)), key=lambda i: (keys[i], i))]
+    if first is None or not first.gradient_tag:
+        return diffusions
+    return [d.scanner if d is not None and d.scanner is not None else d for d in diffusions]
 
 
 # --- header values ---------------------------------------------------------------------------------
@@ -248,8 +322,9 @@ def _bvalue(values) -> float | None:
 
 
 def _vector(ds, tags, vr: str) -> tuple[float, float, float] | None:
-    """A unit vector from three single-valued tags (GE, Philips private gradients)."""
-    return _unit([_first(_numbers(_get(ds, tag), vr)) for tag in tags])
+    """A vector (as stored, see :func:`_unit`) from three single-valued tags (GE, Philips private
+    gradients)."""
+    return _unit([_first(_numbers(_get(ds, tag), vr)) for tag in tags], normalize=False)
 
 
 def _text(value) -> str:
@@ -258,8 +333,9 @@ def _text(value) -> str:
     return str(value or "").strip("\x00 ")
 
 
-def _unit(values) -> tuple[float, float, float] | None:
-    """A unit vector from 3 numbers; None for missing, non-finite or zero-length vectors."""
+def _unit(values, normalize: bool = True) -> tuple[float, float, float] | None:
+    """A unit vector from 3 numbers (``normalize=False``: the numbers as they are, GE and Canon
+    scale the b-value by their length); None for missing, non-finite or zero-length vectors."""
     if values is None:
         return None
     try:
@@ -269,12 +345,13 @@ def _unit(values) -> tuple[float, float, float] | None:
     norm = float(np.linalg.norm(v)) if v.shape == (3,) else 0.0
     if not math.isfinite(norm) or norm <= B0_MAX:
         return None
-    return tuple(float(x) for x in v / norm)
+    return tuple(float(x) for x in (v / norm if normalize else v))
 
 
 def _standard(ds, frame_item):
-    """``(b, direction, isotropic)`` from the frame's (else shared) MRDiffusionSequence, else the
-    image's own DiffusionBValue / DiffusionGradientOrientation / DiffusionDirectionality."""
+    """``(b, direction as stored, isotropic, DiffusionGradientOrientation present)`` from the frame's
+    (else shared) MRDiffusionSequence, else the image's own DiffusionBValue /
+    DiffusionGradientOrientation / DiffusionDirectionality."""
     sources = []
     for group in (frame_item, _shared(ds)):
         seq = _get(group, "MRDiffusionSequence")
@@ -285,12 +362,14 @@ def _standard(ds, frame_item):
         b = _bvalue(_numbers(_get(src, "DiffusionBValue"), "FD"))
         if b is None:
             continue
-        direction = _unit(_numbers(_get(src, "DiffusionGradientOrientation"), "FD"))
+        direction = _unit(_numbers(_get(src, "DiffusionGradientOrientation"), "FD"), normalize=False)
         grad_seq = _get(src, "DiffusionGradientDirectionSequence")
         if direction is None and grad_seq:
-            direction = _unit(_numbers(_get(grad_seq[0], "DiffusionGradientOrientation"), "FD"))
-        return b, direction, _text(_get(src, "DiffusionDirectionality")).upper() == "ISOTROPIC"
-    return None, None, False
+            stored = _numbers(_get(grad_seq[0], "DiffusionGradientOrientation"), "FD")
+            direction = _unit(stored, normalize=False)
+        tagged = _get(src, "DiffusionGradientOrientation") is not None or bool(grad_seq)
+        return b, direction, _text(_get(src, "DiffusionDirectionality")).upper() == "ISOTROPIC", tagged
+    return None, None, False, False
 
 
 def _shared(ds):
@@ -319,26 +398,61 @@ def _orientation(ds, frame_item):
     return _numbers(_get(ds, "ImageOrientationPatient"), "DS")
 
 
+def _canon_comment_gradient(comment) -> tuple[float, float, float] | None:
+    """The gradient of a Canon classic image's ImageComments, ``b=1500(0.445,0.000,0.895)``, in the
+    order dcm2niix reads it (image frame, as GE's): the first two components swapped. None when the
+    text holds no such vector (or a zero one)."""
+    text = _text(comment)
+    start = text.find("(", text.find("b="))
+    end = text.find(")", start)
+    if "b=" not in text or start < 0 or end < 0:
+        return None
+    v = _numbers(text[start + 1:end].split(","), "DS")
+    return _unit((v[1], v[0], v[2]), normalize=False) if v is not None and len(v) == 3 else None
+
+
+def _image_to_lps(g, ds, frame_item):
+    """A gradient given along the image's row, column and normal directions as an LPS vector (UIH's
+    (0065,1037): dcm2niix writes it as it is, but for the sign of its second axis)."""
+    orientation = _orientation(ds, frame_item)
+    if orientation is None or len(orientation) != 6:
+        return g  # no geometry: the series cannot be converted anyway
+    r, c = np.array(orientation[:3]), np.array(orientation[3:])
+    return tuple(np.column_stack([r, c, np.cross(r, c)]) @ np.asarray(g, dtype=float))
+
+
+def _ge_scaled_bvalue(b, g):
+    """dcm2niix's GE (and Canon image-frame) b-value of a gradient stored with length 0.03-0.97:
+    ``b |g|^2`` rounded to a multiple of 5 (rordenlab/dcm2niix#163: the scanner scales the gradient,
+    not the b-value, for extra b-values; measured: 223.065 -> 225, 502.4 -> 500, 2.6 -> 5)."""
+    if b is None or g is None or b <= B0_MAX:
+        return b
+    length = float(np.linalg.norm(np.asarray(g, dtype=np.float32)))
+    return 5.0 * math.floor(b * length * length / 5.0 + 0.5) if 0.03 < length < 0.97 else b
+
+
 def _ge_to_lps(g, ds, frame_item) -> tuple[float, float, float] | None:
-    """GE gradient (its image frame) as the LPS vector for which :func:`fsl_bvecs` writes what
-    dcm2niix writes (``geCorrectBvecs``): for ROW phase encoding the first two axes are swapped and
-    the second negated; then signs by slice plane (the world axis nearest the slice normal; ties go
-    to the later axis): sagittal ``(+, -, -)``, coronal ``(-, -, +)``, axial ``(-, +, +)``. The result
-    is dcm2niix's bvec in its voxel frame ``(r, -c, r x c)``, taken back to LPS."""
+    """GE (and Canon) gradient, in the image frame, as the LPS vector for which :func:`fsl_bvecs`
+    writes what dcm2niix writes (``geCorrectBvecs``): signs by slice plane (the world axis nearest
+    the slice normal; ties go to the later axis): sagittal ``(+, -, -)``, coronal ``(-, -, +)``, axial
+    ``(-, +, +)``; then, for ROW phase encoding, ``(x, y, z) -> (-y, x, z)``. dcm2niix applies that
+    swap after the signs since its fix of coronal ROW series (rordenlab/dcm2niix#970, PR #971; before,
+    the swap came first, which differs for coronal planes only). The result is dcm2niix's bvec in its
+    voxel frame ``(r, -c, r x c)``, taken back to LPS."""
     orientation = _orientation(ds, frame_item)
     if g is None or orientation is None or len(orientation) != 6:
         return g  # no geometry: the series cannot be converted anyway
     r, c = np.array(orientation[:3]), np.array(orientation[3:])
     n = np.cross(r, c)
     phase = _text(_get(ds, "InPlanePhaseEncodingDirection")).upper()
-    if phase.startswith("ROW"):
-        g = (g[1], -g[0], g[2])
-    elif not phase.startswith("COL"):  # dcm2niix leaves the vector as stored
+    if not phase.startswith(("ROW", "COL")):  # dcm2niix leaves the vector as stored
         return _unit(np.column_stack([r, -c, n]) @ np.asarray(g))
     a = np.abs(n)
     plane = 2 if (a[2] >= a[0] and a[2] >= a[1]) else 1 if (a[1] >= a[0] and a[1] >= a[2]) else 0
     signs = {0: (1, -1, -1), 1: (-1, -1, 1), 2: (-1, 1, 1)}[plane]
     bvec = np.asarray(signs, float) * np.asarray(g, float)
+    if phase.startswith("ROW"):
+        bvec = np.array([-bvec[1], bvec[0], bvec[2]])
     return _unit(np.column_stack([r, -c, n]) @ bvec)
 
 
@@ -452,7 +566,10 @@ def is_one_volume_dwi(diffusion: Diffusion | None, manufacturer, mosaic: bool = 
       direction, a Siemens trace image; Philips and unknown vendors' trace images get no ``.bvec``);
     * b = 0 without a direction: no (GE's (0043,1039) and other vendors' b-value tags are also found
       outside diffusion sequences, e.g. in GE field maps);
-    * GE: never (dcm2niix writes no ``.bval`` for a one-volume GE series, whatever its tags);
+    * GE: never (dcm2niix writes no ``.bval`` for a one-volume GE series, whatever its tags), nor for a
+      Canon series read in the image frame (an encoding with a ``scanner`` reading: see
+      :func:`canon_series`, which gives a series whose first image carries DiffusionGradientOrientation
+      its ``scanner`` readings, judged as any other vendor's);
     * a Siemens mosaic with a b-value: yes (dcm2niix then writes b = 0 and a zero gradient whatever
       the header says, "assuming 1 volume B=0 series"; we write the header's b-value and gradient).
 
@@ -461,7 +578,7 @@ def is_one_volume_dwi(diffusion: Diffusion | None, manufacturer, mosaic: bool = 
     if diffusion is None:
         return False
     vendor = vendor_of(manufacturer)
-    if vendor == "ge":
+    if vendor == "ge" or diffusion.scanner is not None:  # a Canon image-frame reading: GE's rule
         return False
     if mosaic and vendor == "siemens":
         return True

@@ -97,6 +97,7 @@ HEADER_TAGS = [
     "BodyPartExamined", "PatientPosition", "ImagingFrequency", "PixelBandwidth",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "InstanceNumber",
     "DiffusionBValue", "DiffusionGradientOrientation", "DiffusionDirectionality", "InPlanePhaseEncodingDirection",
+    "ImageComments",  # Canon classic DWI: the gradient as text (data_prep.diffusion; read for Canon only)
     # identifying attributes (PS3.15 Table E.1-1): read only to scrub them from every output
     *NAME_TAGS, *ID_TAGS, *INSTITUTION_TAGS,
 ]
