@@ -71,7 +71,7 @@ PRIVATE_TAGS = {
 PRIVATE_TAGS.update({f"Diffusion{tag:08X}": (tag, vr) for tag, (vr, _) in diffusion.DIFFUSION_PRIVATE_TAGS.items()})
 #: attributes that say an image may be diffusion-weighted (only then is :func:`diffusion.diffusion_of`
 #: run: on Siemens files it parses the CSA header, which costs about 1 ms)
-_DIFFUSION_HINT_TAGS = ("DiffusionBValue", 0x0019100C, 0x00431039, 0x20011003)
+_DIFFUSION_HINT_TAGS = ("DiffusionBValue", 0x0019100C, 0x00431039, 0x20011003, 0x00651009)  # ... UIH b-value
 
 #: Philips enhanced MR: the private per-frame functional group that holds the frame's scale slope
 PHILIPS_PER_FRAME_PRIVATE = 0x2005140F

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import deid
-from data_prep.diffusion import (B0_MAX, Diffusion, DiffusionError, dwi_volumes, is_one_volume_dwi,
-                                 untagged_images_are_b0)
+from data_prep.diffusion import (B0_MAX, Diffusion, DiffusionError, canon_series, dwi_volumes,
+                                 is_one_volume_dwi, untagged_images_are_b0)
 from data_prep.geometry import GeometryError, affine_ras, orientation_key, slice_normal, sort_slices
 from data_prep.headers import FileHeader, FileIssue, Frame, read_header
 from data_prep.report import Issue
@@ -226,6 +226,10 @@ def _volumes(frames: list[Frame], normal, manufacturer=None) -> tuple[list[list[
     conflicts)``; raises :class:`data_prep.diffusion.DiffusionError` for a diffusion series that is not
     complete.
     """
+    # a Canon series' gradients are read one way for the whole series, by its first image (dcm2niix)
+    resolved = canon_series([f.diffusion for f in frames],
+                            [(f.instance if f.instance is not None else 0, f.frame or 0) for f in frames])
+    frames = [f if d is f.diffusion else replace(f, diffusion=d) for f, d in zip(frames, resolved)]
     encodings = {f.diffusion for f in frames}
     if len(encodings) < 2:
         return _time_rank_phases(frames, normal)

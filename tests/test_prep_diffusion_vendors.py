@@ -145,17 +145,12 @@ def test_ge_short_gradients_scale_the_bvalue_like_dcm2niix(tmp_path):
     np.testing.assert_allclose(fsl_bvecs(vols.directions, affine @ FLIP_J, vols.bvalues), theirs, atol=1e-6)
 
 
-#: series read by dcm2niix as LPS (their first image carries DiffusionGradientOrientation): converted
-#: right once data_prep.scan gives a series' frames diffusion.canon_series's encodings (until then each
-#: image keeps its image-frame reading)
-NEEDS_SCAN = pytest.mark.xfail(reason="data_prep.scan does not apply diffusion.canon_series yet",
-                               strict=False)
 CONVERT_CASES = [  # (source, b0 tagging, b=0 volume first, plane, phase)
     pytest.param("comment", None, True, "oblique", "ROW", id="comment-oblique-row"),
     pytest.param("comment", "comment", True, "coronal", "ROW", id="comment-b0-comment-coronal-row"),
     pytest.param("tag", None, True, "sagittal", "COL", id="tag-untagged-b0-sagittal"),
-    pytest.param("tag", "gradient", True, "oblique", "ROW", id="tag-b0-zero-gradient", marks=NEEDS_SCAN),
-    pytest.param("tag", None, False, "coronal", "ROW", id="tag-dwi-first", marks=NEEDS_SCAN),
+    pytest.param("tag", "gradient", True, "oblique", "ROW", id="tag-b0-zero-gradient"),
+    pytest.param("tag", None, False, "coronal", "ROW", id="tag-dwi-first"),
 ]
 
 
@@ -181,7 +176,7 @@ def test_canon_series_converts_like_dcm2niix(tmp_path, source, b0, b0_first, pla
 
 
 @needs_dcm2niix
-@pytest.mark.parametrize("source", ["comment", pytest.param("tag", marks=NEEDS_SCAN)])
+@pytest.mark.parametrize("source", ["comment", pytest.param("tag")])
 def test_one_volume_canon_series_converts_like_dcm2niix(tmp_path, source):
     """One Canon volume: ``dwi`` with dcm2niix's .bval/.bvec when it writes them (LPS reading), else an
     ``image`` (image-frame reading: dcm2niix writes none, as for GE)."""
