@@ -86,8 +86,11 @@ def test_checkpoint_contract_and_outputs(tmp_path):
     model, meta = load_checkpoint(out / "final.pt")
     assert meta["method"] == "two-stage" and meta["class_names"] == ["0", "1"]
     assert meta["preprocessing"]["source"] == "medmnist" and meta["config"] == model.config
-    stage1, _ = load_checkpoint(out / "stage1_best.pt")
+    stage1, stage1_meta = load_checkpoint(out / "stage1_best.pt")
     assert stage1.config["head"] == "linear"
+    # the class prior each head is fitted under: CE on the training split in stage 1, balanced after cRT
+    counts = meta["class_counts"]
+    assert stage1_meta["head_prior"] == pytest.approx(counts[1] / sum(counts)) and meta["head_prior"] == 0.5
     assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).method.stage1.metric_loss == "supcon"
     for split in ("validation", "test"):
         assert {p.rsplit("/", 1)[-1] for p in res["plots"][split]} == {"roc.png", "pr.png", "confusion_matrix.png",

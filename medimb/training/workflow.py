@@ -49,7 +49,8 @@ from medimb.evaluation.predictions_csv import SplitPredictions
 from medimb.evaluation.report import write_evaluation
 from medimb.networks import create_model, predict_proba, read_checkpoint_file, rebalance_classifier, save_checkpoint
 from medimb.runtime import resolve_device
-from medimb.training.config import Stage1Config, Stage2Config, TrainConfig, head_prior, preprocessing_for
+from medimb.training.config import (Stage1Config, Stage2Config, TrainConfig, head_prior, loss_prior,
+                                   preprocessing_for)
 from medimb.training.engines import (
     AugmentingPrepareBatch,
     Stage1Trainer,
@@ -234,8 +235,10 @@ def run_stage2(model, splits: DataSplits, cfg: Stage2Config, out: Path, device: 
     return {"best_metric": res.best_metric, "best_epoch": res.best_epoch}
 
 
-def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int,
+def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int, prior: float | None,
                      operating_point: dict | None = None) -> dict:
+    """What a checkpoint records beside the weights; ``prior``: the class prior its head is fitted under
+    (:func:`medimb.training.config.head_prior`; for a stage-1 checkpoint, stage 1's)."""
     meta = {
         "preprocessing": splits.preprocessing.to_dict(),
         "class_names": list(splits.class_names),
@@ -244,7 +247,7 @@ def _checkpoint_meta(config: TrainConfig, splits: DataSplits, epoch: int,
         "train_config": config.to_dict(),
         "class_counts": splits.class_counts,
         # the prior the final head is fitted under: what the "prior" operating point uses (bundles too)
-        HEAD_PRIOR_KEY: head_prior(config.method.resolved(), splits.class_counts),
+        HEAD_PRIOR_KEY: prior,
     }
     if operating_point is not None:  # binary models: the decision threshold chosen on validation
         meta["operating_point"] = operating_point
@@ -329,7 +332,8 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     splits = load_splits(config.data, cache=config.cache, cache_dir=out / "cache",
                          preprocessing=partial(preprocessing_for, config.network, spatial_size=config.spatial_size,
                                                slices=config.slices))
-    if operating_rule == PRIOR and splits.num_classes == 2 and head_prior(config.method, splits.class_counts) is None:
+    prior = head_prior(config.method, splits.class_counts)
+    if operating_rule == PRIOR and splits.num_classes == 2 and prior is None:
         raise UserError(f"--operating-point prior: the head of method {config.method.name!r} is fitted under no single "
                         "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
     model = build_model(config, splits)
@@ -349,7 +353,8 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         res = run_stage1(model, splits, method.stage1, out, device, **common)
         selection["stage1"] = {"key_metric": f"val_{method.stage1.key_metric}", "best": res.best_metric,
                                "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
-        save_checkpoint(stage1_file, model, **_checkpoint_meta(config, splits, res.best_epoch))
+        stage1_prior = loss_prior(method.stage1.loss, splits.class_counts, method.head)
+        save_checkpoint(stage1_file, model, **_checkpoint_meta(config, splits, res.best_epoch, stage1_prior))
         write_json_atomic(out / "state" / "stage1.done", selection["stage1"])
     if method.stage2 is not None:
         selection["stage2"] = run_stage2(model, splits, method.stage2, out, device, **common)
@@ -357,10 +362,10 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     point = None
     if splits.num_classes == 2:  # the operating point, on the validation predictions (parts[0])
         point = choose_threshold(parts[0].labels, parts[0].proba, operating_rule,
-                                 head_prior=head_prior(method, splits.class_counts))
+                                 head_prior=prior)
         parts = [dataclasses.replace(part, threshold=point["threshold"]) for part in parts]
     save_checkpoint(out / "final.pt", model,
-                    **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"], point))
+                    **_checkpoint_meta(config, splits, selection["stage1"]["best_epoch"], prior, point))
     extra: dict[str, Any] = {"method": method.name, "selection": selection}
     if point is not None:
         extra["operating_point"] = {**point, "source": "chosen on validation, stored in final.pt"}
