@@ -8,11 +8,12 @@ from the validation rows only; the table gives the test balanced accuracy at tha
 seeds. Rules: the validation maximum of balanced accuracy (what ``medimb.evaluation.operating_point`` does:
 midpoint candidates, ties closest to 0.5), 0.5, the median over 300 bootstrap resamples of the validation
 maximum, the threshold maximising the bootstrap-mean balanced-accuracy curve, the validation prevalence, and
-the prior the final head was fitted under ("prior-matched": 0.5 for a head re-trained with class-balanced
-sampling in stage 2 (cRT, LWS), the validation prevalence, a stand-in for the stratified training split's,
-otherwise). For a calibrated probability p of the positive class fitted under prior pi, balanced accuracy is
-maximised by predicting positive when p > pi, so that rule needs no validation labels at all. A last
-table pairs every method with ``ce`` per seed under that rule.
+the prior the final head was fitted under ("prior-matched", what ``medimb train --operating-point prior``
+uses: 0.5 for a head re-trained with class-balanced sampling in stage 2 (cRT, LWS), the training split's
+positive fraction for CE, none for tau-norm; read from each run's final.pt). For a calibrated probability p
+of the positive class fitted under prior pi, balanced accuracy is maximised by predicting positive when
+p > pi, so that rule needs no validation labels at all. A last table pairs every method with ``ce`` per
+seed under that rule.
 Seeded (the bootstrap draws run in the order printed), so the table is reproducible.
 """
 
@@ -47,16 +48,16 @@ def max_balanced_accuracy(y, p):
     return cands[best[np.argmin(np.abs(cands[best] - 0.5))]], cands
 
 
-def head_prior(seed_json: Path) -> str | None:
-    """The class prior the run's final head was fitted under: ``"balanced"`` (stage 2 re-trained it with
-    class-balanced sampling: cRT, LWS), ``"natural"`` (no stage 2), or None for tau-normalisation, whose
-    weight-norm rescaling sits between the two (no prior-matched threshold)."""
-    import json
+def shipped_head_prior(run_dir: Path) -> float | None:
+    """The threshold of ``medimb train --operating-point prior`` for a finished run: the shipped rule
+    (:func:`medimb.training.config.head_prior`) on the method and training class counts its final.pt
+    records (checkpoints written before the rule existed have both)."""
+    from medimb.networks import read_checkpoint_file
+    from medimb.training import TrainConfig
+    from medimb.training.config import head_prior
 
-    run = json.loads(seed_json.read_text())
-    if run.get("stage2_epochs", 0) == 0:
-        return "natural"
-    return None if run.get("overrides", {}).get("stage2.rebalance", "crt") == "tau_norm" else "balanced"
+    meta = read_checkpoint_file(run_dir / "final.pt")
+    return head_prior(TrainConfig.from_dict(meta["train_config"]).method, meta["class_counts"])
 
 
 def main(argv=None) -> int:
@@ -91,9 +92,8 @@ def main(argv=None) -> int:
         for name, rule in rules.items():
             t = rule(*run["validation"])
             table.setdefault(key, {}).setdefault(name, []).append(balanced_accuracy(*run["test"], t))
-        prior = head_prior(path.parent.with_suffix(".json"))
-        score = np.nan if prior is None else balanced_accuracy(
-            *run["test"], 0.5 if prior == "balanced" else run["validation"][0].mean())
+        prior = shipped_head_prior(path.parent)
+        score = np.nan if prior is None else balanced_accuracy(*run["test"], prior)
         table[key].setdefault("prior-matched", []).append(score)
         if prior is not None:
             prior_matched[(key, path.parent.name)] = score
