@@ -656,7 +656,19 @@ def _frames(ds, rel: str, n_frames: int, pixel: tuple | None = None) -> list[Fra
             time_s=t,
             sop_uid=f"{sop}#{f}",
         ))
-    return frames
+    return _canon_file_gradient_tag(frames)
+
+
+def _canon_file_gradient_tag(frames: list[Frame]) -> list[Frame]:
+    """dcm2niix reads one enhanced file as one image: a Canon file "carries DiffusionGradientOrientation"
+    (:func:`data_prep.diffusion.canon_series`: every gradient LPS) when any of its frames does, its
+    first frame (a b=0 frame without one) included. Measured with dcm2niix v1.0.20260724
+    (tests/test_prep_enhanced.py)."""
+    if not any(f.diffusion is not None and f.diffusion.gradient_tag for f in frames):
+        return frames
+    return [f if f.diffusion is None or f.diffusion.scanner is None or f.diffusion.gradient_tag
+            else dataclasses.replace(f, diffusion=dataclasses.replace(f.diffusion, gradient_tag=True))
+            for f in frames]
 
 
 def _diffusion(ds, manufacturer: str):
