@@ -278,6 +278,7 @@ class FileHeader:
     frames: list[Frame] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     synthetic: bool = False  # written by `medimb-prep synth` (ImplementationVersionName SYNTH_MARK)
+    samples: int = 1  # SamplesPerPixel: 3 for colour (RGB24), never stacked with grey images of its series
 
 
 @dataclass(frozen=True)
@@ -865,6 +866,7 @@ def read_header(path: str, root: str, use_fast: bool = True) -> FileHeader | Fil
         frames=frames,
         params=_params(ds),
         synthetic=str(meta.get("ImplementationVersionName", "") if meta else "").strip() == SYNTH_MARK,
+        samples=int(_num(ds.get("SamplesPerPixel"), 1)),
     )
     if template_key is not None and len(frames) == 1 and frames[0].frame is None and frames[0].tile is None:
         _store_template(template_key, header, pixel_offset)

@@ -340,16 +340,21 @@ def _is_localizer(h: FileHeader) -> bool:
 
 
 def _plane_groups(frames: list[Frame], head_of: dict) -> dict[tuple, list[Frame]]:
-    """Frames grouped by (orientation, matrix size, pixel spacing): the stacks a series holds."""
+    """Frames grouped by (orientation, matrix size, pixel spacing, samples per pixel): the stacks a
+    series holds. Colour images are a stack of their own, as dcm2niix writes them (a Siemens XA ASL
+    series holds its grey perfusion images and their colour-map copies at the same positions)."""
     groups: dict[tuple, list[Frame]] = defaultdict(list)
     for f in frames:
         h = head_of[f.path]
-        groups[(orientation_key(f.orientation), h.rows, h.cols, tuple(round(v, 4) for v in f.spacing))].append(f)
+        groups[(orientation_key(f.orientation), h.rows, h.cols, tuple(round(v, 4) for v in f.spacing),
+                h.samples)].append(f)
     return groups
 
 
 def _how_differs(key: tuple, main_key: tuple) -> str:
     """What sets a :func:`_plane_groups` group apart from the series' main one, in words."""
+    if key[4] != main_key[4]:
+        return f"another pixel format ({'colour' if key[4] > 1 else 'grey'})"
     if (key[1], key[2]) != (main_key[1], main_key[2]):
         return "another matrix size"
     return "another plane" if key[0] != main_key[0] else "another pixel spacing"
