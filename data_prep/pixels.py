@@ -74,6 +74,10 @@ def read_frames(root: str, frames: list[list[Frame]]) -> list[np.ndarray]:
             if out[p] is None:
                 # native byte order: big-endian files decode to '>u2', which the NIfTI writer must not see
                 out[p] = np.empty((len(frames[p]),) + image.shape, dtype=arr.dtype.newbyteorder("="))
+            elif np.promote_types(out[p].dtype, image.dtype) != out[p].dtype:
+                # images of one series stored differently (signed and unsigned, 8 and 16 bits): a type that
+                # holds both, never a silent wrap-around (int16 -56 assigned to uint16 would be 65480)
+                out[p] = out[p].astype(np.promote_types(out[p].dtype, image.dtype))
             out[p][k] = image
         del arr
     return out  # type: ignore[return-value]

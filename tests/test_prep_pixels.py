@@ -107,3 +107,27 @@ def test_other_colour_layouts_are_reported_not_converted(tmp_path, dicom_series,
     res = convert_archive(str(tmp_path / "arc"), str(tmp_path / "out"), workers=1, progress=False)
     assert res.rows == [] and {i.reason for i in res.issues} == {"unsupported_pixels"}
     assert f"{samples}-sample {bits}-bit" in res.issues[0].detail
+
+
+def test_a_series_mixing_signed_and_unsigned_images_keeps_every_value(tmp_path, dicom_series):
+    """Half the slices signed 16-bit with negative values, half unsigned: the volume takes a type that
+    holds both (was: the first file's uint16, so -56 became 65480 without a word)."""
+    from data_prep.convert import convert_archive
+
+    dicom_series(tmp_path / "in", shape=(4, 6, 6), spacing=(1.0, 1.0, 2.0))
+    truth = {}
+    for i, path in enumerate(sorted((tmp_path / "in").iterdir())):
+        ds = pydicom.dcmread(path)
+        if i % 2:
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+            ds.PixelData = (ds.pixel_array.astype(np.int16) - 2000).tobytes()
+            ds.save_as(path)
+        truth[round((float(ds.ImagePositionPatient[2]) - 5.0) / 2.0)] = pydicom.dcmread(path).pixel_array
+    res = convert_archive(str(tmp_path / "in"), str(tmp_path / "out"), workers=1, progress=False)
+    [row] = res.rows
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(tmp_path / "out" / row["path"]).dataobj)
+    assert data.min() < 0
+    for k, image in truth.items():
+        np.testing.assert_array_equal(data[:, :, k], image.T)
