@@ -136,7 +136,9 @@ def test_metric_bundle_three_classes_2p5d_lws(tmp_path):
     infer = tmp_path / "inference"
     # inference runs network_def: the LWS head and the 2.5D network of the checkpoint, named by overrides
     run_inprocess(METRIC, ["inference.json"], dataset_dir=str(data), ckpt_dir=str(models), output_dir=str(infer),
-                  num_classes=3, input_mode="2.5d", head="lws", explain_methods=["coam"], previews=False)
+                  num_classes=3, input_mode="2.5d", head="lws", explain_methods=["coam"], previews=False,
+                  scenes=False)
     rows = list(csv.DictReader((infer / "predictions.csv").open()))
     assert len(rows) == 4 and {"prob_0", "prob_1", "prob_2"} <= set(rows[0])
     assert len(list(infer.glob("*_coam_on-ch0.nii.gz"))) == 4  # a one-channel model: its only channel
+    assert not list(infer.glob("*.mrb")) and not (infer / "load_in_slicer.py").exists()  # --scenes false

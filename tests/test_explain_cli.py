@@ -128,6 +128,12 @@ def test_folder_input_and_refusal_to_overwrite(explained, capsys):
         "explain.json", "load_in_slicer.py", "predictions.csv", "scan-0.mrb", "scan-0_coam_on-ch0.nii.gz",
         "scan-0_coam_on-ch0_label.nii.gz", "scan-1.mrb", "scan-1_coam_on-ch0.nii.gz",
         "scan-1_coam_on-ch0_label.nii.gz"]
+    out3 = root / "out_no_scenes"  # --no-scenes: the overlays without the Slicer scenes and their loader
+    assert main(["explain", "--checkpoint", str(root / "model.pt"), "--data", str(root / "scans"),
+                 "--out", str(out3), "--methods", "coam", "--no-previews", "--no-scenes"]) == 0
+    assert sorted(p.name for p in out3.iterdir()) == [
+        "explain.json", "predictions.csv", "scan-0_coam_on-ch0.nii.gz", "scan-0_coam_on-ch0_label.nii.gz",
+        "scan-1_coam_on-ch0.nii.gz", "scan-1_coam_on-ch0_label.nii.gz"]
 
 
 def _run_error(argv, capsys) -> str:

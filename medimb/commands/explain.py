@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "attention stays low; per-case: each map stretched to [0, 1]; auto: calibrated when "
                         "--data is a datalist with a validation split, else per-case (default %(default)s)")
     parser.add_argument("--no-previews", action="store_true", help="skip PNG previews and index.html")
+    parser.add_argument("--no-scenes", action="store_true",
+                        help="skip the 3D Slicer scene per case (<case>.mrb, a copy of its background and maps) and "
+                        "load_in_slicer.py; the NIfTI overlays stay")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_input_options(parser)
     add_runtime_options(parser, workers=False)  # one case at a time: nothing to load in parallel
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     check_thresholds(args, ("threshold", "display_threshold", "decision_threshold"))
     settings = ExplainSettings(methods=methods, threshold=args.threshold,
                                display_threshold=args.display_threshold, target_class=args.target_class,
-                               previews=not args.no_previews, background=background, map_scale=args.map_scale)
+                               previews=not args.no_previews, background=background, map_scale=args.map_scale,
+                               scenes=not args.no_scenes)
     summary = explain_inputs(args, args.data, settings, args.splits, args.decision_threshold)
     n = len(summary["cases"])
     print(f"explained {n} case(s) with {', '.join(methods)} -> {args.out}")
@@ -153,5 +157,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  predictions: {args.out / 'predictions.csv'}")
     if settings.previews:
         print(f"  previews:    {args.out / 'index.html'}")
-    print(f"  3D Slicer:   Slicer --python-script {args.out / 'load_in_slicer.py'}")
+    if settings.scenes:
+        print(f"  3D Slicer:   Slicer --python-script {args.out / 'load_in_slicer.py'}")
     return 0

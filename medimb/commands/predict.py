@@ -49,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--region-threshold", type=float, default=_DEFAULTS.threshold,
                         help="attention region (label map): map >= this (maps in [0, 1]; default %(default)s)")
     parser.add_argument("--no-previews", action="store_true", help="skip PNG previews and index.html")
+    parser.add_argument("--no-scenes", action="store_true",
+                        help="skip the 3D Slicer scene per case (<case>.mrb, a copy of its background and maps) and "
+                        "load_in_slicer.py; the NIfTI overlays stay")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out folder (a DICOM conversion left there resumes)")
     add_input_options(parser)
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     check_thresholds(args, ("threshold", "region_threshold"))
-    settings = ExplainSettings(methods=methods, threshold=args.region_threshold, previews=not args.no_previews)
+    settings = ExplainSettings(methods=methods, threshold=args.region_threshold, previews=not args.no_previews,
+                               scenes=not args.no_scenes)
     summary = explain_inputs(args, args.input, settings, None, args.threshold)
     out = Path(args.out)
     rows = list(csv.DictReader((out / "predictions.csv").open(newline="")))
@@ -84,5 +88,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  inputs:      {out / 'converted'} (the phases split out of the 4D input)")
     if settings.previews:
         print(f"  previews:    {out / 'index.html'}")
-    print(f"  3D Slicer:   Slicer --python-script {out / 'load_in_slicer.py'}")
+    if settings.scenes:
+        print(f"  3D Slicer:   Slicer --python-script {out / 'load_in_slicer.py'}")
     return 0

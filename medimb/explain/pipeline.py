@@ -257,7 +257,8 @@ def write_case(folder: Path, exp: CaseExplanation, settings: ExplainSettings, cl
                          settings.threshold, truth=truth)
             row["previews"][method] = png
     # the case's self-contained Slicer scene (<case>.mrb), stepped through by load_in_slicer.py
-    row["scene"] = write_case_scene(folder, row, settings.display_threshold, settings.opacity, settings.threshold)
+    row["scene"] = (write_case_scene(folder, row, settings.display_threshold, settings.opacity, settings.threshold)
+                    if settings.scenes else None)
     return row
 
 
@@ -387,15 +388,16 @@ def write_folder_files(staging: Path, out_dir: Path, items: list[dict], cases: l
                        point: dict | None, map_scale: str, scales: dict | None,
                        calibration_items: list[dict] | None, checkpoint_name: str = "") -> dict:
     """The per-folder files after every case is written into ``staging`` (``rows`` from :func:`write_case`):
-    predictions.csv, load_in_slicer.py (paths as in ``out_dir``), index.html (with previews) and explain.json,
+    predictions.csv, load_in_slicer.py (paths as in ``out_dir``; with the scenes), index.html (with previews) and
+    explain.json,
     whose content is returned. ``point``: the binary operating point the cases were predicted at, or None."""
     in_channels = int(dict(meta["preprocessing"]).get("in_channels", 1))
     decision = None if point is None else point["threshold"]
     class_names = _class_names(meta, num_classes or 2)
     predictions = format_predictions(_by_split(items, cases, decision), class_names)
     (staging / "predictions.csv").write_text(predictions)
-    (staging / "load_in_slicer.py").write_text(
-        render_loader(rows, final_dir=out_dir))
+    if settings.scenes:
+        (staging / "load_in_slicer.py").write_text(render_loader(rows, final_dir=out_dir))
     if settings.previews:
         overlays = overlay_summary(settings, in_channels, items, map_scale, scales, calibration_items)
         notes = [f"Background: {overlays['background']['name']} (--background {settings.background}). "

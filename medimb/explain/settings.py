@@ -102,6 +102,9 @@ class ExplainSettings:
     opacity: float = FOREGROUND_OPACITY
     target_class: int | None = None  # None: explain each case's predicted class
     previews: bool = True
+    #: a self-contained 3D Slicer scene per case (<case>.mrb: a copy of its background and maps) and
+    #: load_in_slicer.py; off, the NIfTI overlays stay (File > Add Data in Slicer)
+    scenes: bool = True
     #: the image under the maps: "first-post", "subtraction", "last" or a channel index (background_channels)
     background: str | int = DEFAULT_BACKGROUND
     #: "per-case" (min-max per map), "calibrated" (one scale per method from the validation cases) or "auto"
