@@ -248,8 +248,8 @@ def pick_named_channels(rows: list[dict], names: list[str], where: str) -> list[
         raise DatalistError(f"{where}: the model takes {wanted}; found {_found(rows, kind)}{hint}")
     if len(candidates) > 1:
         raise DatalistError(f"{where}: the model takes {wanted}; found {len(candidates)} {kind} series "
-                            f"{candidates}; choose one: medimb-prep datalist --series PATTERN, then predict on "
-                            "that datalist")
+                            f"{candidates}; choose one with --series PATTERN (medimb predict / explain, "
+                            "medimb-prep datalist)")
     chosen = [r for r in rows if r["series"] == candidates[0]]
     if kind in _SINGLE_FILE_KINDS:
         return [r for r in chosen if r["kind"] == kind][:1]
@@ -310,7 +310,7 @@ def collect_items(manifest: list[dict], channels: str = "auto", series: str | No
     series label or description matches the glob or substring (case-insensitive)."""
     sessions: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in manifest:
-        if series and not _matches(row, series):
+        if series and not series_matches(row, series):
             continue
         sessions[(row["subject"], row["session"])].append(row)
     if not sessions:
@@ -328,7 +328,9 @@ def collect_items(manifest: list[dict], channels: str = "auto", series: str | No
     return items
 
 
-def _matches(row: dict, pattern: str) -> bool:
+def series_matches(row: dict, pattern: str) -> bool:
+    """Whether a manifest row's series label or description matches ``pattern`` (a glob or substring,
+    case-insensitive): how ``--series`` picks series."""
     pattern = pattern.lower()
     for value in (row.get("series", ""), row.get("description", "")):
         value = (value or "").lower()

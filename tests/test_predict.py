@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from helpers.dicom import write_dicom_series
@@ -339,3 +340,24 @@ def test_link_table_is_refused_for_converted_inputs_and_inside_out(dicom_run, tm
     assert _predict(ckpt, root / "DOE_JANE_study", tmp_path / "o2", "--link-table",
                     str(tmp_path / "o2" / "l.csv")) != 0
     assert "outside the de-identified --out" in capsys.readouterr().err
+
+
+def test_series_option_chooses_between_two_dce_series(dicom_run, tmp_path, capsys):
+    from pydicom.uid import generate_uid
+
+    _, ckpt, _ = dicom_run
+    study = write_study(tmp_path / "study")
+    first = pydicom.dcmread(next((study / "DYN").iterdir()), stop_before_pixels=True)
+    ids = dict(patient_name=PHI["PatientName"], patient_id=PHI["PatientID"], birth_date=PHI["PatientBirthDate"],
+               accession=PHI["AccessionNumber"], study_uid=first.StudyInstanceUID, frame_uid=generate_uid())
+    write_dicom_series(study / "DYN2", phases=4, shape=(12, 12, 8), spacing=(2.0, 2.0, 2.0),
+                       description="dyn repeat", series_number=9, seed=7, **ids)
+    assert _predict(ckpt, study, tmp_path / "both") == 2
+    err = capsys.readouterr().err
+    assert "found 2 dce_phase series" in err and "choose one with --series PATTERN" in err
+    assert _predict(ckpt, study, tmp_path / "picked", "--series", "*repeat*") == 0
+    (row,) = _rows(tmp_path / "picked")
+    inputs = json.loads((tmp_path / "picked" / "explain.json").read_text())["cases"][0]["inputs"]
+    assert len(inputs) == 4 and all("s009" in name for name in inputs), inputs
+    assert _predict(ckpt, study, tmp_path / "none", "--series", "nothing-like-this") == 2
+    assert "no converted series matches --series 'nothing-like-this'" in capsys.readouterr().err

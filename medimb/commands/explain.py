@@ -66,13 +66,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """A DICOM input's conversion options, as ``medimb-prep convert`` takes them: the de-identification key and
-    the private link table (which ``medimb export-dicom`` reads to put results back next to the source series)."""
+    the private link table (which ``medimb export-dicom`` reads to put results back next to the source series);
+    and ``--series``, which series of a converted or DICOM input to take."""
     from data_prep import deid
 
     deid.add_key_arguments(parser)
     parser.add_argument("--link-table", metavar="PATH", type=Path, default=None,
                         help="DICOM input: also write the private link table (converted volume <-> original Study, "
                         "Series and SOP Instance UIDs; PHI, mode 0600, outside --out) for medimb export-dicom")
+    parser.add_argument("--series", metavar="PATTERN", default=None,
+                        help="DICOM or converted input: only the series whose label or description matches this "
+                        "glob/substring, e.g. to choose between two DCE series of a study (as medimb-prep datalist "
+                        "--series)")
 
 
 def check_thresholds(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -117,7 +122,7 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
         raise UserError(str(exc)) from None
     try:
         items = resolve_items(data, splits, channels=channels, work_dir=work_dir, deid_key=key,
-                              progress=not args.no_progress, link_table=args.link_table)
+                              progress=not args.no_progress, link_table=args.link_table, series=args.series)
         calibration = (validation_items(data, channels=channels, work_dir=work_dir)
                        if settings.map_scale != "per-case" else None)
         note = channels.note if any(item.get(ASSUMED) for item in items) else None

@@ -73,13 +73,24 @@ def _sessions(folder: Path) -> dict:
         raise UserError(str(exc)) from None
 
 
-def _session_items(sessions: dict, channels: ChannelSpec, work_dir: Path | None) -> list[dict]:
+def _session_items(sessions: dict, channels: ChannelSpec, work_dir: Path | None, series: str | None) -> list[dict]:
+    """One item per converted session; ``series``: only the rows of series whose label or description matches
+    (``--series``, as ``medimb-prep datalist --series``), e.g. to choose between two DCE series of a study."""
+    if series:
+        from data_prep.datalist import series_matches
+
+        sessions = {key: kept for key, rows in sessions.items()
+                    if (kept := [r for r in rows if series_matches(r, series)])}
+        if not sessions:
+            raise UserError(f"no converted series matches --series {series!r} (their labels and descriptions are "
+                            "in the converted folder's manifest.csv)")
     return [session_item(subject, session, rows, channels, work_dir) for (subject, session), rows in sessions.items()]
 
 
 def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, channels: ChannelSpec | None = None,
                   work_dir: str | Path | None = None, deid_key: str | None = None,
-                  progress: bool = False, link_table: str | Path | None = None) -> list[dict]:
+                  progress: bool = False, link_table: str | Path | None = None,
+                  series: str | None = None) -> list[dict]:
     """Items ``{"image": [abs path per channel], "label": int | None, "case": name, "split": str}`` to predict
     and explain; datalist items also carry ``"mask"`` (absolute path of the item's truth mask, when the datalist
     has one), items carry ``"channel_names"`` (e.g. ``["phase-00", "phase-01"]``) when known.
@@ -89,7 +100,8 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
     exactly those channels, or a one-line :class:`UserError` names what is missing. None: items as given (one
     channel per file; a session's image or first DCE phase). ``work_dir``: where DICOM is converted and 4D files are split (the commands
     pass ``OUT/converted``); ``deid_key``: the de-identification key of the conversion; ``link_table``: where the
-    conversion also writes its private link table (DICOM input only; else refused). Raises
+    conversion also writes its private link table (DICOM input only; else refused); ``series``: converted sessions
+    and DICOM only, keep the series whose label or description matches (else refused). Raises
     :class:`UserError` for a missing path, an empty folder or a datalist with no items.
     """
     path = Path(path)
@@ -101,6 +113,8 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
     if link_table is not None and not (path.is_dir() and not _sessions(path)
                                        and not any(_is_nifti(p) for p in path.rglob("*"))):
         raise UserError(f"--link-table links converted DICOM to its source; {path} is not a DICOM folder")
+    if series and path.is_file():
+        raise UserError(f"--series picks series of converted sessions or DICOM studies; {path} is a file")
     if path.is_file() and path.suffix.lower() == ".json":
         items = read_inference_items(path, splits)
         if not items:
@@ -119,8 +133,10 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
     else:
         sessions = _sessions(path)
         files = [] if sessions else sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p))
+        if series and files and not sessions:
+            raise UserError(f"--series picks series of converted sessions or DICOM studies; {path} holds NIfTI files")
         if sessions:
-            items = _session_items(sessions, spec, work_dir)
+            items = _session_items(sessions, spec, work_dir, series)
         elif files:
             names = case_ids([{"image": [str(f)]} for f in files])
             items = [file_item(f.resolve(), spec, name, work_dir) if channels else
@@ -132,7 +148,7 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
             subtract = any(n.startswith("sub-") for n in spec.names)
             converted = convert_dicom(path, work_dir, deid_key, subtract=subtract, progress=progress,
                                       link_table=link_table)
-            items = _session_items(_sessions(converted), spec, work_dir)
+            items = _session_items(_sessions(converted), spec, work_dir, series)
     for item in items:
         item.setdefault("label", None)
         item.setdefault("split", "")
