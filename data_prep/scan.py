@@ -488,8 +488,9 @@ class _Planner:
                 sub = [f for f in frames if f.echo == echo and f.part == part]
                 if not sub:
                     continue
+                # the images whose header names no part (e.g. the DWI beside its trace images) keep the label
                 sub_label = label + (f"_echo-{e_idx}" if len(echoes) > 1 else "") + \
-                    (f"_part-{part or 'unknown'}" if len(parts) > 1 else "")
+                    (f"_part-{part}" if len(parts) > 1 and part else "")
                 entities = {"EchoNumber": e_idx} if len(echoes) > 1 else {}
                 if part:
                     entities["ImagePart"] = part

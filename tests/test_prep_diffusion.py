@@ -588,3 +588,14 @@ def test_untagged_b0_images_of_a_toshiba_diffusion_series_are_its_b0_volumes(tmp
     # voxels, affine, b-values and gradients in world coordinates against dcm2niix's
     comparison = bench.compare(tmp_path / "in", tmp_path / "cmp", workers=1)
     assert (comparison.reference, comparison.reproduced) == (4, 4), comparison.missing
+
+
+def test_dwi_beside_its_trace_images_keeps_the_series_label(tmp_path):
+    """A Philips DWI series holding isotropic (trace) images: the trace is a volume of its own
+    (`_part-trace`), the DWI keeps the series label (was `_part-unknown`)."""
+    from data_prep.convert import convert_archive
+
+    _write_dwi(tmp_path / "in", BASE[:3] + [(1000, None, {"philips_dir": "I"})] + BASE[3:], "philips", "private")
+    result = convert_archive(str(tmp_path / "in"), str(tmp_path / "out"), workers=1, progress=False)
+    kinds = {row["series"]: (row["kind"], row["shape"]) for row in result.rows}
+    assert kinds == {"s005-series": ("dwi", "4x4x3x5"), "s005-series_part-trace": ("dwi", "4x4x3")}
