@@ -284,7 +284,9 @@ class Archive:
 
     ``slices`` are the source series' paths in ascending position along the normal; ``targets``
     the paths a mutation changed (for the 'reported' expectation); ``needles`` extra identifiers
-    the oracle must not find in the output; ``notes`` what could not be done.
+    the oracle must not find in the output; ``exempt`` identifiers of :data:`PHI_NEEDLES` a mutation
+    removed from every header field that says what they are (free text still holding them cannot be
+    recognised); ``notes`` what could not be done.
     """
 
     source: Source
@@ -292,7 +294,12 @@ class Archive:
     slices: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     needles: set = field(default_factory=set)
+    exempt: set = field(default_factory=set)
     notes: list = field(default_factory=list)
+
+    def phi_needles(self) -> set:
+        """What the oracle searches the output for."""
+        return (set(PHI_NEEDLES) - self.exempt) | self.needles
 
     @classmethod
     def from_source(cls, source: Source) -> Archive:
@@ -561,8 +568,11 @@ def phi_archive_folder(archive: Archive, rng: random.Random, k: int = 1) -> None
 
 def phi_patient_name_hfs(archive: Archive, rng: random.Random, k: int = 1) -> None:
     """PatientName 'HFS' (as in the real Siemens series) while PatientPosition is HFS: the sidecar's
-    PatientPosition must stay 'HFS'."""
+    PatientPosition must stay 'HFS'. The planted name is then in no name field, so the oracle no
+    longer expects it scrubbed from free text (with ``phi_in_description`` a description would carry a
+    name no header field names: header-driven scrubbing cannot know it; docs/data_prep.md)."""
     archive.edit_all(lambda ds: setattr(ds, "PatientName", "HFS"))
+    archive.exempt |= {"zqxname", "zqxgiven"}
 
 
 # --- the registry: name, mutation, compatible sources (the first is the regression source unless given)
@@ -924,7 +934,7 @@ def check_output_tree(out: Path, procs: dict, archive: Archive,
     if report is not None:
         v += check_accounting(report, n_files)
     v += check_outputs(out)
-    v += check_phi(out, streams_of(procs), set(PHI_NEEDLES) | archive.needles)
+    v += check_phi(out, streams_of(procs), archive.phi_needles())
     v += check_patient_position(out, archive.source.patient_position)
     return report, v
 
@@ -1036,7 +1046,7 @@ def fault_readonly_out(run_dir: Path, archive: Archive, spec: RunSpec, limits: L
     finally:
         out.chmod(0o755)
     v = one_line_refusal(proc, "")
-    v += check_phi(out, streams_of({"convert": proc}), set(PHI_NEEDLES) | archive.needles)
+    v += check_phi(out, streams_of({"convert": proc}), archive.phi_needles())
     v += check_archive(hashes, hash_tree(root))
     v += check_outside(before, listing(run_dir, out), tmp)
     return RunResult(spec, proc.rc, proc.seconds, v, streams=streams_of({"convert": proc}))
