@@ -56,6 +56,7 @@ class ConvertOptions:
     dce_4d: bool = False      # also a 4D file of all DCE phases, PhaseTimes in its sidecar
     subtract: bool = False    # also post-minus-pre float32 volumes for every post-contrast phase
     compresslevel: int = GZIP_LEVEL
+    descriptors: bool = True  # False: SeriesDescription / ProtocolName written nowhere (labels "s003-series")
 
 
 @dataclass
@@ -355,7 +356,8 @@ def _convert(root, out, key, options, progress, scan, pool, link_table=None) -> 
 
     if scan is None:
         try:
-            scan = scan_archive(root, key=key, progress=progress, pool=pool, on_plans=start)
+            scan = scan_archive(root, key=key, progress=progress, pool=pool, on_plans=start,
+                                descriptors=options.descriptors)
         except KeyboardInterrupt:  # stopped while scanning: say so, nothing else is known yet
             for f in futures:
                 f.cancel()

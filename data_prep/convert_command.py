@@ -24,6 +24,10 @@ def add_parser(subparsers) -> None:
                    help="also write the private link table (output volume/slice <-> original Study, Series and "
                         "SOP Instance UIDs: PHI) to PATH, outside OUT, mode 0600; merged when resuming "
                         "(docs/pacs.md)")
+    p.add_argument("--no-descriptors", action="store_true",
+                   help="write no SeriesDescription / ProtocolName text anywhere (series labels become "
+                   "s<number>-series): for archives whose descriptions may name people that no header name "
+                   "field names, which the scrubber cannot recognise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -37,7 +41,7 @@ def run(args) -> int:
         raise UserError(f"archive folder not found: {args.archive}")
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    options = ConvertOptions(dce_4d=args.dce_4d, subtract=args.subtract)
+    options = ConvertOptions(dce_4d=args.dce_4d, subtract=args.subtract, descriptors=not args.no_descriptors)
     key = deid.key_from_arguments(args)
     try:
         result = convert_archive(str(archive), args.out, workers=args.workers, key=key,

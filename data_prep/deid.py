@@ -194,10 +194,13 @@ class PhiScrubber:
     """Removes the archive's identifying values, UIDs and dates from any free text we output.
 
     ``values``: strings to remove (see :func:`identifying_values`); matched case-insensitively as
-    whole tokens, longest first. :meth:`scrub` is idempotent and never fails.
+    whole tokens, longest first. :meth:`scrub` is idempotent and never fails. ``descriptors=False``:
+    :meth:`scrub_descriptor` returns "" (SeriesDescription and ProtocolName are then written nowhere:
+    for archives whose descriptions may name people no header field names).
     """
 
-    def __init__(self, values=(), key: str | None = None):
+    def __init__(self, values=(), key: str | None = None, descriptors: bool = True):
+        self.descriptors = descriptors
         vals = sorted({str(v).strip() for v in values if v and len(str(v).strip()) >= 2}, key=len, reverse=True)
         self.values = tuple(vals)
         self.key = key
@@ -266,8 +269,9 @@ class PhiScrubber:
 
     def scrub_descriptor(self, text: object) -> str:
         """:meth:`scrub` for descriptors (SeriesDescription, ProtocolName), which operators type:
-        also any run of 6 or more digits (an ID or a number the archive does not reveal as one)."""
-        return _LONG_NUMBER.sub("[id]", self.scrub(text))
+        also any run of 6 or more digits (an ID or a number the archive does not reveal as one); ""
+        when the scrubber keeps no descriptors."""
+        return _LONG_NUMBER.sub("[id]", self.scrub(text)) if self.descriptors else ""
 
     def scrub_path(self, rel_path: object) -> str:
         """An archive-relative path with identifying parts replaced, component by component.

@@ -666,9 +666,11 @@ _FAILED_FILE_REASONS = {"truncated", "corrupt_header", "unreadable", "invalid_va
 
 
 def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: bool = True,
-                 pool=None, on_plans=None) -> ScanResult:
+                 pool=None, on_plans=None, descriptors: bool = True) -> ScanResult:
     """Walk, read headers and plan; see module docstring. ``pool``: an executor to reuse.
     ``on_plans(plans, scrubber)``: called with each study's plans as soon as they are planned.
+    ``descriptors=False``: no SeriesDescription / ProtocolName text in labels, names or sidecars
+    (:class:`data_prep.deid.PhiScrubber`).
 
     ``n_files`` counts every file-like entry of the archive, broken links included, so that each one
     is either in a series' outputs or named by a file-level issue."""
@@ -679,7 +681,7 @@ def scan_archive(root: str, workers: int = 1, key: str | None = None, progress: 
     file_issues = [r for r in results if isinstance(r, FileIssue)]
     _share_repeated_values(headers)
     distinct_phi = {id(r.phi): r.phi for r in (*headers, *file_issues)}  # shared tuples: each set once
-    scrubber = deid.PhiScrubber((v for phi in distinct_phi.values() for v in phi), key=key)
+    scrubber = deid.PhiScrubber((v for phi in distinct_phi.values() for v in phi), key=key, descriptors=descriptors)
     issues = [Issue(i.reason, scrubber.scrub(i.detail), path=scrubber.scrub_path(i.path), action=i.action)
               for i in walk_issues]
     for r in file_issues:

@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the machine-readable scan manifest here")
     p.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1), help="header reader processes")
     deid.add_key_arguments(p)
+    p.add_argument("--no-descriptors", action="store_true",
+                   help="show no SeriesDescription / ProtocolName text (as convert --no-descriptors)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -57,7 +59,8 @@ def run(args) -> int:
     if not Path(args.archive).is_dir():
         raise UserError(f"archive folder not found: {args.archive}")
     key = deid.key_from_arguments(args)
-    result = scan_archive(args.archive, workers=max(1, args.workers), key=key, progress=not args.no_progress)
+    result = scan_archive(args.archive, workers=max(1, args.workers), key=key, progress=not args.no_progress,
+                          descriptors=not args.no_descriptors)
     deid.set_log_scrubber(result.scrubber, str(Path(args.archive).resolve()))
     if deid.is_public_key(key) and not result.synthetic:
         logging.getLogger("data_prep.scan").warning(deid.PUBLIC_KEY_WARNING)

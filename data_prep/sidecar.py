@@ -37,8 +37,9 @@ def build_sidecar(params: dict, *, modality: str, description: str, series_numbe
     out: dict = {"Modality": modality, "SeriesDescription": description}
     if series_number is not None:
         out["SeriesNumber"] = int(series_number)
-    if params.get("ProtocolName"):
-        out["ProtocolName"] = scrub(params["ProtocolName"])
+    protocol = scrub(params["ProtocolName"]) if params.get("ProtocolName") else ""
+    if protocol:  # empty when descriptors are not written (convert --no-descriptors)
+        out["ProtocolName"] = protocol
     for k in _COPY:
         v = params.get(k)
         if v is None or v == "" or v == []:

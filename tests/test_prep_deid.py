@@ -189,3 +189,31 @@ def test_report_paths_hide_unknown_words_and_locate_finds_them(tmp_path, dicom_s
     assert locate(str(arc), [name], "k") == ["Zqxname, Zqxgiven/SE0001/notes.txt"]
     assert len(locate(str(arc), [folder], "k")) == len(list((arc / "Zqxname, Zqxgiven" / "SE0001").iterdir()))
     assert locate(str(arc), [folder], "another key") == []
+
+
+def test_no_descriptors_keeps_names_no_header_field_names_out_of_every_output(tmp_path, dicom_series, capsys):
+    """A description naming a person whom no header name field names (here PatientName is junk) cannot be
+    recognised by the scrubber: by default it reaches the series label; --no-descriptors writes no
+    description or protocol text anywhere."""
+    dicom_series(tmp_path / "arc" / "s", patient_id="PID-1", patient_name="ANONYMOUS",
+                 description="t1 ZQXNAME Zqxgiven")
+    for f in (tmp_path / "arc" / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.ProtocolName = "ZQXNAME protocol"
+        ds.save_as(f)
+
+    def outputs(folder):
+        text = "\n".join(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        for p in folder.rglob("*"):
+            if p.is_file() and p.suffix in (".json", ".csv"):
+                text += p.read_text()
+        return text.lower()
+
+    code, _ = _convert([str(tmp_path / "arc"), str(tmp_path / "default"), "--deid-key", "k"], capsys)
+    assert code == 0 and "zqxname" in outputs(tmp_path / "default")  # the documented limit
+    code, _ = _convert([str(tmp_path / "arc"), str(tmp_path / "plain"), "--deid-key", "k", "--no-descriptors"], capsys)
+    assert code == 0 and "zqxname" not in outputs(tmp_path / "plain")
+    [sidecar] = (tmp_path / "plain").glob("sub-*/ses-*/*.json")
+    side = json.loads(sidecar.read_text())
+    assert side["SeriesDescription"] == "" and "ProtocolName" not in side
+    assert sidecar.name.endswith("_s001-series.json")
