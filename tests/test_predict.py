@@ -361,3 +361,20 @@ def test_series_option_chooses_between_two_dce_series(dicom_run, tmp_path, capsy
     assert len(inputs) == 4 and all("s009" in name for name in inputs), inputs
     assert _predict(ckpt, study, tmp_path / "none", "--series", "nothing-like-this") == 2
     assert "no converted series matches --series 'nothing-like-this'" in capsys.readouterr().err
+
+
+def test_no_descriptors_keeps_unknown_names_in_descriptions_out_of_the_output(dicom_run, tmp_path):
+    """A description naming someone no header name field names reaches the converted series' names unless
+    --no-descriptors (as medimb-prep convert --no-descriptors)."""
+    _, ckpt, _ = dicom_run
+    study = tmp_path / "study"
+    write_dicom_series(study / "DYN", phases=4, shape=(16, 16, 8), spacing=(1.5, 1.5, 2.0),
+                       description="dyn ZQXOPERATOR", series_number=3)
+
+    def found(out: Path) -> bool:
+        blobs = [str(p.relative_to(out)).encode() for p in out.rglob("*")]
+        blobs += [data for p in out.rglob("*") if p.is_file() for _, data in _contents(p)]
+        return any(b"zqxoperator" in blob.lower() for blob in blobs)
+
+    assert _predict(ckpt, study, tmp_path / "default") == 0 and found(tmp_path / "default")
+    assert _predict(ckpt, study, tmp_path / "plain", "--no-descriptors") == 0 and not found(tmp_path / "plain")

@@ -74,6 +74,9 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-table", metavar="PATH", type=Path, default=None,
                         help="DICOM input: also write the private link table (converted volume <-> original Study, "
                         "Series and SOP Instance UIDs; PHI, mode 0600, outside --out) for medimb export-dicom")
+    parser.add_argument("--no-descriptors", action="store_true",
+                        help="DICOM input: convert as medimb-prep convert --no-descriptors (no SeriesDescription / "
+                        "ProtocolName text anywhere, for archives whose descriptions may name people)")
     parser.add_argument("--series", metavar="PATTERN", default=None,
                         help="DICOM or converted input: only the series whose label or description matches this "
                         "glob/substring, e.g. to choose between two DCE series of a study (as medimb-prep datalist "
@@ -122,7 +125,8 @@ def explain_inputs(args: argparse.Namespace, data: Path, settings: ExplainSettin
         raise UserError(str(exc)) from None
     try:
         items = resolve_items(data, splits, channels=channels, work_dir=work_dir, deid_key=key,
-                              progress=not args.no_progress, link_table=args.link_table, series=args.series)
+                              progress=not args.no_progress, link_table=args.link_table, series=args.series,
+                              descriptors=not args.no_descriptors)
         calibration = (validation_items(data, channels=channels, work_dir=work_dir)
                        if settings.map_scale != "per-case" else None)
         note = channels.note if any(item.get(ASSUMED) for item in items) else None

@@ -43,16 +43,17 @@ def validation_items(path: str | Path, channels: ChannelSpec | None = None,
 
 
 def convert_dicom(folder: Path, work_dir: Path, deid_key: str | None, subtract: bool = False,
-                  progress: bool = False, link_table: str | Path | None = None) -> Path:
+                  progress: bool = False, link_table: str | Path | None = None, descriptors: bool = True) -> Path:
     """Convert the DICOM study/archive ``folder`` into ``work_dir`` as ``medimb-prep convert`` does (same code,
     same de-identification and key; resumes a killed run); returns ``work_dir``. ``subtract``: also write the
     subtraction volumes (a model trained on them needs them). ``link_table``: also write the private link
-    table there (``medimb-prep convert --link-table``)."""
+    table there (``medimb-prep convert --link-table``). ``descriptors=False``: ``--no-descriptors``."""
     from data_prep.convert import ConvertOptions, OutputLocked, convert_archive
 
     try:
         result = convert_archive(str(folder), str(work_dir), workers=1, key=deid_key,
-                                 options=ConvertOptions(subtract=subtract), progress=progress,
+                                 options=ConvertOptions(subtract=subtract, descriptors=descriptors),
+                                 progress=progress,
                                  link_table=None if link_table is None else str(link_table))
     except (ValueError, OutputLocked) as exc:
         raise UserError(str(exc)) from exc
@@ -90,7 +91,7 @@ def _session_items(sessions: dict, channels: ChannelSpec, work_dir: Path | None,
 def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, channels: ChannelSpec | None = None,
                   work_dir: str | Path | None = None, deid_key: str | None = None,
                   progress: bool = False, link_table: str | Path | None = None,
-                  series: str | None = None) -> list[dict]:
+                  series: str | None = None, descriptors: bool = True) -> list[dict]:
     """Items ``{"image": [abs path per channel], "label": int | None, "case": name, "split": str}`` to predict
     and explain; datalist items also carry ``"mask"`` (absolute path of the item's truth mask, when the datalist
     has one), items carry ``"channel_names"`` (e.g. ``["phase-00", "phase-01"]``) when known.
@@ -101,7 +102,8 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
     channel per file; a session's image or first DCE phase). ``work_dir``: where DICOM is converted and 4D files are split (the commands
     pass ``OUT/converted``); ``deid_key``: the de-identification key of the conversion; ``link_table``: where the
     conversion also writes its private link table (DICOM input only; else refused); ``series``: converted sessions
-    and DICOM only, keep the series whose label or description matches (else refused). Raises
+    and DICOM only, keep the series whose label or description matches (else refused); ``descriptors=False``:
+    DICOM is converted with ``medimb-prep convert --no-descriptors``. Raises
     :class:`UserError` for a missing path, an empty folder or a datalist with no items.
     """
     path = Path(path)
@@ -147,7 +149,7 @@ def resolve_items(path: str | Path, splits: str | list[str] | None = None, *, ch
         else:  # no NIfTI: a DICOM study or archive
             subtract = any(n.startswith("sub-") for n in spec.names)
             converted = convert_dicom(path, work_dir, deid_key, subtract=subtract, progress=progress,
-                                      link_table=link_table)
+                                      link_table=link_table, descriptors=descriptors)
             items = _session_items(_sessions(converted), spec, work_dir, series)
     for item in items:
         item.setdefault("label", None)
