@@ -226,11 +226,13 @@ def _volumes(frames: list[Frame], normal, manufacturer=None) -> tuple[list[list[
     conflicts)``; raises :class:`data_prep.diffusion.DiffusionError` for a diffusion series that is not
     complete.
     """
-    # a Canon series' gradients are read one way for the whole series, by its first image (dcm2niix)
-    resolved = canon_series([f.diffusion for f in frames],
-                            [(f.instance if f.instance is not None else 0, f.frame or 0) for f in frames])
-    frames = [f if d is f.diffusion else replace(f, diffusion=d) for f, d in zip(frames, resolved)]
     encodings = {f.diffusion for f in frames}
+    if any(d is not None and d.scanner is not None for d in encodings):
+        # a Canon series' gradients are read one way for the whole series, by its first image (dcm2niix)
+        resolved = canon_series([f.diffusion for f in frames],
+                                [(f.instance if f.instance is not None else 0, f.frame or 0) for f in frames])
+        frames = [f if d is f.diffusion else replace(f, diffusion=d) for f, d in zip(frames, resolved)]
+        encodings = {f.diffusion for f in frames}
     if len(encodings) < 2:
         return _time_rank_phases(frames, normal)
     if None in encodings and untagged_images_are_b0(manufacturer) and any(

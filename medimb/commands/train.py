@@ -124,11 +124,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if args.sensitivity is not None and args.operating_point != "balanced_accuracy":
         raise UserError("--sensitivity and --operating-point prior choose the threshold differently: give one")
     if args.operating_point == "prior":
-        from medimb.training.config import head_prior, method_config
+        from medimb.training.config import method_config, require_head_prior
 
-        if head_prior(method_config(args.method), [1, 1]) is None:
-            raise UserError(f"--operating-point prior: the head of method {args.method!r} is fitted under no single "
-                            "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
+        require_head_prior(method_config(args.method))
     from medimb.runtime import resolve_device
 
     resolve_device(args.device)  # a one-line error now for a device this machine does not have

@@ -186,6 +186,16 @@ def head_prior(method: MethodConfig, class_counts: Sequence[int]) -> float | Non
     return 0.5 if binary and s2.rebalance in ("crt", "lws") and s2.loss in ("ce", "cmsl") else None
 
 
+def require_head_prior(method: MethodConfig) -> None:
+    """:class:`~medimb.errors.UserError` when a binary model of ``method`` has no head prior, so the
+    ``"prior"`` operating point cannot apply (checked before anything is trained or written)."""
+    if head_prior(method, [1, 1]) is None:
+        from medimb.errors import UserError
+
+        raise UserError(f"--operating-point prior: the head of method {method.name!r} is fitted under no single "
+                        "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
+
+
 def loss_prior(loss: str, class_counts: Sequence[int], head: str = "linear") -> float | None:
     """The positive-class prior of a binary head trained with ``loss`` on instance-sampled data: the
     training positive fraction for plain CE on a linear head (a metric-learning term does not touch the

@@ -50,7 +50,7 @@ from medimb.evaluation.report import write_evaluation
 from medimb.networks import create_model, predict_proba, read_checkpoint_file, rebalance_classifier, save_checkpoint
 from medimb.runtime import resolve_device
 from medimb.training.config import (Stage1Config, Stage2Config, TrainConfig, head_prior, loss_prior,
-                                   preprocessing_for)
+                                   preprocessing_for, require_head_prior)
 from medimb.training.engines import (
     AugmentingPrepareBatch,
     Stage1Trainer,
@@ -332,10 +332,9 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     splits = load_splits(config.data, cache=config.cache, cache_dir=out / "cache",
                          preprocessing=partial(preprocessing_for, config.network, spatial_size=config.spatial_size,
                                                slices=config.slices))
+    if operating_rule == PRIOR and splits.num_classes == 2:
+        require_head_prior(config.method)
     prior = head_prior(config.method, splits.class_counts)
-    if operating_rule == PRIOR and splits.num_classes == 2 and prior is None:
-        raise UserError(f"--operating-point prior: the head of method {config.method.name!r} is fitted under no single "
-                        "class prior (tau-norm, focal, LDAM-DRW, single-stage CMSL); use balanced_accuracy")
     model = build_model(config, splits)
     check_network_input(model, splits.preprocessing, config.network)
     write_json_atomic(out / "config.json", config.to_dict())
